@@ -1,0 +1,134 @@
+//! Streaming reduction of an activation node (`attn_norm-<l>` by default) per position.
+
+use serde::Serialize;
+
+/// Per layer, per position: L2 norm, median |x|, top-3 |x| (with dims), chosen dims.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LayerActivation {
+    pub norm: Vec<f32>,
+    pub median_abs: Vec<f32>,
+    /// `(dim, |x|)` of the three largest magnitudes, largest first.
+    pub top3: Vec<[(u32, f32); 3]>,
+    /// `values[pos * n_dims + k]` = `x[dims[k]]`.
+    pub values: Vec<f32>,
+    pub n_pos: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActivationAcc {
+    pub node: String,
+    pub dims: Vec<usize>,
+    pub width: usize,
+    pub layers: Vec<Option<LayerActivation>>,
+    #[serde(skip)]
+    scratch: Vec<f32>,
+}
+
+impl ActivationAcc {
+    pub fn new(node: &str, n_layer: usize, dims: Vec<usize>) -> ActivationAcc {
+        ActivationAcc { node: node.to_string(), dims, width: 0, layers: vec![None; n_layer], scratch: Vec::new() }
+    }
+
+    /// Add the rows of one micro-batch: `data` row `i` (stride `row_stride` floats, width
+    /// `width`) belongs to position `queries[i]`.
+    pub fn add(&mut self, layer: usize, data: &[f32], width: usize, row_stride: usize, queries: &[i32]) -> Result<(), String> {
+        if let Some(&d) = self.dims.iter().find(|&&d| d >= width) {
+            return Err(format!("dimension {d} is out of range for node {}-{layer} of width {width}: pick dims below {width}", self.node));
+        }
+        self.width = width;
+        let nd = self.dims.len();
+        let la = self.layers[layer].get_or_insert_with(LayerActivation::default);
+        for (i, &p) in queries.iter().enumerate() {
+            let p = p as usize;
+            if la.n_pos <= p {
+                la.n_pos = p + 1;
+                la.norm.resize(p + 1, 0.0);
+                la.median_abs.resize(p + 1, 0.0);
+                la.top3.resize(p + 1, [(0, 0.0); 3]);
+                la.values.resize((p + 1) * nd, 0.0);
+            }
+            let row = &data[i * row_stride..i * row_stride + width];
+            let mut ss = 0.0f64;
+            let mut top = [(0u32, -1.0f32); 3];
+            for (d, &x) in row.iter().enumerate() {
+                ss += (x as f64) * (x as f64);
+                let a = x.abs();
+                if a > top[2].1 {
+                    top[2] = (d as u32, a);
+                    if top[2].1 > top[1].1 {
+                        top.swap(1, 2);
+                        if top[1].1 > top[0].1 {
+                            top.swap(0, 1);
+                        }
+                    }
+                }
+            }
+            la.norm[p] = ss.sqrt() as f32;
+            la.top3[p] = top;
+            self.scratch.clear();
+            self.scratch.extend(row.iter().map(|x| x.abs()));
+            la.median_abs[p] = median_in_place(&mut self.scratch);
+            for (k, &d) in self.dims.iter().enumerate() {
+                la.values[p * nd + k] = row[d];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Median (mean of the two middle values for even lengths); reorders `v`.
+pub fn median_in_place(v: &mut [f32]) -> f32 {
+    let n = v.len();
+    if n == 0 {
+        return f32::NAN;
+    }
+    let mid = n / 2;
+    let (_, m, _) = v.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
+    let hi = *m;
+    if n % 2 == 1 {
+        hi
+    } else {
+        let lo = v[..mid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        (lo + hi) / 2.0
+    }
+}
+
+impl LayerActivation {
+    /// Largest |x| over all positions and dims.
+    pub fn max_abs(&self) -> f32 {
+        self.top3.iter().map(|t| t[0].1).fold(0.0, f32::max)
+    }
+
+    /// Median over positions of the per-position median |x|.
+    pub fn median_of_medians(&self) -> f32 {
+        let mut v = self.median_abs.clone();
+        median_in_place(&mut v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_odd_and_even() {
+        assert_eq!(median_in_place(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median_in_place(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn reduces_rows_by_position() {
+        let mut acc = ActivationAcc::new("attn_norm", 1, vec![1]);
+        // two rows of width 3 with stride 4; positions 1 and 0
+        let data = [3.0, -4.0, 0.0, 99.0, 1.0, 2.0, -2.0, 99.0];
+        acc.add(0, &data, 3, 4, &[1, 0]).unwrap();
+        let la = acc.layers[0].as_ref().unwrap();
+        assert_eq!(la.norm[1], 5.0);
+        assert_eq!(la.norm[0], 3.0);
+        assert_eq!(la.values, vec![2.0, -4.0]);
+        assert_eq!(la.top3[1][0], (1, 4.0));
+        assert_eq!(la.median_abs[1], 3.0);
+        assert_eq!(la.max_abs(), 4.0);
+        assert!(acc.add(0, &data, 1, 4, &[0]).is_err());
+    }
+}

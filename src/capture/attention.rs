@@ -1,0 +1,271 @@
+//! Streaming reduction of `kq_soft_max-<l>` into per-position summaries.
+//! Memory: O(layers x heads x positions + layers x positions x distance buckets).
+
+use serde::Serialize;
+
+/// Distance buckets: one per distance below 64, then one per power of two.
+pub fn distance_bucket(d: usize) -> usize {
+    if d < 64 {
+        d
+    } else {
+        64 + (usize::BITS - 1 - d.leading_zeros()) as usize - 6
+    }
+}
+
+/// Inclusive distance range of bucket `b`.
+pub fn bucket_range(b: usize) -> (usize, usize) {
+    if b < 64 {
+        (b, b)
+    } else {
+        let lo = 1usize << (b - 64 + 6);
+        (lo, 2 * lo - 1)
+    }
+}
+
+/// Accumulators for one layer.
+#[derive(Debug, Clone, Default)]
+pub struct LayerAttention {
+    /// `sum_{i>j} A[h,i,j]`, index `h * cap + j`.
+    pub received: Vec<f64>,
+    /// `A[h,j,j]`, index `h * cap + j`.
+    pub self_attn: Vec<f64>,
+    /// `sum_h sum_{i>=1} A[h,i,0]`.
+    pub first_sum: f64,
+    /// Per query position, head-mean attention summed per distance bucket: `i * n_buckets + b`.
+    pub distance: Vec<f32>,
+    /// Highest query position seen + 1.
+    pub n_pos: usize,
+}
+
+/// Received attention for all layers, reduced as micro-batches arrive.
+#[derive(Debug, Clone)]
+pub struct AttentionAcc {
+    pub n_head: usize,
+    pub n_buckets: usize,
+    pub distance: bool,
+    /// Position capacity (grows on demand).
+    cap: usize,
+    pub layers: Vec<Option<LayerAttention>>,
+}
+
+/// One cell's position, for the inner loop.
+#[derive(Clone, Copy)]
+pub struct CellPos {
+    pub cell: usize,
+    pub pos: usize,
+}
+
+impl AttentionAcc {
+    pub fn new(n_layer: usize, n_head: usize, max_positions: usize, distance: bool) -> AttentionAcc {
+        let n_buckets = distance_bucket(max_positions.max(2) - 1) + 1;
+        AttentionAcc { n_head, n_buckets, distance, cap: 0, layers: vec![None; n_layer] }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    fn grow(&mut self, need: usize) {
+        if need <= self.cap {
+            return;
+        }
+        let new_cap = need.next_power_of_two().max(64);
+        let h = self.n_head;
+        for l in self.layers.iter_mut().flatten() {
+            for v in [&mut l.received, &mut l.self_attn] {
+                let mut nv = vec![0.0; h * new_cap];
+                for hh in 0..h {
+                    let old = &v[hh * self.cap..(hh + 1) * self.cap];
+                    nv[hh * new_cap..hh * new_cap + self.cap].copy_from_slice(old);
+                }
+                *v = nv;
+            }
+            if self.distance {
+                l.distance.resize(new_cap * self.n_buckets, 0.0);
+            }
+        }
+        self.cap = new_cap;
+    }
+
+    /// Add one micro-batch of one layer. `probs` is `kq_soft_max` (`[n_kv, n_tok, n_head]`),
+    /// `queries` the positions of its rows, `cells` the occupied cells with their positions.
+    pub fn add(&mut self, layer: usize, probs: &[f32], n_kv: usize, queries: &[i32], cells: &[CellPos]) {
+        let n_tok = queries.len();
+        let max_q = queries.iter().copied().max().unwrap_or(0).max(0) as usize;
+        if self.layers[layer].is_none() {
+            let cap = self.cap;
+            self.layers[layer] = Some(LayerAttention {
+                received: vec![0.0; self.n_head * cap],
+                self_attn: vec![0.0; self.n_head * cap],
+                distance: if self.distance { vec![0.0; cap * self.n_buckets] } else { Vec::new() },
+                ..Default::default()
+            });
+        }
+        self.grow(max_q + 1);
+        let cap = self.cap;
+        let nb = self.n_buckets;
+        let n_head = self.n_head;
+        let inv_h = 1.0 / n_head as f32;
+        let distance = self.distance;
+        let la = self.layers[layer].as_mut().expect("layer allocated above");
+        la.n_pos = la.n_pos.max(max_q + 1);
+        for (i, &q) in queries.iter().enumerate() {
+            let q = q as usize;
+            for h in 0..n_head {
+                let row = &probs[n_kv * (i + n_tok * h)..n_kv * (i + n_tok * h) + n_kv];
+                let rec = &mut la.received[h * cap..(h + 1) * cap];
+                for cp in cells {
+                    let a = row[cp.cell];
+                    if a == 0.0 || cp.pos > q {
+                        continue;
+                    }
+                    if cp.pos == q {
+                        la.self_attn[h * cap + q] += a as f64;
+                    } else {
+                        rec[cp.pos] += a as f64;
+                        if cp.pos == 0 {
+                            la.first_sum += a as f64;
+                        }
+                    }
+                    if distance {
+                        let b = distance_bucket(q - cp.pos);
+                        if b < nb {
+                            la.distance[q * nb + b] += a * inv_h;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Final per-layer attention summaries (what `received.csv` and `layers.csv` print).
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionSummary {
+    /// Number of positions T.
+    pub n_pos: usize,
+    pub n_head: usize,
+    pub include_self: bool,
+    /// `R[l][j]`, head mean.
+    pub received: Vec<Vec<f64>>,
+    /// `R[l][h][j]`, per head.
+    pub received_head: Vec<Vec<Vec<f64>>>,
+    /// `alpha[l][h][j] = sum_{i>=j} A / (T - j)`.
+    pub alpha: Vec<Vec<Vec<f64>>>,
+    /// `mean_h mean_{i>=1} A[l,h,i,0]`.
+    pub first_token_share: Vec<f64>,
+    /// Per layer, per query position, per distance bucket: head-mean attention summed
+    /// over the keys at those distances. Empty when not captured.
+    pub distance: Vec<Vec<Vec<f32>>>,
+    /// Layers that were captured.
+    pub layers: Vec<usize>,
+}
+
+impl AttentionSummary {
+    pub fn from_acc(acc: &AttentionAcc, include_self: bool) -> AttentionSummary {
+        let h = acc.n_head;
+        let cap = acc.cap;
+        let n_pos = acc.layers.iter().flatten().map(|l| l.n_pos).max().unwrap_or(0);
+        let mut s = AttentionSummary {
+            n_pos,
+            n_head: h,
+            include_self,
+            received: vec![],
+            received_head: vec![],
+            alpha: vec![],
+            first_token_share: vec![],
+            distance: vec![],
+            layers: vec![],
+        };
+        for (l, la) in acc.layers.iter().enumerate() {
+            let Some(la) = la else {
+                s.received.push(vec![]);
+                s.received_head.push(vec![]);
+                s.alpha.push(vec![]);
+                s.first_token_share.push(f64::NAN);
+                s.distance.push(vec![]);
+                continue;
+            };
+            s.layers.push(l);
+            let mut rh = vec![vec![0.0; n_pos]; h];
+            let mut al = vec![vec![0.0; n_pos]; h];
+            let mut r = vec![0.0; n_pos];
+            for hh in 0..h {
+                for j in 0..n_pos {
+                    let rec = la.received[hh * cap + j];
+                    let sa = la.self_attn[hh * cap + j];
+                    rh[hh][j] = if include_self { rec + sa } else { rec };
+                    al[hh][j] = (rec + sa) / (n_pos - j) as f64;
+                    r[j] += rh[hh][j] / h as f64;
+                }
+            }
+            s.received.push(r);
+            s.received_head.push(rh);
+            s.alpha.push(al);
+            s.first_token_share.push(if n_pos > 1 { la.first_sum / (h as f64 * (n_pos - 1) as f64) } else { f64::NAN });
+            if la.distance.is_empty() {
+                s.distance.push(vec![]);
+            } else {
+                let nb = acc.n_buckets;
+                s.distance.push((0..n_pos).map(|i| la.distance[i * nb..(i + 1) * nb].to_vec()).collect());
+            }
+        }
+        s
+    }
+
+    /// Mean-over-heads alpha of layer `l`.
+    pub fn alpha_mean(&self, l: usize) -> Vec<f64> {
+        let n = self.n_pos;
+        let mut out = vec![0.0; n];
+        for row in &self.alpha[l] {
+            for (o, v) in out.iter_mut().zip(row) {
+                *o += v / self.n_head as f64;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_linear_then_log2() {
+        assert_eq!(distance_bucket(0), 0);
+        assert_eq!(distance_bucket(63), 63);
+        assert_eq!(distance_bucket(64), 64);
+        assert_eq!(distance_bucket(127), 64);
+        assert_eq!(distance_bucket(128), 65);
+        assert_eq!(bucket_range(65), (128, 255));
+        for d in 0..5000 {
+            let (lo, hi) = bucket_range(distance_bucket(d));
+            assert!(lo <= d && d <= hi);
+        }
+    }
+
+    #[test]
+    fn reduces_a_hand_made_batch() {
+        // 1 head, 3 tokens, cells in reverse order of positions.
+        let cells = [CellPos { cell: 2, pos: 0 }, CellPos { cell: 1, pos: 1 }, CellPos { cell: 0, pos: 2 }];
+        let n_kv = 3;
+        // rows: query 0 -> [0,0,1]; query 1 -> [0,.4,.6]; query 2 -> [.2,.3,.5]
+        let probs = [0.0, 0.0, 1.0, 0.0, 0.4, 0.6, 0.2, 0.3, 0.5];
+        let mut acc = AttentionAcc::new(1, 1, 16, true);
+        acc.add(0, &probs, n_kv, &[0, 1, 2], &cells);
+        let s = AttentionSummary::from_acc(&acc, false);
+        assert_eq!(s.n_pos, 3);
+        let r = &s.received[0];
+        assert!((r[0] - (0.6 + 0.5)).abs() < 1e-9);
+        assert!((r[1] - 0.3).abs() < 1e-9);
+        assert!((r[2] - 0.0).abs() < 1e-9);
+        // alpha_0 = (1 + .6 + .5)/3
+        assert!((s.alpha[0][0][0] - 2.1 / 3.0).abs() < 1e-9);
+        // first share: (0.6 + 0.5) / (1 * 2)
+        assert!((s.first_token_share[0] - 0.55).abs() < 1e-9);
+        // distance: query 2 at distance 2 -> 0.5
+        assert!((s.distance[0][2][2] - 0.5).abs() < 1e-6);
+        let with_self = AttentionSummary::from_acc(&acc, true);
+        assert!((with_self.received[0][2] - 0.2).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,183 @@
+//! Cache cells -> token positions.
+//!
+//! `kq_soft_max` columns are KV-cache cells, not positions, and llama.cpp has no public
+//! cell map. We keep a mirror per cache (the global one and, for interleaved
+//! sliding-window models, the SWA one) and update it from the attention mask of each
+//! micro-batch: the mask shows which cells each query sees; cells the mirror explains
+//! (earlier positions inside the window) must be visible, and exactly one more cell, the
+//! query's own, must appear. Anything else is reported as lost sync, never guessed.
+
+/// The mirror of one KV cache.
+#[derive(Debug, Clone, Default)]
+pub struct CellMap {
+    /// cell -> position, -1 when empty (or unknown).
+    pos: Vec<i32>,
+    /// Sliding window size when this cache masks by window (standard SWA rule).
+    pub window: Option<i32>,
+}
+
+impl CellMap {
+    pub fn new(window: Option<i32>) -> CellMap {
+        CellMap { pos: Vec::new(), window }
+    }
+
+    /// Position held by `cell`, if any.
+    pub fn get(&self, cell: usize) -> Option<i32> {
+        self.pos.get(cell).copied().filter(|&p| p >= 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pos.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos.iter().all(|&p| p < 0)
+    }
+
+    fn expected_visible(&self, key: i32, query: i32) -> bool {
+        key >= 0 && key <= query && self.window.map_or(true, |w| query - key < w)
+    }
+
+    /// Update the mirror from one micro-batch's mask.
+    /// `mask(k, cell)` tells whether query `k` (position `queries[k]`) sees `cell`.
+    pub fn assign(&mut self, n_kv: usize, queries: &[i32], mask: impl Fn(usize, usize) -> bool) -> Result<(), String> {
+        if self.pos.len() < n_kv {
+            self.pos.resize(n_kv, -1);
+        }
+        for (k, &q) in queries.iter().enumerate() {
+            let mut new_cell = None;
+            for c in 0..n_kv {
+                let vis = mask(k, c);
+                let exp = self.expected_visible(self.pos[c], q);
+                match (vis, exp) {
+                    (true, false) => {
+                        if let Some(prev) = new_cell {
+                            return Err(format!(
+                                "cell map lost sync: query at position {q} sees cells {prev} and {c} that no cached position explains"
+                            ));
+                        }
+                        new_cell = Some(c);
+                    }
+                    (false, true) => {
+                        return Err(format!(
+                            "cell map lost sync: cell {c} (position {}) should be visible to position {q} but is masked",
+                            self.pos[c]
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            match new_cell {
+                Some(c) => self.pos[c] = q,
+                None => return Err(format!("cell map lost sync: no cell found for position {q}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Positions [p0, p1) were removed (p1 < 0: to the end).
+    pub fn remove(&mut self, p0: i32, p1: i32) {
+        let p1 = if p1 < 0 { i32::MAX } else { p1 };
+        let p0 = p0.max(0);
+        for p in &mut self.pos {
+            if *p >= p0 && *p < p1 {
+                *p = -1;
+            }
+        }
+    }
+
+    /// Positions [p0, p1) were shifted by `delta` (llama.cpp drops those that become negative).
+    pub fn shift(&mut self, p0: i32, p1: i32, delta: i32) {
+        let p1 = if p1 < 0 { i32::MAX } else { p1 };
+        let p0 = p0.max(0);
+        for p in &mut self.pos {
+            if *p >= p0 && *p < p1 {
+                *p += delta;
+                if *p < 0 {
+                    *p = -1;
+                }
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.pos.clear();
+    }
+
+    /// Forget cells that hold `positions` (used when a decode failed after assignment).
+    pub fn forget(&mut self, positions: &[i32]) {
+        for p in &mut self.pos {
+            if positions.contains(p) {
+                *p = -1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn causal_mask(map: &[i32], window: Option<i32>) -> impl Fn(usize, usize, i32) -> bool + '_ {
+        move |_k, c, q| map.get(c).map_or(false, |&p| p >= 0 && p <= q && window.map_or(true, |w| q - p < w))
+    }
+
+    #[test]
+    fn fills_lowest_cells_in_order() {
+        let mut m = CellMap::new(None);
+        let truth = [0, 1, 2, 3];
+        let mask = causal_mask(&truth, None);
+        m.assign(4, &[0, 1, 2, 3], |k, c| mask(k, c, k as i32)).unwrap();
+        assert_eq!((0..4).map(|c| m.get(c).unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn follows_holes_after_removal() {
+        // cells hold 0..6; remove positions 2 and 4; the next two tokens (6, 7) go into
+        // cells 2 and 4 (lowest free), which the mirror must learn from the mask.
+        let mut m = CellMap::new(None);
+        let t0 = [0, 1, 2, 3, 4, 5];
+        let mk = causal_mask(&t0, None);
+        m.assign(6, &[0, 1, 2, 3, 4, 5], |k, c| mk(k, c, k as i32)).unwrap();
+        m.remove(2, 3);
+        m.remove(4, 5);
+        let truth = [0, 1, 6, 3, 7, 5];
+        let mk = causal_mask(&truth, None);
+        let q = [6, 7];
+        m.assign(6, &q, |k, c| mk(k, c, q[k])).unwrap();
+        assert_eq!(m.get(2), Some(6));
+        assert_eq!(m.get(4), Some(7));
+    }
+
+    #[test]
+    fn sliding_window_reuses_stale_cells() {
+        // window 3, cache of 4 cells holding 0..3; position 4 reuses cell 0 (position 0 is
+        // outside the window of position 4... and of 3? no: 3-0 = 3 >= 3, masked).
+        let mut m = CellMap::new(Some(3));
+        let t0 = [0, 1, 2, 3];
+        let mk = causal_mask(&t0, Some(3));
+        m.assign(4, &[0, 1, 2, 3], |k, c| mk(k, c, k as i32)).unwrap();
+        let truth = [4, 1, 2, 3];
+        let mk = causal_mask(&truth, Some(3));
+        m.assign(4, &[4], |_, c| mk(0, c, 4)).unwrap();
+        assert_eq!(m.get(0), Some(4));
+    }
+
+    #[test]
+    fn reports_lost_sync() {
+        let mut m = CellMap::new(None);
+        // Mask shows two unexplained cells for one query.
+        let err = m.assign(3, &[0], |_, c| c < 2).unwrap_err();
+        assert!(err.contains("lost sync"), "{err}");
+    }
+
+    #[test]
+    fn shift_moves_positions() {
+        let mut m = CellMap::new(None);
+        m.assign(3, &[0, 1, 2], |k, c| c <= k).unwrap();
+        m.remove(1, 2);
+        m.shift(2, -1, -1);
+        assert_eq!(m.get(2), Some(1));
+        assert_eq!(m.get(1), None);
+    }
+}

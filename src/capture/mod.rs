@@ -1,0 +1,392 @@
+//! Capture: choose nodes in the callback's ask phase, read them, reduce on the fly.
+//!
+//! Attention comes from `kq_soft_max-<l>` (flash attention must be off), activations from
+//! `attn_norm-<l>` or any node named on request. Micro-batches are mapped to token
+//! positions with the batch positions the context announces, and cache cells to positions
+//! with [`cells::CellMap`], so results do not depend on `--ubatch` or on removed cells.
+
+pub mod activation;
+pub mod attention;
+pub mod cells;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::ffi::{Batch, Context, ContextParams, EvalHook, FlashAttn, HookError, KvType, Model, NodeInfo, TensorView};
+use activation::ActivationAcc;
+use attention::{AttentionAcc, AttentionSummary, CellPos};
+use cells::CellMap;
+
+pub const ATTENTION_NODE: &str = "kq_soft_max";
+pub const DEFAULT_ACTIVATION_NODE: &str = "attn_norm";
+
+/// What to capture.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptureConfig {
+    pub attention: bool,
+    pub include_self: bool,
+    pub distance: bool,
+    /// Activation node name (`attn_norm`, `l_out`, ...), optionally `NAME@OP` for names
+    /// that repeat within a layer (e.g. `Kcur@ROPE`). `None`: no activations.
+    pub activation: Option<String>,
+    /// Dimensions whose per-position values are kept.
+    pub dims: Vec<usize>,
+    /// Layers to capture; `None` = all.
+    pub layers: Option<Vec<usize>>,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            attention: true,
+            include_self: false,
+            distance: true,
+            activation: Some(DEFAULT_ACTIVATION_NODE.into()),
+            dims: vec![],
+            layers: None,
+        }
+    }
+}
+
+/// Parse `prefix-<layer>`.
+pub fn split_node_name(name: &str) -> Option<(&str, usize)> {
+    let (prefix, layer) = name.rsplit_once('-')?;
+    Some((prefix, layer.parse().ok()?))
+}
+
+const KIND_ATTN: usize = 0;
+const KIND_ACT: usize = 1;
+
+/// Which micro-batch of the current batch a node belongs to.
+#[derive(Debug, Default)]
+struct Cursor {
+    positions: Vec<i32>,
+    start: usize,
+    len: usize,
+    last_layer: [Option<usize>; 2],
+    ubatch_id: u64,
+}
+
+struct State {
+    n_layer: usize,
+    layer_on: Vec<bool>,
+    n_layers_on: usize,
+    act_name: Option<String>,
+    act_op: Option<String>,
+    attention: Option<AttentionAcc>,
+    activation: Option<ActivationAcc>,
+    include_self: bool,
+    /// 0: global cache, 1: sliding-window cache.
+    maps: Vec<CellMap>,
+    map_of_layer: Vec<usize>,
+    map_ubatch: Vec<u64>,
+    map_cells: Vec<Vec<CellPos>>,
+    cursor: Cursor,
+    swa_layers: Vec<usize>,
+    scratch: Vec<f32>,
+    mask_scratch: Vec<f32>,
+    skipped_nodes: Vec<String>,
+}
+
+/// The eval hook; shares its state with a [`CaptureHandle`].
+pub struct CaptureHook(Arc<Mutex<State>>);
+
+/// Read results after (or between) decodes.
+#[derive(Clone)]
+pub struct CaptureHandle(Arc<Mutex<State>>);
+
+/// Everything a capture produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptureSummary {
+    pub attention: Option<AttentionSummary>,
+    pub activation: Option<ActivationAcc>,
+    pub swa_layers: Vec<usize>,
+    /// Activation nodes whose rows did not match the micro-batch (e.g. last-layer nodes
+    /// computed only for output tokens), skipped.
+    pub skipped_nodes: Vec<String>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Build a capture for `model`. `swa_layers` come from [`sliding_window_layers`].
+pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max_positions: usize) -> Result<(CaptureHook, CaptureHandle), String> {
+    let n_layer = model.n_layer();
+    let mut layer_on = vec![cfg.layers.is_none(); n_layer];
+    for &l in cfg.layers.iter().flatten() {
+        if l >= n_layer {
+            return Err(format!("layer {l} does not exist: the model has layers 0..{}", n_layer - 1));
+        }
+        layer_on[l] = true;
+    }
+    let (act_name, act_op) = match &cfg.activation {
+        None => (None, None),
+        Some(s) => match s.split_once('@') {
+            Some((n, op)) => (Some(n.to_string()), Some(op.to_uppercase())),
+            None => (Some(s.clone()), None),
+        },
+    };
+    let n_swa = model.n_swa() as i32;
+    let mut maps = vec![CellMap::new(None)];
+    let mut map_of_layer = vec![0; n_layer];
+    if !swa_layers.is_empty() {
+        maps.push(CellMap::new(Some(n_swa)));
+        for &l in swa_layers {
+            map_of_layer[l] = 1;
+        }
+    }
+    let n_maps = maps.len();
+    let state = State {
+        n_layer,
+        n_layers_on: layer_on.iter().filter(|&&b| b).count(),
+        layer_on,
+        attention: cfg.attention.then(|| AttentionAcc::new(n_layer, model.n_head(), max_positions, cfg.distance)),
+        activation: act_name.as_ref().map(|n| ActivationAcc::new(n, n_layer, cfg.dims.clone())),
+        act_name,
+        act_op,
+        include_self: cfg.include_self,
+        maps,
+        map_of_layer,
+        map_ubatch: vec![0; n_maps],
+        map_cells: vec![vec![]; n_maps],
+        cursor: Cursor::default(),
+        swa_layers: swa_layers.to_vec(),
+        scratch: vec![],
+        mask_scratch: vec![],
+        skipped_nodes: vec![],
+    };
+    let arc = Arc::new(Mutex::new(state));
+    Ok((CaptureHook(arc.clone()), CaptureHandle(arc)))
+}
+
+impl CaptureHandle {
+    pub fn summary(&self) -> CaptureSummary {
+        let s = lock(&self.0);
+        CaptureSummary {
+            attention: s.attention.as_ref().map(|a| AttentionSummary::from_acc(a, s.include_self)),
+            activation: s.activation.clone(),
+            swa_layers: s.swa_layers.clone(),
+            skipped_nodes: s.skipped_nodes.clone(),
+        }
+    }
+
+    /// Bytes held by the accumulators (for the benchmark's report).
+    pub fn approx_bytes(&self) -> usize {
+        let s = lock(&self.0);
+        let mut b = 0;
+        if let Some(a) = &s.attention {
+            for l in a.layers.iter().flatten() {
+                b += (l.received.len() + l.self_attn.len()) * 8 + l.distance.len() * 4;
+            }
+        }
+        if let Some(a) = &s.activation {
+            for l in a.layers.iter().flatten() {
+                b += (l.norm.len() + l.median_abs.len() + l.values.len()) * 4 + l.top3.len() * 24;
+            }
+        }
+        b
+    }
+}
+
+impl State {
+    /// Locate the micro-batch of a node of `kind` at `layer` with `n_rows` rows.
+    fn locate(&mut self, kind: usize, layer: usize, n_rows: usize, name: &str) -> Result<Option<(usize, usize)>, String> {
+        let c = &mut self.cursor;
+        let new_ubatch = match c.last_layer[kind] {
+            None => c.len == 0,
+            Some(prev) if layer < prev => true,
+            Some(prev) if layer == prev => {
+                if self.n_layers_on == 1 {
+                    true
+                } else {
+                    return Err(format!("node {name} appears twice in one layer: name one op with NAME@OP (e.g. Kcur@ROPE)"));
+                }
+            }
+            Some(_) => false,
+        };
+        if new_ubatch {
+            c.start += c.len;
+            c.len = 0;
+            c.last_layer = [None, None];
+            c.ubatch_id += 1;
+        }
+        c.last_layer[kind] = Some(layer);
+        if c.len == 0 {
+            c.len = n_rows;
+        }
+        if n_rows != c.len {
+            if kind == KIND_ACT {
+                // Rows only for output tokens (last-layer nodes): not per position.
+                if !self.skipped_nodes.iter().any(|s| s == name) {
+                    self.skipped_nodes.push(name.to_string());
+                }
+                return Ok(None);
+            }
+            return Err(format!("node {name} has {n_rows} rows, expected {} for this micro-batch", c.len));
+        }
+        if c.start + c.len > c.positions.len() {
+            return Err(format!(
+                "node {name}: micro-batch rows {}..{} exceed the batch of {} tokens",
+                c.start,
+                c.start + c.len,
+                c.positions.len()
+            ));
+        }
+        Ok(Some((c.start, c.len)))
+    }
+
+    fn observe_attention(&mut self, layer: usize, t: &TensorView) -> Result<(), String> {
+        let [n_kv, n_tok, n_head, _] = t.ne();
+        let Some((start, len)) = self.locate(KIND_ATTN, layer, n_tok, t.name())? else { return Ok(()) };
+        let g = self.map_of_layer[layer];
+        if self.map_ubatch[g] != self.cursor.ubatch_id {
+            let mask = t.src(1).ok_or_else(|| format!("{} has no mask source", t.name()))?;
+            let stride = mask.nb()[1] / 4;
+            let data = mask.f32_data(&mut self.mask_scratch).map_err(|e| e.to_string())?;
+            let queries = &self.cursor.positions[start..start + len];
+            self.maps[g].assign(n_kv, queries, |k, c| data[k * stride + c] > f32::NEG_INFINITY)?;
+            let map = &self.maps[g];
+            self.map_cells[g] = (0..n_kv.min(map.len())).filter_map(|c| map.get(c).map(|p| CellPos { cell: c, pos: p as usize })).collect();
+            self.map_ubatch[g] = self.cursor.ubatch_id;
+        }
+        let acc = self.attention.as_mut().expect("attention node asked only when capturing attention");
+        if n_head != acc.n_head {
+            return Err(format!("{} has {n_head} heads, the model {}", t.name(), acc.n_head));
+        }
+        let probs = t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
+        let queries = &self.cursor.positions[start..start + len];
+        acc.add(layer, probs, n_kv, queries, &self.map_cells[g]);
+        Ok(())
+    }
+
+    fn observe_activation(&mut self, layer: usize, t: &TensorView) -> Result<(), String> {
+        let [width, n_rows, a, b] = t.ne();
+        if a * b != 1 {
+            return Err(format!("activation node {} is not 2-D (ne = {:?}): pick a node of shape [width, tokens]", t.name(), t.ne()));
+        }
+        let Some((start, len)) = self.locate(KIND_ACT, layer, n_rows, t.name())? else { return Ok(()) };
+        let stride = t.nb()[1] / 4;
+        let data = t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
+        let queries = &self.cursor.positions[start..start + len];
+        self.activation.as_mut().expect("activation node asked only when capturing").add(layer, data, width, stride, queries)
+    }
+}
+
+impl EvalHook for CaptureHook {
+    fn wants(&mut self, node: &NodeInfo) -> bool {
+        if !node.computed {
+            return false;
+        }
+        let Some((prefix, layer)) = split_node_name(node.name) else { return false };
+        let s = lock(&self.0);
+        if layer >= s.n_layer || !s.layer_on[layer] {
+            return false;
+        }
+        if prefix == ATTENTION_NODE && s.attention.is_some() {
+            return node.op == "SOFT_MAX";
+        }
+        if s.act_name.as_deref() == Some(prefix) {
+            return match &s.act_op {
+                Some(op) => node.op == op,
+                None => !matches!(node.op, "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE"),
+            };
+        }
+        false
+    }
+
+    fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
+        let Some((prefix, layer)) = split_node_name(t.name()) else { return Ok(()) };
+        let mut s = lock(&self.0);
+        let r = if prefix == ATTENTION_NODE && t.is_softmax() {
+            s.observe_attention(layer, t)
+        } else {
+            s.observe_activation(layer, t)
+        };
+        r.map_err(HookError)
+    }
+
+    fn on_batch(&mut self, positions: &[i32]) {
+        let mut s = lock(&self.0);
+        let id = s.cursor.ubatch_id;
+        s.cursor = Cursor { positions: positions.to_vec(), ubatch_id: id, ..Default::default() };
+    }
+
+    fn on_batch_failed(&mut self) {
+        let mut s = lock(&self.0);
+        let positions = s.cursor.positions.clone();
+        for m in &mut s.maps {
+            m.forget(&positions);
+        }
+    }
+
+    fn on_seq_rm(&mut self, p0: i32, p1: i32) {
+        for m in &mut lock(&self.0).maps {
+            m.remove(p0, p1);
+        }
+    }
+
+    fn on_seq_add(&mut self, p0: i32, p1: i32, delta: i32) {
+        for m in &mut lock(&self.0).maps {
+            m.shift(p0, p1, delta);
+        }
+    }
+
+    fn on_clear(&mut self) {
+        for m in &mut lock(&self.0).maps {
+            m.clear();
+        }
+    }
+}
+
+/// Records, per layer, how many cells the last query of a micro-batch sees.
+struct VisibleCount(Arc<Mutex<Vec<usize>>>);
+
+impl EvalHook for VisibleCount {
+    fn wants(&mut self, node: &NodeInfo) -> bool {
+        node.computed && node.op == "SOFT_MAX" && split_node_name(node.name).is_some_and(|(p, _)| p == ATTENTION_NODE)
+    }
+    fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
+        let Some((_, layer)) = split_node_name(t.name()) else { return Ok(()) };
+        let mask = t.src(1).ok_or_else(|| HookError("softmax without mask".into()))?;
+        let [n_kv, n_tok, ..] = mask.ne();
+        let stride = mask.nb()[1] / 4;
+        let mut scratch = vec![];
+        let data = mask.f32_data(&mut scratch).map_err(|e| HookError(e.to_string()))?;
+        let row = &data[(n_tok - 1) * stride..(n_tok - 1) * stride + n_kv];
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() <= layer {
+            v.resize(layer + 1, 0);
+        }
+        v[layer] = row.iter().filter(|&&x| x > f32::NEG_INFINITY).count();
+        Ok(())
+    }
+}
+
+/// Which layers attend through a sliding window, measured on the graph: cache two tokens
+/// at positions 0 and `n_swa`, then let a query at `n_swa + 1` look; sliding-window layers
+/// cannot see position 0. Empty when the model declares no window.
+pub fn sliding_window_layers(model: &Model) -> Result<Vec<usize>, String> {
+    let n_swa = model.n_swa() as i32;
+    if n_swa <= 0 {
+        return Ok(vec![]);
+    }
+    let counts = Arc::new(Mutex::new(Vec::new()));
+    let params = ContextParams { n_ctx: 256, n_batch: 8, n_ubatch: 8, flash_attn: FlashAttn::Off, kv_type: KvType::F16, ..Default::default() };
+    let mut ctx = Context::new(model, &params, Some(Box::new(VisibleCount(counts.clone())))).map_err(|e| e.to_string())?;
+    if !ctx.can_shift() {
+        return Err("cannot measure sliding-window layers: this model's cache cannot shift positions".into());
+    }
+    let tok = model.bos().unwrap_or(0);
+    let mut batch = Batch::new(2);
+    batch.push(tok, 0, false).map_err(|e| e.to_string())?;
+    batch.push(tok, 1, true).map_err(|e| e.to_string())?;
+    ctx.decode(&batch).map_err(|e| e.to_string())?;
+    ctx.seq_add(1, 2, n_swa - 1);
+    batch.clear();
+    batch.push(tok, n_swa + 1, true).map_err(|e| e.to_string())?;
+    ctx.decode(&batch).map_err(|e| e.to_string())?;
+    let v = counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(v.iter().enumerate().filter(|(_, &c)| c < 3).map(|(l, _)| l).collect())
+}

@@ -1,0 +1,87 @@
+//! `llama_batch`: tokens with positions, one sequence, owned buffers.
+
+use llama_cpp_sys_2 as sys;
+use std::ptr::NonNull;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("batch is full ({0} tokens): decode it before adding more")]
+    Full(usize),
+}
+
+/// A batch of tokens for one sequence. Capacity is fixed at creation.
+pub struct Batch {
+    raw: sys::llama_batch,
+    // Non-null marker that `raw`'s buffers are owned and freed in Drop.
+    _owned: NonNull<i32>,
+    capacity: usize,
+}
+
+impl Batch {
+    pub fn new(capacity: usize) -> Batch {
+        let capacity = capacity.max(1);
+        // SAFETY: allocates buffers for `capacity` tokens, one sequence id each.
+        let raw = unsafe { sys::llama_batch_init(capacity as i32, 0, 1) };
+        let owned = NonNull::new(raw.token).expect("llama_batch_init returned no token buffer");
+        Batch { raw, _owned: owned, capacity }
+    }
+
+    pub fn clear(&mut self) {
+        self.raw.n_tokens = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.n_tokens as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw.n_tokens == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Add `token` at position `pos` of sequence 0; `logits` asks for its output row.
+    pub fn push(&mut self, token: i32, pos: i32, logits: bool) -> Result<(), BatchError> {
+        let i = self.raw.n_tokens as usize;
+        if i >= self.capacity {
+            return Err(BatchError::Full(self.capacity));
+        }
+        // SAFETY: `i < capacity`, and llama_batch_init allocated `capacity` entries in each
+        // array, with one seq_id slot per token.
+        unsafe {
+            *self.raw.token.add(i) = token;
+            *self.raw.pos.add(i) = pos;
+            *self.raw.n_seq_id.add(i) = 1;
+            *(*self.raw.seq_id.add(i)) = 0;
+            *self.raw.logits.add(i) = logits as i8;
+        }
+        self.raw.n_tokens += 1;
+        Ok(())
+    }
+
+    /// Positions of the tokens in the batch, in order.
+    pub fn positions(&self) -> Vec<i32> {
+        // SAFETY: the first `n_tokens` entries were written by `push`.
+        (0..self.len()).map(|i| unsafe { *self.raw.pos.add(i) }).collect()
+    }
+
+    /// Which tokens asked for logits, in order.
+    pub fn output_flags(&self) -> Vec<bool> {
+        // SAFETY: the first `n_tokens` entries were written by `push`.
+        (0..self.len()).map(|i| unsafe { *self.raw.logits.add(i) } != 0).collect()
+    }
+
+    pub(crate) fn raw(&self) -> sys::llama_batch {
+        self.raw
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.raw.n_tokens = self.capacity as i32;
+        // SAFETY: `raw` came from llama_batch_init and is freed exactly once.
+        unsafe { sys::llama_batch_free(self.raw) };
+    }
+}

@@ -1,0 +1,102 @@
+//! The eval-callback trampoline: llama.cpp calls `trampoline` for every graph node;
+//! we forward to a boxed [`EvalHook`] and catch panics so that none crosses into C.
+
+use std::ffi::{c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use super::tensor::TensorView;
+
+/// An error raised by a hook; reported by `Context::decode` after llama.cpp returns.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct HookError(pub String);
+
+/// What the ask phase knows about a node.
+pub struct NodeInfo<'a> {
+    pub name: &'a str,
+    pub op: &'static str,
+    pub ne: [usize; 4],
+    /// False for nodes that reach the ask phase but are never computed.
+    pub computed: bool,
+}
+
+/// Observes llama.cpp's graph while it runs. Also told about the batches and cache edits
+/// the owning context performs, so it can keep cell-to-position bookkeeping in step.
+pub trait EvalHook: Send {
+    /// Ask phase: does this hook want the computed tensor of this node?
+    fn wants(&mut self, node: &NodeInfo) -> bool;
+    /// Data phase: the computed tensor. Copy or reduce before returning.
+    fn observe(&mut self, tensor: &TensorView) -> Result<(), HookError>;
+    /// A batch with these positions is about to be decoded.
+    fn on_batch(&mut self, _positions: &[i32]) {}
+    /// The decode of the announced batch failed: nothing of it reached the cache.
+    fn on_batch_failed(&mut self) {}
+    fn on_seq_rm(&mut self, _p0: i32, _p1: i32) {}
+    fn on_seq_add(&mut self, _p0: i32, _p1: i32, _delta: i32) {}
+    fn on_clear(&mut self) {}
+}
+
+/// Owned by the context (boxed, so its address is stable) and freed after it.
+pub(crate) struct HookState {
+    pub hook: Box<dyn EvalHook>,
+    pub error: Option<HookError>,
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+pub(crate) unsafe extern "C" fn trampoline(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+    let (Some(t), Some(mut state)) = (NonNull::new(t), NonNull::new(user as *mut HookState)) else {
+        return !ask;
+    };
+    // SAFETY: `user` is the HookState boxed by the context, alive for the context's life and
+    // only touched from the thread that runs llama_decode (this one).
+    let state = unsafe { state.as_mut() };
+    if state.error.is_some() {
+        // After a failure, observe nothing more; never cancel a split (return true on data).
+        return !ask;
+    }
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the scheduler guarantees the tensor is live during this call.
+        let view = unsafe { TensorView::new(t) };
+        if ask {
+            // SAFETY: plain field read of a live tensor.
+            let flags = unsafe { t.as_ref().flags };
+            let info = NodeInfo {
+                name: view.name(),
+                op: view.op_name(),
+                ne: view.ne(),
+                computed: flags & sys::GGML_TENSOR_FLAG_COMPUTE as i32 != 0,
+            };
+            Ok(state.hook.wants(&info))
+        } else {
+            state.hook.observe(&view).map(|_| true)
+        }
+    }));
+    match r {
+        Ok(Ok(b)) => b || !ask,
+        Ok(Err(e)) => {
+            state.error = Some(e);
+            !ask
+        }
+        Err(p) => {
+            let name = {
+                // SAFETY: tensor name is a NUL-terminated fixed array of a live tensor.
+                let c = unsafe { CStr::from_ptr(t.as_ref().name.as_ptr()) };
+                c.to_string_lossy().into_owned()
+            };
+            state.error = Some(HookError(format!("panic in eval callback at node {name}: {}", panic_message(&*p))));
+            !ask
+        }
+    }
+}

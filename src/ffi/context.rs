@@ -1,0 +1,276 @@
+//! `llama_context`: decode, logits, and the KV cache (`llama_memory_*`).
+
+use std::ffi::c_void;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use llama_cpp_sys_2 as sys;
+
+use super::backend::{clear_last_error, last_llama_error};
+use super::batch::Batch;
+use super::callback::{trampoline, EvalHook, HookError, HookState};
+use super::model::Model;
+
+static INTERRUPT: AtomicBool = AtomicBool::new(false);
+
+/// Ask every running decode to stop at the next graph node (Ctrl-C). CPU backends only.
+pub fn request_interrupt() {
+    INTERRUPT.store(true, Ordering::SeqCst);
+}
+
+/// Whether an interrupt was requested.
+pub fn interrupted() -> bool {
+    INTERRUPT.load(Ordering::SeqCst)
+}
+
+unsafe extern "C" fn abort_cb(_data: *mut c_void) -> bool {
+    INTERRUPT.load(Ordering::Relaxed)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttn {
+    Auto,
+    On,
+    Off,
+}
+
+/// KV cache element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KvType {
+    F32,
+    F16,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ContextParams {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub n_threads: i32,
+    pub flash_attn: FlashAttn,
+    pub kv_type: KvType,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) as i32;
+        ContextParams { n_ctx: 2048, n_batch: 512, n_ubatch: 512, n_threads: threads, flash_attn: FlashAttn::Auto, kv_type: KvType::F16 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("llama.cpp could not create a context (n_ctx {n_ctx}): {reason}")]
+    Create { n_ctx: u32, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("batch of {len} tokens exceeds the context's batch size {n_batch}: split it")]
+    BatchTooLarge { len: usize, n_batch: usize },
+    #[error("batch starts at position {got} but the cache ends at {expected_minus_one}: the next position must be {}", expected_minus_one + 1)]
+    BadPosition { got: i32, expected_minus_one: i32 },
+    #[error("the KV cache is full (no slot for {0} tokens): use a larger --ctx or fewer tokens")]
+    NoSlot(usize),
+    #[error("interrupted")]
+    Interrupted,
+    #[error("llama_decode failed with code {code}: {reason}")]
+    Failed { code: i32, reason: String },
+    #[error("eval callback failed: {0}")]
+    Hook(HookError),
+}
+
+/// A llama.cpp context bound to a model. Owns the eval hook (if any), which is freed
+/// after the context.
+pub struct Context<'m> {
+    ptr: NonNull<sys::llama_context>,
+    model: &'m Model,
+    // Declared after `ptr` and dropped after the context is freed (see Drop).
+    hook: Option<Box<HookState>>,
+    params: ContextParams,
+}
+
+impl<'m> Context<'m> {
+    /// Create a context. With a hook, llama.cpp's eval callback is installed and routed
+    /// to it; without one, no callback is installed at all.
+    pub fn new(model: &'m Model, params: &ContextParams, hook: Option<Box<dyn EvalHook>>) -> Result<Context<'m>, ContextError> {
+        clear_last_error();
+        // SAFETY: returns a plain struct of defaults.
+        let mut cp = unsafe { sys::llama_context_default_params() };
+        cp.n_ctx = params.n_ctx;
+        cp.n_batch = params.n_batch.min(params.n_ctx);
+        cp.n_ubatch = params.n_ubatch.min(cp.n_batch);
+        cp.n_seq_max = 1;
+        cp.n_threads = params.n_threads;
+        cp.n_threads_batch = params.n_threads;
+        cp.flash_attn_type = match params.flash_attn {
+            FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        };
+        let ty = match params.kv_type {
+            KvType::F32 => sys::GGML_TYPE_F32,
+            KvType::F16 => sys::GGML_TYPE_F16,
+        };
+        cp.type_k = ty;
+        cp.type_v = ty;
+        cp.abort_callback = Some(abort_cb);
+        cp.abort_callback_data = std::ptr::null_mut();
+        let mut hook_state = hook.map(|h| Box::new(HookState { hook: h, error: None }));
+        if let Some(state) = hook_state.as_mut() {
+            cp.cb_eval = Some(trampoline);
+            cp.cb_eval_user_data = &mut **state as *mut HookState as *mut c_void;
+        }
+        // SAFETY: the model outlives the context (borrow `'m`); the hook state is boxed, so its
+        // address stays valid until Drop frees the context first and the box second.
+        let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
+        let ptr = NonNull::new(raw).ok_or_else(|| ContextError::Create {
+            n_ctx: params.n_ctx,
+            reason: last_llama_error().unwrap_or_else(|| "unknown error".into()),
+        })?;
+        let mut actual = params.clone();
+        // SAFETY: valid context pointer.
+        unsafe {
+            actual.n_ctx = sys::llama_n_ctx(ptr.as_ptr());
+            actual.n_batch = sys::llama_n_batch(ptr.as_ptr());
+            actual.n_ubatch = sys::llama_n_ubatch(ptr.as_ptr());
+        }
+        Ok(Context { ptr, model, hook: hook_state, params: actual })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// The parameters in force (n_ctx, n_batch, n_ubatch as llama.cpp rounded them).
+    pub fn params(&self) -> &ContextParams {
+        &self.params
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.params.n_ctx as usize
+    }
+
+    pub fn n_batch(&self) -> usize {
+        self.params.n_batch as usize
+    }
+
+    /// The installed hook, to read results after decoding.
+    pub fn hook_mut(&mut self) -> Option<&mut (dyn EvalHook + 'static)> {
+        self.hook.as_mut().map(|s| &mut *s.hook)
+    }
+
+    /// Decode a batch. Checks the size and the starting position first (both abort or
+    /// fail inside llama.cpp otherwise) and reports a hook failure after llama.cpp returns.
+    pub fn decode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if batch.len() > self.n_batch() {
+            return Err(DecodeError::BatchTooLarge { len: batch.len(), n_batch: self.n_batch() });
+        }
+        let positions = batch.positions();
+        let max = self.pos_max();
+        if positions[0] != max + 1 {
+            return Err(DecodeError::BadPosition { got: positions[0], expected_minus_one: max });
+        }
+        if let Some(s) = self.hook.as_mut() {
+            s.error = None;
+            s.hook.on_batch(&positions);
+        }
+        clear_last_error();
+        // SAFETY: valid context; the batch's buffers are valid for its declared n_tokens,
+        // which we checked against n_batch; positions continue the cache.
+        let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw()) };
+        let hook_err = self.hook.as_mut().and_then(|s| s.error.take());
+        if rc != 0 {
+            if let Some(s) = self.hook.as_mut() {
+                s.hook.on_batch_failed();
+            }
+        }
+        if let Some(e) = hook_err {
+            return Err(DecodeError::Hook(e));
+        }
+        match rc {
+            0 => Ok(()),
+            1 => Err(DecodeError::NoSlot(batch.len())),
+            2 if interrupted() => Err(DecodeError::Interrupted),
+            code => Err(DecodeError::Failed { code, reason: last_llama_error().unwrap_or_default() }),
+        }
+    }
+
+    /// Logits of output row `i` of the last decode (`i` counts only tokens that asked for
+    /// logits? no: llama.cpp's `i` is the index in the batch; -1 = last).
+    pub fn logits(&self, i: i32) -> Option<&[f32]> {
+        // SAFETY: valid context; llama.cpp returns null for an index without logits.
+        let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null logits row has n_vocab floats and stays valid until the next decode,
+        // which needs `&mut self`.
+        Some(unsafe { std::slice::from_raw_parts(p, self.model.n_vocab()) })
+    }
+
+    fn mem(&self) -> sys::llama_memory_t {
+        // SAFETY: valid context; the memory object is owned by it.
+        unsafe { sys::llama_get_memory(self.ptr.as_ptr()) }
+    }
+
+    /// Remove positions [p0, p1) of sequence 0 (p1 < 0: to the end).
+    pub fn seq_rm(&mut self, p0: i32, p1: i32) -> bool {
+        // SAFETY: valid memory handle.
+        let ok = unsafe { sys::llama_memory_seq_rm(self.mem(), 0, p0, p1) };
+        if ok {
+            if let Some(s) = self.hook.as_mut() {
+                s.hook.on_seq_rm(p0, p1);
+            }
+        }
+        ok
+    }
+
+    /// Shift positions [p0, p1) of sequence 0 by `delta` (keys are re-rotated lazily).
+    pub fn seq_add(&mut self, p0: i32, p1: i32, delta: i32) {
+        // SAFETY: valid memory handle.
+        unsafe { sys::llama_memory_seq_add(self.mem(), 0, p0, p1, delta) };
+        if let Some(s) = self.hook.as_mut() {
+            s.hook.on_seq_add(p0, p1, delta);
+        }
+    }
+
+    /// Smallest cached position of sequence 0, -1 if empty.
+    pub fn pos_min(&self) -> i32 {
+        // SAFETY: valid memory handle.
+        unsafe { sys::llama_memory_seq_pos_min(self.mem(), 0) }
+    }
+
+    /// Largest cached position of sequence 0, -1 if empty.
+    pub fn pos_max(&self) -> i32 {
+        // SAFETY: valid memory handle.
+        unsafe { sys::llama_memory_seq_pos_max(self.mem(), 0) }
+    }
+
+    pub fn can_shift(&self) -> bool {
+        // SAFETY: valid memory handle.
+        unsafe { sys::llama_memory_can_shift(self.mem()) }
+    }
+
+    /// Empty the cache (data too).
+    pub fn clear(&mut self) {
+        // SAFETY: valid memory handle.
+        unsafe { sys::llama_memory_clear(self.mem(), true) };
+        if let Some(s) = self.hook.as_mut() {
+            s.hook.on_clear();
+        }
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from llama_init_from_model and is freed once, before the
+        // hook state it points to (dropped with `self.hook` after this body).
+        unsafe { sys::llama_free(self.ptr.as_ptr()) };
+    }
+}

@@ -1,0 +1,19 @@
+//! The only module with `unsafe`: one safe wrapper per llama.cpp object.
+//!
+//! Every wrapper holds a `NonNull` pointer and frees it in `Drop`; every fallible
+//! operation has its own error enum. The eval callback trampoline lives in
+//! [`callback`]; it catches panics so that none crosses into C.
+
+mod backend;
+mod batch;
+mod callback;
+mod context;
+mod model;
+mod tensor;
+
+pub use backend::{init_backend, last_llama_error, set_verbose};
+pub use batch::{Batch, BatchError};
+pub use callback::{EvalHook, HookError, NodeInfo};
+pub use context::{interrupted, request_interrupt, Context, ContextError, ContextParams, DecodeError, FlashAttn, KvType};
+pub use model::{LoadError, Model, ModelMeta, ModelParams, TokenizeError};
+pub use tensor::{TensorView, ViewError};

@@ -1,0 +1,310 @@
+//! `llama_model`: loading, metadata, tokenizer.
+
+use std::ffi::{c_char, CString};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+use serde::Serialize;
+
+use super::backend::{clear_last_error, init_backend, last_llama_error};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model file {0} does not exist: pass --model with a GGUF file, or run models/fetch.sh for the default models")]
+    NotFound(PathBuf),
+    #[error("model file {path} cannot be read ({source}): check its permissions")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0} is not a GGUF model (no GGUF magic at its start): pass a .gguf file to --model")]
+    NotGguf(PathBuf),
+    #[error("llama.cpp could not load {path}: {reason}; the file may be truncated or corrupt, download it again (models/fetch.sh)")]
+    Llama { path: PathBuf, reason: String },
+    #[error("model path {0} contains a NUL byte")]
+    BadPath(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    #[error("text contains a NUL byte at offset {0}: remove it")]
+    Nul(usize),
+    #[error("text is too long to tokenize ({0} bytes)")]
+    TooLong(usize),
+    #[error("llama.cpp failed to tokenize the text")]
+    Failed,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct ModelParams {
+    /// Layers to offload to a GPU; `None` = llama.cpp's default (all when a GPU is present).
+    pub gpu_layers: Option<i32>,
+}
+
+/// A loaded GGUF model. Read-only after loading, so it may be shared between threads.
+pub struct Model {
+    ptr: NonNull<sys::llama_model>,
+    path: PathBuf,
+}
+
+// SAFETY: a loaded llama_model is immutable; llama.cpp allows concurrent contexts on one model.
+unsafe impl Send for Model {}
+// SAFETY: see above; every method takes `&self` and only reads.
+unsafe impl Sync for Model {}
+
+/// What `attractors info` prints; also embedded in every `meta.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelMeta {
+    pub file: String,
+    pub architecture: String,
+    pub name: String,
+    pub description: String,
+    pub n_params: u64,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_embd: usize,
+    pub head_dim: usize,
+    pub n_ctx_train: usize,
+    pub n_swa: usize,
+    pub n_vocab: usize,
+    pub bos: Option<i32>,
+    pub eos: Option<i32>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+impl Model {
+    /// Load a GGUF file. Checks existence and the GGUF magic first so that the common
+    /// mistakes get a precise message instead of llama.cpp's log.
+    pub fn load(path: &Path, params: &ModelParams) -> Result<Model, LoadError> {
+        if !path.exists() {
+            return Err(LoadError::NotFound(path.to_path_buf()));
+        }
+        let mut magic = [0u8; 4];
+        let mut f = std::fs::File::open(path).map_err(|source| LoadError::Io { path: path.into(), source })?;
+        if f.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+            return Err(LoadError::NotGguf(path.to_path_buf()));
+        }
+        drop(f);
+        init_backend();
+        clear_last_error();
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LoadError::BadPath(path.into()))?;
+        // SAFETY: returns a plain struct of defaults.
+        let mut mp = unsafe { sys::llama_model_default_params() };
+        if let Some(n) = params.gpu_layers {
+            mp.n_gpu_layers = n;
+        }
+        // SAFETY: `c_path` is a valid NUL-terminated string for the call; `mp` is initialised.
+        let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
+        match NonNull::new(raw) {
+            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf() }),
+            None => Err(LoadError::Llama {
+                path: path.to_path_buf(),
+                reason: last_llama_error().unwrap_or_else(|| "unknown error".into()),
+            }),
+        }
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut sys::llama_model {
+        self.ptr.as_ptr()
+    }
+
+    fn vocab(&self) -> *const sys::llama_vocab {
+        // SAFETY: the model pointer is valid for the life of `self`; the vocab is owned by it.
+        unsafe { sys::llama_model_get_vocab(self.ptr.as_ptr()) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn n_layer(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_layer(self.ptr.as_ptr()) as usize }
+    }
+    pub fn n_head(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_head(self.ptr.as_ptr()) as usize }
+    }
+    pub fn n_head_kv(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_head_kv(self.ptr.as_ptr()) as usize }
+    }
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_embd(self.ptr.as_ptr()) as usize }
+    }
+    pub fn n_ctx_train(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_ctx_train(self.ptr.as_ptr()).max(0) as usize }
+    }
+    pub fn n_swa(&self) -> usize {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()).max(0) as usize }
+    }
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: valid vocab pointer owned by the model.
+        unsafe { sys::llama_vocab_n_tokens(self.vocab()).max(0) as usize }
+    }
+    pub fn add_bos(&self) -> bool {
+        // SAFETY: valid vocab pointer owned by the model.
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
+    }
+    pub fn bos(&self) -> Option<i32> {
+        // SAFETY: valid vocab pointer owned by the model.
+        let t = unsafe { sys::llama_vocab_bos(self.vocab()) };
+        (t >= 0).then_some(t)
+    }
+    pub fn eos(&self) -> Option<i32> {
+        // SAFETY: valid vocab pointer owned by the model.
+        let t = unsafe { sys::llama_vocab_eos(self.vocab()) };
+        (t >= 0).then_some(t)
+    }
+    /// End of generation (EOS, EOT, ...).
+    pub fn is_eog(&self, token: i32) -> bool {
+        // SAFETY: valid vocab pointer owned by the model.
+        unsafe { sys::llama_vocab_is_eog(self.vocab(), token) }
+    }
+
+    /// A metadata value by key, as a string.
+    pub fn meta_str(&self, key: &str) -> Option<String> {
+        let key = CString::new(key).ok()?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            // SAFETY: `buf` has `buf.len()` writable bytes; `key` is NUL-terminated.
+            let n = unsafe {
+                sys::llama_model_meta_val_str(self.ptr.as_ptr(), key.as_ptr(), buf.as_mut_ptr() as *mut c_char, buf.len())
+            };
+            if n < 0 {
+                return None;
+            }
+            if (n as usize) < buf.len() {
+                buf.truncate(n as usize);
+                return Some(String::from_utf8_lossy(&buf).into_owned());
+            }
+            buf.resize(n as usize + 1, 0);
+        }
+    }
+
+    pub fn chat_template(&self) -> Option<String> {
+        // SAFETY: valid model pointer; a null name asks for the default template.
+        let p = unsafe { sys::llama_model_chat_template(self.ptr.as_ptr(), std::ptr::null()) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: non-null, NUL-terminated, owned by the model.
+        Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    }
+
+    pub fn description(&self) -> String {
+        let mut buf = vec![0u8; 256];
+        // SAFETY: `buf` has 256 writable bytes.
+        let n = unsafe { sys::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr() as *mut c_char, buf.len()) };
+        buf.truncate(n.clamp(0, 255) as usize);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    pub fn n_params(&self) -> u64 {
+        // SAFETY: valid model pointer.
+        unsafe { sys::llama_model_n_params(self.ptr.as_ptr()) }
+    }
+
+    pub fn meta(&self) -> ModelMeta {
+        let arch = self.meta_str("general.architecture").unwrap_or_default();
+        let head_dim = self
+            .meta_str(&format!("{arch}.attention.key_length"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| self.n_embd() / self.n_head().max(1));
+        ModelMeta {
+            file: self.path.display().to_string(),
+            name: self.meta_str("general.name").unwrap_or_default(),
+            architecture: arch,
+            description: self.description(),
+            n_params: self.n_params(),
+            n_layer: self.n_layer(),
+            n_head: self.n_head(),
+            n_head_kv: self.n_head_kv(),
+            n_embd: self.n_embd(),
+            head_dim,
+            n_ctx_train: self.n_ctx_train(),
+            n_swa: self.n_swa(),
+            n_vocab: self.n_vocab(),
+            bos: self.bos(),
+            eos: self.eos(),
+            add_bos: self.add_bos(),
+            chat_template: self.chat_template(),
+        }
+    }
+
+    /// Tokenize `text`. `add_special` adds BOS when the model wants it; `parse_special`
+    /// turns special-token text (chat templates) into special tokens.
+    pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<i32>, TokenizeError> {
+        if let Some(i) = text.bytes().position(|b| b == 0) {
+            return Err(TokenizeError::Nul(i));
+        }
+        let len: i32 = text.len().try_into().map_err(|_| TokenizeError::TooLong(text.len()))?;
+        let mut out = vec![0i32; text.len() + 2];
+        for _ in 0..2 {
+            // SAFETY: `text` is valid for `len` bytes; `out` has `out.len()` writable slots.
+            let n = unsafe {
+                sys::llama_tokenize(
+                    self.vocab(),
+                    text.as_ptr() as *const c_char,
+                    len,
+                    out.as_mut_ptr(),
+                    out.len() as i32,
+                    add_special,
+                    parse_special,
+                )
+            };
+            if n >= 0 {
+                out.truncate(n as usize);
+                return Ok(out);
+            }
+            if n == i32::MIN {
+                return Err(TokenizeError::TooLong(text.len()));
+            }
+            out.resize((-n) as usize, 0);
+        }
+        Err(TokenizeError::Failed)
+    }
+
+    /// The bytes of one token (may be part of a UTF-8 character).
+    pub fn token_bytes(&self, token: i32, special: bool) -> Vec<u8> {
+        let mut buf = vec![0u8; 64];
+        loop {
+            // SAFETY: `buf` has `buf.len()` writable bytes.
+            let n = unsafe {
+                sys::llama_token_to_piece(self.vocab(), token, buf.as_mut_ptr() as *mut c_char, buf.len() as i32, 0, special)
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return buf;
+            }
+            buf.resize((-n) as usize, 0);
+        }
+    }
+
+    /// The text of one token, lossy where it holds part of a UTF-8 character.
+    pub fn token_str(&self, token: i32) -> String {
+        String::from_utf8_lossy(&self.token_bytes(token, true)).into_owned()
+    }
+
+    /// Detokenize a sequence (special tokens rendered).
+    pub fn detokenize(&self, tokens: &[i32]) -> String {
+        let mut bytes = Vec::new();
+        for &t in tokens {
+            bytes.extend(self.token_bytes(t, true));
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from llama_model_load_from_file and is freed once;
+        // contexts borrow the model, so none outlives it.
+        unsafe { sys::llama_model_free(self.ptr.as_ptr()) };
+    }
+}

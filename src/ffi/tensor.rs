@@ -1,0 +1,134 @@
+//! A read-only view of a ggml tensor handed to the eval callback.
+
+use std::ffi::CStr;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("tensor {name} has type {ty}, expected f32")]
+    NotF32 { name: String, ty: String },
+    #[error("tensor {0} has no data buffer")]
+    NoData(String),
+}
+
+/// A tensor as the scheduler computed it. Valid only inside the callback that received it:
+/// the memory is reused by later nodes, so copy or reduce before returning.
+pub struct TensorView<'a> {
+    ptr: NonNull<sys::ggml_tensor>,
+    _life: PhantomData<&'a sys::ggml_tensor>,
+}
+
+impl<'a> TensorView<'a> {
+    /// # Safety
+    /// `ptr` must point to a live tensor for the whole lifetime `'a`.
+    pub(crate) unsafe fn new(ptr: NonNull<sys::ggml_tensor>) -> TensorView<'a> {
+        TensorView { ptr, _life: PhantomData }
+    }
+
+    fn t(&self) -> &sys::ggml_tensor {
+        // SAFETY: the constructor's contract keeps the tensor alive for `'a`.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    pub fn name(&self) -> &str {
+        // SAFETY: ggml names are NUL-terminated within the fixed 64-byte array.
+        let c = unsafe { CStr::from_ptr(self.t().name.as_ptr()) };
+        c.to_str().unwrap_or("")
+    }
+
+    pub fn op_name(&self) -> &'static str {
+        // SAFETY: ggml_op_name returns a static string for any op value.
+        let p = unsafe { sys::ggml_op_name(self.t().op) };
+        if p.is_null() {
+            return "";
+        }
+        // SAFETY: static NUL-terminated string.
+        unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("")
+    }
+
+    pub fn is_softmax(&self) -> bool {
+        self.t().op == sys::GGML_OP_SOFT_MAX
+    }
+
+    pub fn ne(&self) -> [usize; 4] {
+        self.t().ne.map(|x| x.max(0) as usize)
+    }
+
+    /// Strides in bytes.
+    pub fn nb(&self) -> [usize; 4] {
+        self.t().nb
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        // SAFETY: ggml_type_name returns a static string for any type value.
+        let p = unsafe { sys::ggml_type_name(self.t().type_) };
+        if p.is_null() {
+            return "?";
+        }
+        // SAFETY: static NUL-terminated string.
+        unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("?")
+    }
+
+    pub fn is_f32(&self) -> bool {
+        self.t().type_ == sys::GGML_TYPE_F32
+    }
+
+    /// Whether the data lives in host memory (readable without a copy).
+    pub fn is_host(&self) -> bool {
+        let buf = self.t().buffer;
+        // SAFETY: a non-null buffer pointer belongs to the scheduler and is live during the callback.
+        !buf.is_null() && unsafe { sys::ggml_backend_buffer_is_host(buf) }
+    }
+
+    /// Source tensor `i` (for `kq_soft_max`, 0 = the scores, 1 = the mask).
+    pub fn src(&self, i: usize) -> Option<TensorView<'a>> {
+        let p = *self.t().src.get(i)?;
+        // SAFETY: sources of a computed node are live while the node is (same graph).
+        NonNull::new(p).map(|ptr| unsafe { TensorView::new(ptr) })
+    }
+
+    /// Stable identity of the tensor within one graph (used to group layers sharing an input).
+    pub fn id(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    /// The tensor's bytes as f32, spanning all strides (`ggml_nbytes / 4` values). Host data is
+    /// borrowed in place; device data is copied into `scratch`, which is reused between calls.
+    pub fn f32_data<'s>(&'s self, scratch: &'s mut Vec<f32>) -> Result<&'s [f32], ViewError> {
+        if !self.is_f32() {
+            return Err(ViewError::NotF32 { name: self.name().into(), ty: self.type_name().into() });
+        }
+        let t = self.t();
+        // SAFETY: valid tensor pointer.
+        let nbytes = unsafe { sys::ggml_nbytes(self.ptr.as_ptr()) };
+        let n = nbytes / 4;
+        if t.data.is_null() || t.buffer.is_null() && t.view_src.is_null() {
+            return Err(ViewError::NoData(self.name().into()));
+        }
+        if self.is_host() {
+            // SAFETY: host memory of `nbytes` bytes, f32-aligned (ggml aligns tensor data),
+            // live and unchanged for the duration of the callback.
+            return Ok(unsafe { std::slice::from_raw_parts(t.data as *const f32, n) });
+        }
+        scratch.resize(n, 0.0);
+        // SAFETY: copies `nbytes` from the tensor (any backend) into a buffer of that size.
+        unsafe { sys::ggml_backend_tensor_get(self.ptr.as_ptr(), scratch.as_mut_ptr() as *mut _, 0, nbytes) };
+        Ok(&scratch[..])
+    }
+
+    /// Mutable host data as f32 (for writes such as `-inf` masks). `None` when the tensor
+    /// is not f32 or not in host memory.
+    pub fn f32_data_mut(&self) -> Option<&mut [f32]> {
+        if !self.is_f32() || !self.is_host() || self.t().data.is_null() {
+            return None;
+        }
+        // SAFETY: valid tensor pointer.
+        let n = unsafe { sys::ggml_nbytes(self.ptr.as_ptr()) } / 4;
+        // SAFETY: host memory owned by the scheduler, not aliased by us elsewhere during the
+        // callback; later nodes read it after we return, which is the point of writing.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.t().data as *mut f32, n) })
+    }
+}

@@ -1,0 +1,5 @@
+//! `attractors`: observe attention attractors inside llama.cpp.
+pub mod capture;
+pub mod ffi;
+pub mod session;
+pub mod tiny;

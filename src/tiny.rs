@@ -1,0 +1,366 @@
+//! A tiny llama-architecture model with seeded weights, written as GGUF in plain Rust, and a
+//! reference forward pass for it (f64, no llama.cpp) so captures can be checked value by value.
+
+use std::io::Write;
+use std::path::Path;
+
+/// Shape of the tiny model.
+#[derive(Debug, Clone)]
+pub struct TinyConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ff: usize,
+    pub n_ctx: usize,
+    pub seed: u64,
+    /// Standard deviation of Q and K weights (larger = peakier attention).
+    pub qk_scale: f32,
+}
+
+impl Default for TinyConfig {
+    fn default() -> Self {
+        TinyConfig { n_layer: 3, n_embd: 64, n_head: 4, n_head_kv: 2, n_ff: 96, n_ctx: 1024, seed: 7, qk_scale: 0.35 }
+    }
+}
+
+pub const RMS_EPS: f32 = 1e-5;
+pub const ROPE_BASE: f32 = 10000.0;
+
+/// Vocabulary: `<unk>`, `<s>`, `</s>`, 256 byte tokens, then a few words.
+pub fn vocab() -> Vec<(String, f32, i32)> {
+    let mut v = vec![("<unk>".to_string(), 0.0, 2), ("<s>".to_string(), 0.0, 3), ("</s>".to_string(), 0.0, 3)];
+    for b in 0..256 {
+        v.push((format!("<0x{b:02X}>"), 0.0, 6));
+    }
+    let words = ["\u{2581}", "\u{2581}the", "\u{2581}a", ".", ",", "\u{2581}of", "\u{2581}and", "e", "t", "o", "n", "s", "h", "r", "d", "l"];
+    for (i, w) in words.iter().enumerate() {
+        v.push((w.to_string(), -(i as f32) - 1.0, 1));
+    }
+    v
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform with the given standard deviation.
+    fn uniform(&mut self, std: f32) -> f32 {
+        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        ((u * 2.0 - 1.0) * 3f64.sqrt() * std as f64) as f32
+    }
+}
+
+/// A weight matrix `out x in`, row-major (`w[o * in + i]`), as GGUF stores `ne = [in, out]`.
+#[derive(Debug, Clone)]
+pub struct Mat {
+    pub rows: usize,
+    pub cols: usize,
+    pub w: Vec<f32>,
+}
+
+impl Mat {
+    fn random(rng: &mut Rng, rows: usize, cols: usize, std: f32) -> Mat {
+        Mat { rows, cols, w: (0..rows * cols).map(|_| rng.uniform(std)).collect() }
+    }
+    fn apply(&self, x: &[f64]) -> Vec<f64> {
+        (0..self.rows).map(|o| self.w[o * self.cols..(o + 1) * self.cols].iter().zip(x).map(|(&w, &x)| w as f64 * x).sum()).collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TinyLayer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Mat,
+    pub wk: Mat,
+    pub wv: Mat,
+    pub wo: Mat,
+    pub ffn_norm: Vec<f32>,
+    pub gate: Mat,
+    pub up: Mat,
+    pub down: Mat,
+}
+
+#[derive(Debug, Clone)]
+pub struct TinyModel {
+    pub cfg: TinyConfig,
+    pub n_vocab: usize,
+    pub embd: Mat,
+    pub layers: Vec<TinyLayer>,
+    pub out_norm: Vec<f32>,
+    pub output: Mat,
+}
+
+/// What the reference forward pass computes.
+pub struct Reference {
+    /// `attn[l][h][i][j]`, post-softmax, zero for `j > i`.
+    pub attn: Vec<Vec<Vec<Vec<f64>>>>,
+    /// `attn_norm[l][i][d]`.
+    pub attn_norm: Vec<Vec<Vec<f64>>>,
+    /// `logits[i][v]`.
+    pub logits: Vec<Vec<f64>>,
+}
+
+impl TinyModel {
+    pub fn new(cfg: TinyConfig) -> TinyModel {
+        let mut rng = Rng(cfg.seed);
+        let n_vocab = vocab().len();
+        let hd = cfg.n_embd / cfg.n_head;
+        let e = cfg.n_embd;
+        let kv = hd * cfg.n_head_kv;
+        let std = 1.0 / (e as f32).sqrt();
+        let embd = Mat::random(&mut rng, n_vocab, e, 1.0);
+        let norm = |rng: &mut Rng, n: usize| (0..n).map(|_| 1.0 + rng.uniform(0.2)).collect::<Vec<f32>>();
+        let layers = (0..cfg.n_layer)
+            .map(|_| TinyLayer {
+                attn_norm: norm(&mut rng, e),
+                wq: Mat::random(&mut rng, e, e, cfg.qk_scale),
+                wk: Mat::random(&mut rng, kv, e, cfg.qk_scale),
+                wv: Mat::random(&mut rng, kv, e, std),
+                wo: Mat::random(&mut rng, e, e, std),
+                ffn_norm: norm(&mut rng, e),
+                gate: Mat::random(&mut rng, cfg.n_ff, e, std),
+                up: Mat::random(&mut rng, cfg.n_ff, e, std),
+                down: Mat::random(&mut rng, e, cfg.n_ff, 1.0 / (cfg.n_ff as f32).sqrt()),
+            })
+            .collect();
+        let out_norm = norm(&mut rng, e);
+        let output = Mat::random(&mut rng, n_vocab, e, std);
+        TinyModel { cfg, n_vocab, embd, layers, out_norm, output }
+    }
+
+    /// Write the model as a GGUF file (F32 tensors, llama architecture, SPM vocabulary).
+    pub fn write_gguf(&self, path: &Path) -> std::io::Result<()> {
+        let c = &self.cfg;
+        let hd = c.n_embd / c.n_head;
+        let voc = vocab();
+        let mut kv: Vec<(&str, Val)> = vec![
+            ("general.architecture", Val::Str("llama".into())),
+            ("general.name", Val::Str("attractors-tiny".into())),
+            ("general.alignment", Val::U32(32)),
+            ("llama.context_length", Val::U32(c.n_ctx as u32)),
+            ("llama.embedding_length", Val::U32(c.n_embd as u32)),
+            ("llama.block_count", Val::U32(c.n_layer as u32)),
+            ("llama.feed_forward_length", Val::U32(c.n_ff as u32)),
+            ("llama.attention.head_count", Val::U32(c.n_head as u32)),
+            ("llama.attention.head_count_kv", Val::U32(c.n_head_kv as u32)),
+            ("llama.rope.dimension_count", Val::U32(hd as u32)),
+            ("llama.rope.freq_base", Val::F32(ROPE_BASE)),
+            ("llama.attention.layer_norm_rms_epsilon", Val::F32(RMS_EPS)),
+            ("tokenizer.ggml.model", Val::Str("llama".into())),
+            ("tokenizer.ggml.tokens", Val::StrArr(voc.iter().map(|v| v.0.clone()).collect())),
+            ("tokenizer.ggml.scores", Val::F32Arr(voc.iter().map(|v| v.1).collect())),
+            ("tokenizer.ggml.token_type", Val::I32Arr(voc.iter().map(|v| v.2).collect())),
+            ("tokenizer.ggml.bos_token_id", Val::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Val::U32(2)),
+            ("tokenizer.ggml.unknown_token_id", Val::U32(0)),
+            ("tokenizer.ggml.add_bos_token", Val::Bool(false)),
+        ];
+        kv.shrink_to_fit();
+        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![
+            ("token_embd.weight".into(), vec![c.n_embd, self.n_vocab], &self.embd.w),
+            ("output_norm.weight".into(), vec![c.n_embd], &self.out_norm),
+            ("output.weight".into(), vec![c.n_embd, self.n_vocab], &self.output.w),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let m = |m: &'_ Mat| vec![m.cols, m.rows];
+            tensors.push((format!("blk.{i}.attn_norm.weight"), vec![c.n_embd], &l.attn_norm));
+            tensors.push((format!("blk.{i}.attn_q.weight"), m(&l.wq), &l.wq.w));
+            tensors.push((format!("blk.{i}.attn_k.weight"), m(&l.wk), &l.wk.w));
+            tensors.push((format!("blk.{i}.attn_v.weight"), m(&l.wv), &l.wv.w));
+            tensors.push((format!("blk.{i}.attn_output.weight"), m(&l.wo), &l.wo.w));
+            tensors.push((format!("blk.{i}.ffn_norm.weight"), vec![c.n_embd], &l.ffn_norm));
+            tensors.push((format!("blk.{i}.ffn_gate.weight"), m(&l.gate), &l.gate.w));
+            tensors.push((format!("blk.{i}.ffn_up.weight"), m(&l.up), &l.up.w));
+            tensors.push((format!("blk.{i}.ffn_down.weight"), m(&l.down), &l.down.w));
+        }
+        let mut out = Vec::new();
+        out.extend(b"GGUF");
+        out.extend(3u32.to_le_bytes());
+        out.extend((tensors.len() as u64).to_le_bytes());
+        out.extend((kv.len() as u64).to_le_bytes());
+        for (k, v) in &kv {
+            put_str(&mut out, k);
+            v.write(&mut out);
+        }
+        let mut offset = 0u64;
+        for (name, ne, data) in &tensors {
+            put_str(&mut out, name);
+            out.extend((ne.len() as u32).to_le_bytes());
+            for &n in ne {
+                out.extend((n as u64).to_le_bytes());
+            }
+            out.extend(0u32.to_le_bytes()); // GGML_TYPE_F32
+            out.extend(offset.to_le_bytes());
+            offset += (data.len() as u64 * 4).div_ceil(32) * 32;
+        }
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+        for (_, _, data) in &tensors {
+            for x in data.iter() {
+                out.extend(x.to_le_bytes());
+            }
+            while out.len() % 32 != 0 {
+                out.push(0);
+            }
+        }
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(&out)
+    }
+
+    /// Reference forward pass over `tokens` at positions `0..n`, causal attention.
+    pub fn forward(&self, tokens: &[i32]) -> Reference {
+        self.forward_masked(tokens, &|_, _| true)
+    }
+
+    /// Forward pass where query `i` sees key `j <= i` only when `visible(i, j)` (models
+    /// cache cells removed before later tokens were decoded).
+    pub fn forward_masked(&self, tokens: &[i32], visible: &dyn Fn(usize, usize) -> bool) -> Reference {
+        let c = &self.cfg;
+        let (e, nh, nkv) = (c.n_embd, c.n_head, c.n_head_kv);
+        let hd = e / nh;
+        let n = tokens.len();
+        let mut h: Vec<Vec<f64>> =
+            tokens.iter().map(|&t| self.embd.w[t as usize * e..(t as usize + 1) * e].iter().map(|&x| x as f64).collect()).collect();
+        let mut attn_all = vec![];
+        let mut norm_all = vec![];
+        for l in &self.layers {
+            let xn: Vec<Vec<f64>> = h.iter().map(|x| rms_norm(x, &l.attn_norm)).collect();
+            let rope = |v: Vec<f64>, pos: usize, heads: usize| {
+                let mut v = v;
+                for hh in 0..heads {
+                    for i in 0..hd / 2 {
+                        let theta = pos as f64 * (ROPE_BASE as f64).powf(-2.0 * i as f64 / hd as f64);
+                        let (s, co) = theta.sin_cos();
+                        let a = hh * hd + 2 * i;
+                        let (x0, x1) = (v[a], v[a + 1]);
+                        v[a] = x0 * co - x1 * s;
+                        v[a + 1] = x0 * s + x1 * co;
+                    }
+                }
+                v
+            };
+            let q: Vec<Vec<f64>> = xn.iter().enumerate().map(|(p, x)| rope(l.wq.apply(x), p, nh)).collect();
+            let k: Vec<Vec<f64>> = xn.iter().enumerate().map(|(p, x)| rope(l.wk.apply(x), p, nkv)).collect();
+            let v: Vec<Vec<f64>> = xn.iter().map(|x| l.wv.apply(x)).collect();
+            let scale = 1.0 / (hd as f64).sqrt();
+            let mut attn = vec![vec![vec![0.0; n]; n]; nh];
+            let mut out = vec![vec![0.0; e]; n];
+            for hh in 0..nh {
+                let g = hh / (nh / nkv);
+                for i in 0..n {
+                    let s: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            if j == i || visible(i, j) {
+                                (0..hd).map(|d| q[i][hh * hd + d] * k[j][g * hd + d]).sum::<f64>() * scale
+                            } else {
+                                f64::NEG_INFINITY
+                            }
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for j in 0..=i {
+                        let a = (s[j] - m).exp() / z;
+                        attn[hh][i][j] = a;
+                        for d in 0..hd {
+                            out[i][hh * hd + d] += a * v[j][g * hd + d];
+                        }
+                    }
+                }
+            }
+            for i in 0..n {
+                let o = l.wo.apply(&out[i]);
+                for d in 0..e {
+                    h[i][d] += o[d];
+                }
+                let xf = rms_norm(&h[i], &l.ffn_norm);
+                let g = l.gate.apply(&xf);
+                let u = l.up.apply(&xf);
+                let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let d = l.down.apply(&act);
+                for j in 0..e {
+                    h[i][j] += d[j];
+                }
+            }
+            attn_all.push(attn);
+            norm_all.push(xn);
+        }
+        let logits = h.iter().map(|x| self.output.apply(&rms_norm(x, &self.out_norm))).collect();
+        Reference { attn: attn_all, attn_norm: norm_all, logits }
+    }
+}
+
+fn rms_norm(x: &[f64], w: &[f32]) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let r = 1.0 / (ms + RMS_EPS as f64).sqrt();
+    x.iter().zip(w).map(|(v, &w)| v * r * w as f64).collect()
+}
+
+enum Val {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    StrArr(Vec<String>),
+    F32Arr(Vec<f32>),
+    I32Arr(Vec<i32>),
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+impl Val {
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Val::U32(v) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            Val::F32(v) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            Val::Bool(v) => {
+                out.extend(7u32.to_le_bytes());
+                out.push(*v as u8);
+            }
+            Val::Str(s) => {
+                out.extend(8u32.to_le_bytes());
+                put_str(out, s);
+            }
+            Val::StrArr(a) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend((a.len() as u64).to_le_bytes());
+                for s in a {
+                    put_str(out, s);
+                }
+            }
+            Val::F32Arr(a) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(6u32.to_le_bytes());
+                out.extend((a.len() as u64).to_le_bytes());
+                for v in a {
+                    out.extend(v.to_le_bytes());
+                }
+            }
+            Val::I32Arr(a) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(5u32.to_le_bytes());
+                out.extend((a.len() as u64).to_le_bytes());
+                for v in a {
+                    out.extend(v.to_le_bytes());
+                }
+            }
+        }
+    }
+}
