@@ -1,5 +1,8 @@
 //! `attractors`: observe attention attractors inside llama.cpp.
+pub mod analysis;
 pub mod capture;
+pub mod cli;
 pub mod ffi;
+pub mod output;
 pub mod session;
 pub mod tiny;

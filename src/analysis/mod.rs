@@ -1,0 +1,3 @@
+//! Pure functions over captured summaries (no model needed).
+
+pub mod attractors;

