@@ -89,7 +89,6 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
             "token": "token text with \\n, \\r, \\t and \\\\ escaped",
         },
         "skipped_nodes": sum.skipped_nodes,
-        "prefill_seconds": secs,
     });
     out.write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
     eprintln!("captured {} tokens x {} layers in {secs:.2}s; wrote {}", toks.len(), model.n_layer(), a.out.display());

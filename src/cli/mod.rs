@@ -2,15 +2,17 @@
 
 mod bench;
 mod capture;
-mod common;
+pub mod common;
 mod info;
 mod perplexity;
 
 use std::path::PathBuf;
 
+pub use common::DEFAULT_TEXT;
+
 use clap::{Args, Parser, Subcommand};
 
-use crate::ffi::KvType;
+use crate::ffi::{FlashAttn, KvType};
 
 #[derive(Parser, Debug)]
 #[command(name = "attractors", version, about = "See and use attention attractors inside llama.cpp")]
@@ -125,9 +127,12 @@ pub struct PerplexityArgs {
     pub text: TextArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Run with full attention capture installed (flash attention off) to check it changes nothing.
+    /// Run with full attention capture installed (forces flash attention off).
     #[arg(long)]
     pub with_capture: bool,
+    /// Flash attention without capture: auto (llama.cpp decides), on, off.
+    #[arg(long, value_enum, default_value_t = FlashAttn::Auto)]
+    pub flash_attn: FlashAttn,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -6,7 +6,7 @@ use crate::session::feed;
 pub fn run(a: PerplexityArgs) -> anyhow::Result<()> {
     let model = common::load_model(&a.model)?;
     let (label, toks) = common::load_tokens(&model, &a.text)?;
-    let flash = if a.with_capture { FlashAttn::Off } else { FlashAttn::Auto };
+    let flash = if a.with_capture { FlashAttn::Off } else { a.flash_attn };
     let params = common::context_params(&model, &a.engine, toks.len(), flash)?;
     let hook: Option<Box<dyn EvalHook>> = if a.with_capture {
         let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
@@ -22,7 +22,7 @@ pub fn run(a: PerplexityArgs) -> anyhow::Result<()> {
     let mean = nll.iter().sum::<f64>() / nll.len() as f64;
     let ppl = mean.exp();
     if a.json {
-        println!("{}", serde_json::json!({"text": label, "tokens": toks.len(), "scored": nll.len(), "mean_nll": mean, "perplexity": ppl, "with_capture": a.with_capture}));
+        println!("{}", serde_json::json!({"text": label, "tokens": toks.len(), "scored": nll.len(), "mean_nll": mean, "perplexity": ppl, "with_capture": a.with_capture, "flash_attn": flash}));
     } else {
         println!("text        {label}");
         println!("tokens      {} ({} scored)", toks.len(), nll.len());

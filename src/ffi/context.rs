@@ -27,7 +27,7 @@ unsafe extern "C" fn abort_cb(_data: *mut c_void) -> bool {
     INTERRUPT.load(Ordering::Relaxed)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FlashAttn {
     Auto,
@@ -201,8 +201,8 @@ impl<'m> Context<'m> {
         }
     }
 
-    /// Logits of output row `i` of the last decode (`i` counts only tokens that asked for
-    /// logits? no: llama.cpp's `i` is the index in the batch; -1 = last).
+    /// Logits of token `i` of the last decoded batch (its index in the batch; -1 = last).
+    /// `None` when that token did not ask for logits.
     pub fn logits(&self, i: i32) -> Option<&[f32]> {
         // SAFETY: valid context; llama.cpp returns null for an index without logits.
         let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i) };

@@ -1,0 +1,143 @@
+//! Integration tests that run the real binary in a temp dir: bad input gets a one-line
+//! error, a non-zero exit, no panic and no output file; a tiny-model capture through the
+//! CLI equals the reference forward pass.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use attractors::tiny::{TinyConfig, TinyModel};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_attractors"))
+}
+
+fn tiny(dir: &Path) -> (TinyModel, PathBuf) {
+    let m = TinyModel::new(TinyConfig::default());
+    let p = dir.join("tiny.gguf");
+    m.write_gguf(&p).unwrap();
+    (m, p)
+}
+
+/// A failed run: non-zero, exactly one line on stderr starting with "error:", no panic.
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("capture: flash")).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "expected '{needle}' in: {err}");
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).map(|r| r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+}
+
+#[test]
+fn missing_model_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let o = bin().args(["capture", "--model"]).arg(d.path().join("nope.gguf")).arg("--out").arg(&out).output().unwrap();
+    assert_clean_failure(&o, "does not exist");
+    assert!(files_in(&out).is_empty());
+}
+
+#[test]
+fn truncated_gguf_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let bytes = std::fs::read(&p).unwrap();
+    let cut = d.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = d.path().join("out");
+    let o = bin().args(["capture", "--model"]).arg(&cut).arg("--out").arg(&out).output().unwrap();
+    assert_clean_failure(&o, "truncated or corrupt");
+    assert!(files_in(&out).is_empty());
+}
+
+#[test]
+fn text_file_given_as_model_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("model.gguf");
+    std::fs::write(&t, "this is not a model\n").unwrap();
+    let o = bin().args(["info", "--model"]).arg(&t).output().unwrap();
+    assert_clean_failure(&o, "not a GGUF model");
+}
+
+#[test]
+fn empty_text_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let t = d.path().join("empty.txt");
+    std::fs::write(&t, "  \n").unwrap();
+    let out = d.path().join("out");
+    let o = bin().args(["capture", "--model"]).arg(&p).arg("--text").arg(&t).arg("--out").arg(&out).output().unwrap();
+    assert_clean_failure(&o, "is empty");
+    assert!(files_in(&out).is_empty());
+}
+
+#[test]
+fn text_longer_than_context_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let t = d.path().join("long.txt");
+    std::fs::write(&t, "the end. ".repeat(200)).unwrap();
+    let out = d.path().join("out");
+    let o = bin().args(["capture", "--ctx", "256", "--model"]).arg(&p).arg("--text").arg(&t).arg("--out").arg(&out).output().unwrap();
+    assert_clean_failure(&o, "longer than the context");
+    assert!(files_in(&out).is_empty());
+    let o = bin().args(["perplexity", "--ctx", "256", "--model"]).arg(&p).arg("--text").arg(&t).output().unwrap();
+    assert_clean_failure(&o, "longer than the context");
+}
+
+#[test]
+fn unwritable_out_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    // A path below a regular file cannot be created, even by root.
+    let blocker = d.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let o = bin().args(["capture", "--max-tokens", "50", "--model"]).arg(&p).arg("--out").arg(blocker.join("out")).output().unwrap();
+    assert_clean_failure(&o, "choose a writable --out");
+}
+
+#[test]
+fn tiny_capture_through_cli_equals_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, p) = tiny(d.path());
+    let t = d.path().join("t.txt");
+    std::fs::write(&t, "the heron stood on one leg. then the tide came in, and the heron left.").unwrap();
+    let out = d.path().join("out");
+    let o = bin()
+        .args(["capture", "--kv-type", "f32", "--ubatch", "16", "--model"])
+        .arg(&p)
+        .arg("--text")
+        .arg(&t)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut names = files_in(&out);
+    names.sort();
+    assert_eq!(names, ["activations.csv", "distance.csv", "layers.csv", "meta.json", "received.csv"]);
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("meta.json")).unwrap()).unwrap();
+    let ids: Vec<i32> = meta["token_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32).collect();
+    assert!(ids.len() > 20);
+    assert!(meta["attractor_rule_text"].as_str().unwrap().contains("c/T"));
+    let r = m.forward(&ids);
+    let n = ids.len();
+    let h = m.cfg.n_head;
+    let csv = std::fs::read_to_string(out.join("received.csv")).unwrap();
+    let mut rows = 0;
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let (l, j): (usize, usize) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+        let got: f64 = f[f.len() - 2].parse().unwrap();
+        let want: f64 = (0..h).map(|hh| (j + 1..n).map(|i| r.attn[l][hh][i][j]).sum::<f64>()).sum::<f64>() / h as f64;
+        assert!((got - want).abs() <= 1e-4 * want.abs() + 1e-6, "R[{l},{j}] {got} vs {want}");
+        assert_eq!(f[2].parse::<i32>().unwrap(), ids[j]);
+        rows += 1;
+    }
+    assert_eq!(rows, n * m.cfg.n_layer);
+}
