@@ -262,12 +262,21 @@ impl State {
     }
 
     fn observe_activation(&mut self, layer: usize, t: &TensorView) -> Result<(), String> {
-        let [width, n_rows, a, b] = t.ne();
-        if a * b != 1 {
-            return Err(format!("activation node {} is not 2-D (ne = {:?}): pick a node of shape [width, tokens]", t.name(), t.ne()));
-        }
+        let [w0, w1, w2, w3] = t.ne();
+        let nb = t.nb();
+        // [width, tokens], or per-head [head_dim, heads, tokens] with heads packed contiguously.
+        let (width, n_rows, stride) = if w3 != 1 || (w2 > 1 && nb[1] != w0 * 4) {
+            return Err(format!(
+                "activation node {} has shape {:?}: pick a node of shape [width, tokens] or contiguous [head_dim, heads, tokens]",
+                t.name(),
+                t.ne()
+            ));
+        } else if w2 > 1 {
+            (w0 * w1, w2, nb[2] / 4)
+        } else {
+            (w0, w1, nb[1] / 4)
+        };
         let Some((start, len)) = self.locate(KIND_ACT, layer, n_rows, t.name())? else { return Ok(()) };
-        let stride = t.nb()[1] / 4;
         let data = t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
         let queries = &self.cursor.positions[start..start + len];
         self.activation.as_mut().expect("activation node asked only when capturing").add(layer, data, width, stride, queries)
