@@ -4,5 +4,6 @@ pub mod capture;
 pub mod cli;
 pub mod ffi;
 pub mod output;
+pub mod plot;
 pub mod session;
 pub mod tiny;

@@ -104,6 +104,8 @@ pub struct Reference {
     pub attn_norm: Vec<Vec<Vec<f64>>>,
     /// `logits[i][v]`.
     pub logits: Vec<Vec<f64>>,
+    /// `v_norm[l][j][g]`: L2 norm of the value vector of KV head `g` at position `j`.
+    pub v_norm: Vec<Vec<Vec<f64>>>,
 }
 
 impl TinyModel {
@@ -222,6 +224,12 @@ impl TinyModel {
     /// Forward pass where query `i` sees key `j <= i` only when `visible(i, j)` (models
     /// cache cells removed before later tokens were decoded).
     pub fn forward_masked(&self, tokens: &[i32], visible: &dyn Fn(usize, usize) -> bool) -> Reference {
+        self.forward_edited(tokens, visible, &|_, _, _| {})
+    }
+
+    /// Forward pass where `edit(layer, pos, x)` may change the normalised attention input
+    /// `attn_norm` before Q, K and V are computed from it (interventions).
+    pub fn forward_edited(&self, tokens: &[i32], visible: &dyn Fn(usize, usize) -> bool, edit: &dyn Fn(usize, usize, &mut Vec<f64>)) -> Reference {
         let c = &self.cfg;
         let (e, nh, nkv) = (c.n_embd, c.n_head, c.n_head_kv);
         let hd = e / nh;
@@ -230,8 +238,17 @@ impl TinyModel {
             tokens.iter().map(|&t| self.embd.w[t as usize * e..(t as usize + 1) * e].iter().map(|&x| x as f64).collect()).collect();
         let mut attn_all = vec![];
         let mut norm_all = vec![];
-        for l in &self.layers {
-            let xn: Vec<Vec<f64>> = h.iter().map(|x| rms_norm(x, &l.attn_norm)).collect();
+        let mut vnorm_all = vec![];
+        for (li, l) in self.layers.iter().enumerate() {
+            let xn: Vec<Vec<f64>> = h
+                .iter()
+                .enumerate()
+                .map(|(p, x)| {
+                    let mut v = rms_norm(x, &l.attn_norm);
+                    edit(li, p, &mut v);
+                    v
+                })
+                .collect();
             let rope = |v: Vec<f64>, pos: usize, heads: usize| {
                 let mut v = v;
                 for hh in 0..heads {
@@ -249,6 +266,7 @@ impl TinyModel {
             let q: Vec<Vec<f64>> = xn.iter().enumerate().map(|(p, x)| rope(l.wq.apply(x), p, nh)).collect();
             let k: Vec<Vec<f64>> = xn.iter().enumerate().map(|(p, x)| rope(l.wk.apply(x), p, nkv)).collect();
             let v: Vec<Vec<f64>> = xn.iter().map(|x| l.wv.apply(x)).collect();
+            vnorm_all.push(v.iter().map(|vj| (0..nkv).map(|g| vj[g * hd..(g + 1) * hd].iter().map(|x| x * x).sum::<f64>().sqrt()).collect()).collect());
             let scale = 1.0 / (hd as f64).sqrt();
             let mut attn = vec![vec![vec![0.0; n]; n]; nh];
             let mut out = vec![vec![0.0; e]; n];
@@ -293,7 +311,7 @@ impl TinyModel {
             norm_all.push(xn);
         }
         let logits = h.iter().map(|x| self.output.apply(&rms_norm(x, &self.out_norm))).collect();
-        Reference { attn: attn_all, attn_norm: norm_all, logits }
+        Reference { attn: attn_all, attn_norm: norm_all, logits, v_norm: vnorm_all }
     }
 }
 

@@ -141,3 +141,63 @@ fn tiny_capture_through_cli_equals_reference() {
     }
     assert_eq!(rows, n * m.cfg.n_layer);
 }
+
+#[test]
+fn analyze_missing_corpus_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let out = d.path().join("out");
+    let o = bin().args(["analyze", "--model"]).arg(&p).arg("--corpus").arg(d.path().join("nope.txt")).arg("--out").arg(&out).output().unwrap();
+    assert_clean_failure(&o, "cannot read corpus path");
+    assert!(!out.exists());
+}
+
+#[test]
+fn analyze_corpus_without_long_enough_documents_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let dir = d.path().join("corpus");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("a.txt"), "short.").unwrap();
+    std::fs::write(dir.join("b.txt"), "").unwrap();
+    let out = d.path().join("out");
+    let o = bin().args(["analyze", "--model"]).arg(&p).arg("--corpus").arg(&dir).arg("--out").arg(&out).output().unwrap();
+    assert_clean_failure(&o, "lower --min-tokens");
+    assert!(files_in(&out).is_empty());
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = bin().args(["analyze", "--model"]).arg(&p).arg("--corpus").arg(&empty).arg("--out").arg(&out).output().unwrap();
+    assert_clean_failure(&o, "has no files");
+}
+
+#[test]
+fn analyze_too_long_documents_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let t = d.path().join("t.txt");
+    std::fs::write(&t, "the sea. ".repeat(50)).unwrap();
+    let o = bin().args(["analyze", "--max-tokens", "5000", "--model"]).arg(&p).arg("--corpus").arg(&t).arg("--out").arg(d.path().join("o")).output().unwrap();
+    assert_clean_failure(&o, "exceeds the model's trained context");
+}
+
+#[test]
+fn analyze_unwritable_out_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let t = d.path().join("t.txt");
+    std::fs::write(&t, "the sea. ".repeat(50)).unwrap();
+    let blocker = d.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let o = bin().args(["analyze", "--model"]).arg(&p).arg("--corpus").arg(&t).arg("--out").arg(blocker.join("out")).output().unwrap();
+    assert_clean_failure(&o, "choose a writable --out");
+}
+
+#[test]
+fn intervene_unknown_mode_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let t = d.path().join("t.txt");
+    std::fs::write(&t, "the heron stood on one leg. then the tide came in, and the heron left.").unwrap();
+    let o = bin().args(["intervene", "--mode", "scramble", "--model"]).arg(&p).arg("--text").arg(&t).output().unwrap();
+    assert_clean_failure(&o, "unknown --mode scramble");
+}

@@ -143,3 +143,54 @@ fn smollm2_perplexity_finite_and_unchanged_by_capture() {
 fn gemma3_perplexity_finite_and_unchanged_by_capture() {
     perplexity_unchanged_by_capture(GEMMA);
 }
+
+/// `analyze` on the default corpus (Moby-Dick, fetched in setup): every table, figure and
+/// the report; fractions are proper, sinks and correlated dimensions are found.
+fn analyze(name: &str, n_layer: usize) {
+    let d = tempfile::tempdir().unwrap();
+    let o = bin().args(["analyze", "--docs", "3", "--max-tokens", "256", "--model"]).arg(model_path(name)).arg("--out").arg(d.path()).output().unwrap();
+    assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+    for f in ["layer_attractors", "layer_similarity", "attractor_tokens_bands", "attractor_tokens_layers", "distance_profile", "information_flow", "activation_correlation", "activation_quartiles", "sinks", "sinks_heads", "hidden_norm", "massive_activations"] {
+        assert!(attractors::plot::is_png(&d.path().join(format!("{f}.png"))), "{name}: {f}.png");
+        assert!(d.path().join(format!("{f}.svg")).exists(), "{name}: {f}.svg");
+    }
+    let csv = |f: &str| std::fs::read_to_string(d.path().join(f)).unwrap();
+    let la = csv("layer_attractors.csv");
+    let fr: Vec<f64> = la.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
+    assert_eq!(fr.len(), n_layer, "{name}");
+    assert!(fr.iter().all(|&f| f > 0.0 && f < 1.0), "{name}: {fr:?}");
+    let sims = csv("layer_similarity.csv");
+    assert_eq!(sims.lines().count(), 1 + n_layer * n_layer);
+    let shares: Vec<f64> = csv("sinks.csv").lines().skip(1).filter(|l| l.split(',').nth(1) == Some("mean")).map(|l| l.split(',').nth(2).unwrap().parse().unwrap()).collect();
+    assert!(shares.iter().any(|&s| s > 0.25), "{name}: no first-token sink: {shares:?}");
+    let significant = csv("activation_correlation.csv").lines().filter(|l| l.starts_with("activation,") && !l.split(',').nth(3).unwrap().is_empty()).count();
+    assert!(significant * 2 >= n_layer, "{name}: {significant} layers with a significant dimension");
+    let report = csv("report.md");
+    assert_eq!(report.matches("| **").count(), 3, "{name}: three claims with verdicts:\n{report}");
+    assert!(std::fs::read_to_string(d.path().join("report.html")).unwrap().contains("<svg"));
+}
+
+#[test]
+fn smollm2_analyze_produces_report() {
+    analyze(SMOL, 30);
+}
+
+#[test]
+fn gemma3_analyze_produces_report() {
+    analyze(GEMMA, 18);
+}
+
+#[test]
+fn smollm2_intervene_table_has_five_rows() {
+    let d = tempfile::tempdir().unwrap();
+    let o = bin().args(["intervene", "--max-tokens", "256", "--model"]).arg(model_path(SMOL)).arg("--out").arg(d.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(d.path().join("intervene.csv")).unwrap();
+    let rows: Vec<Vec<String>> = csv.lines().skip(1).map(|l| l.split(',').map(String::from).collect()).collect();
+    let kinds: Vec<(String, String)> = rows.iter().map(|r| (r[0].clone(), r[1].clone())).collect();
+    let want = [("none", "none"), ("zero", "correlated"), ("zero", "random"), ("random", "correlated"), ("random", "random")];
+    assert_eq!(kinds, want.map(|(a, b)| (a.to_string(), b.to_string())));
+    let ppl: Vec<f64> = rows.iter().map(|r| r[3].parse().unwrap()).collect();
+    assert!(ppl.iter().all(|p| p.is_finite() && *p > 1.0), "{ppl:?}");
+    assert!((ppl[1] - ppl[0]).abs() > 0.01 * ppl[0], "zeroing the correlated dimensions left perplexity at {} vs {}", ppl[1], ppl[0]);
+}

@@ -36,6 +36,14 @@ impl AttractorRule {
         }
     }
 
+    /// Short form for a CSV column: `relative c=1.2288` or `absolute tau=0.0003`.
+    pub fn short(&self) -> String {
+        match *self {
+            AttractorRule::Relative { c } => format!("relative c={c}"),
+            AttractorRule::Absolute { tau } => format!("absolute tau={tau}"),
+        }
+    }
+
     /// One line naming the rule, for file headers and metadata.
     pub fn describe(&self) -> String {
         match *self {

@@ -9,8 +9,10 @@ pub struct LayerActivation {
     pub median_abs: Vec<f32>,
     /// `(dim, |x|)` of the three largest magnitudes, largest first.
     pub top3: Vec<[(u32, f32); 3]>,
-    /// `values[pos * n_dims + k]` = `x[dims[k]]`.
+    /// `values[pos * n_dims + k]` = `x[dims[k]]` (every dimension with `all_dims`).
     pub values: Vec<f32>,
+    /// Per-head L2 norms `head_norm[pos * n_heads + g]` when `head_dim` is set.
+    pub head_norm: Vec<f32>,
     pub n_pos: usize,
 }
 
@@ -19,6 +21,10 @@ pub struct ActivationAcc {
     pub node: String,
     pub dims: Vec<usize>,
     pub width: usize,
+    /// Keep every dimension (then `dims` becomes `0..width` on the first row).
+    pub all_dims: bool,
+    /// Compute per-head norms over this many equal consecutive blocks of dimensions.
+    pub heads: Option<usize>,
     pub layers: Vec<Option<LayerActivation>>,
     #[serde(skip)]
     scratch: Vec<f32>,
@@ -26,7 +32,19 @@ pub struct ActivationAcc {
 
 impl ActivationAcc {
     pub fn new(node: &str, n_layer: usize, dims: Vec<usize>) -> ActivationAcc {
-        ActivationAcc { node: node.to_string(), dims, width: 0, layers: vec![None; n_layer], scratch: Vec::new() }
+        ActivationAcc { node: node.to_string(), dims, width: 0, all_dims: false, heads: None, layers: vec![None; n_layer], scratch: Vec::new() }
+    }
+
+    /// Forget all rows (keeps the configuration).
+    pub fn reset(&mut self) {
+        for l in &mut self.layers {
+            *l = None;
+        }
+    }
+
+    /// Number of kept dimensions per position.
+    pub fn n_dims(&self) -> usize {
+        self.dims.len()
     }
 
     /// Add the rows of one micro-batch: `data` row `i` (stride `row_stride` floats, width
@@ -36,7 +54,15 @@ impl ActivationAcc {
             return Err(format!("dimension {d} is out of range for node {}-{layer} of width {width}: pick dims below {width}", self.node));
         }
         self.width = width;
+        if self.all_dims && self.dims.len() != width {
+            self.dims = (0..width).collect();
+        }
         let nd = self.dims.len();
+        let (hd, n_heads) = match self.heads {
+            Some(h) if h > 0 && width % h == 0 => (width / h, h),
+            Some(h) => return Err(format!("node {}-{layer} of width {width} does not split into {h} heads", self.node)),
+            None => (width, 0),
+        };
         let la = self.layers[layer].get_or_insert_with(LayerActivation::default);
         for (i, &p) in queries.iter().enumerate() {
             let p = p as usize;
@@ -46,6 +72,7 @@ impl ActivationAcc {
                 la.median_abs.resize(p + 1, 0.0);
                 la.top3.resize(p + 1, [(0, 0.0); 3]);
                 la.values.resize((p + 1) * nd, 0.0);
+                la.head_norm.resize((p + 1) * n_heads, 0.0);
             }
             let row = &data[i * row_stride..i * row_stride + width];
             let mut ss = 0.0f64;
@@ -68,8 +95,16 @@ impl ActivationAcc {
             self.scratch.clear();
             self.scratch.extend(row.iter().map(|x| x.abs()));
             la.median_abs[p] = median_in_place(&mut self.scratch);
-            for (k, &d) in self.dims.iter().enumerate() {
-                la.values[p * nd + k] = row[d];
+            if self.all_dims {
+                la.values[p * nd..(p + 1) * nd].copy_from_slice(row);
+            } else {
+                for (k, &d) in self.dims.iter().enumerate() {
+                    la.values[p * nd + k] = row[d];
+                }
+            }
+            for g in 0..n_heads {
+                let ss: f64 = row[g * hd..(g + 1) * hd].iter().map(|&x| (x as f64) * (x as f64)).sum();
+                la.head_norm[p * n_heads + g] = ss.sqrt() as f32;
             }
         }
         Ok(())
@@ -130,5 +165,21 @@ mod tests {
         assert_eq!(la.median_abs[1], 3.0);
         assert_eq!(la.max_abs(), 4.0);
         assert!(acc.add(0, &data, 1, 4, &[0]).is_err());
+    }
+
+    #[test]
+    fn keeps_all_dims_and_head_norms() {
+        let mut acc = ActivationAcc::new("Vcur", 1, vec![]);
+        acc.all_dims = true;
+        acc.heads = Some(2);
+        // one row of width 4 = two heads of 2: (3, 4) and (0, -2)
+        acc.add(0, &[3.0, 4.0, 0.0, -2.0], 4, 4, &[0]).unwrap();
+        let la = acc.layers[0].as_ref().unwrap();
+        assert_eq!(la.values, vec![3.0, 4.0, 0.0, -2.0]);
+        assert_eq!(la.head_norm, vec![5.0, 2.0]);
+        acc.heads = Some(3);
+        assert!(acc.add(0, &[3.0, 4.0, 0.0, -2.0], 4, 4, &[0]).is_err());
+        acc.reset();
+        assert!(acc.layers[0].is_none());
     }
 }

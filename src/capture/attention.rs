@@ -35,6 +35,10 @@ pub struct LayerAttention {
     pub distance: Vec<f32>,
     /// Highest query position seen + 1.
     pub n_pos: usize,
+    /// Information flow row sums `sum_{j<i} mean_h A[h,i,j] ||v[g(h),j]||` per query `i`.
+    pub flow_row: Vec<f64>,
+    /// Full flow rows for queries `>= flow_pred_start`: `flow_pred[i - start][j]`, `j < i`.
+    pub flow_pred: Vec<Vec<f32>>,
 }
 
 /// Received attention for all layers, reduced as micro-batches arrive.
@@ -46,6 +50,8 @@ pub struct AttentionAcc {
     /// Position capacity (grows on demand).
     cap: usize,
     pub layers: Vec<Option<LayerAttention>>,
+    /// `(first prediction position, KV heads)` when information flow is on.
+    flow: Option<(usize, usize)>,
 }
 
 /// One cell's position, for the inner loop.
@@ -58,7 +64,36 @@ pub struct CellPos {
 impl AttentionAcc {
     pub fn new(n_layer: usize, n_head: usize, max_positions: usize, distance: bool) -> AttentionAcc {
         let n_buckets = distance_bucket(max_positions.max(2) - 1) + 1;
-        AttentionAcc { n_head, n_buckets, distance, cap: 0, layers: vec![None; n_layer] }
+        AttentionAcc { n_head, n_buckets, distance, cap: 0, layers: vec![None; n_layer], flow: None }
+    }
+
+    /// Accumulate the gradient-free information flow (needs value norms in `add`).
+    pub fn enable_flow(&mut self, pred_start: usize, n_head_kv: usize) {
+        self.flow = Some((pred_start, n_head_kv.max(1)));
+    }
+
+    pub fn flow_enabled(&self) -> bool {
+        self.flow.is_some()
+    }
+
+    pub fn flow_kv_heads(&self) -> Option<usize> {
+        self.flow.map(|f| f.1)
+    }
+
+    pub fn flow_pred_start(&self) -> Option<usize> {
+        self.flow.map(|f| f.0)
+    }
+
+    pub fn flow_bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|l| l.flow_row.len() * 8 + l.flow_pred.iter().map(|r| r.len() * 4).sum::<usize>()).sum()
+    }
+
+    /// Forget all accumulated attention (between documents).
+    pub fn reset(&mut self) {
+        for l in &mut self.layers {
+            *l = None;
+        }
+        self.cap = 0;
     }
 
     pub fn capacity(&self) -> usize {
@@ -88,8 +123,9 @@ impl AttentionAcc {
     }
 
     /// Add one micro-batch of one layer. `probs` is `kq_soft_max` (`[n_kv, n_tok, n_head]`),
-    /// `queries` the positions of its rows, `cells` the occupied cells with their positions.
-    pub fn add(&mut self, layer: usize, probs: &[f32], n_kv: usize, queries: &[i32], cells: &[CellPos]) {
+    /// `queries` the positions of its rows, `cells` the occupied cells with their positions,
+    /// `vnorm` the value norms `[pos * n_head_kv + g]` of this layer (information flow).
+    pub fn add(&mut self, layer: usize, probs: &[f32], n_kv: usize, queries: &[i32], cells: &[CellPos], vnorm: Option<&[f32]>) {
         let n_tok = queries.len();
         let max_q = queries.iter().copied().max().unwrap_or(0).max(0) as usize;
         if self.layers[layer].is_none() {
@@ -107,10 +143,42 @@ impl AttentionAcc {
         let n_head = self.n_head;
         let inv_h = 1.0 / n_head as f32;
         let distance = self.distance;
+        let flow = self.flow.filter(|_| vnorm.is_some());
         let la = self.layers[layer].as_mut().expect("layer allocated above");
         la.n_pos = la.n_pos.max(max_q + 1);
+        if flow.is_some() && la.flow_row.len() < max_q + 1 {
+            la.flow_row.resize(max_q + 1, 0.0);
+        }
         for (i, &q) in queries.iter().enumerate() {
             let q = q as usize;
+            if let (Some((start, n_kv_head)), Some(vn)) = (flow, vnorm) {
+                let group = (n_head / n_kv_head).max(1);
+                let pred = q >= start;
+                if pred && la.flow_pred.len() < q - start + 1 {
+                    la.flow_pred.resize(q - start + 1, Vec::new());
+                }
+                let mut row_sum = 0.0f64;
+                let mut pred_row = if pred { vec![0.0f32; q] } else { Vec::new() };
+                for h in 0..n_head {
+                    let g = h / group;
+                    let row = &probs[n_kv * (i + n_tok * h)..n_kv * (i + n_tok * h) + n_kv];
+                    for cp in cells {
+                        let a = row[cp.cell];
+                        if a == 0.0 || cp.pos >= q {
+                            continue;
+                        }
+                        let f = a * vn.get(cp.pos * n_kv_head + g).copied().unwrap_or(f32::NAN) * inv_h;
+                        row_sum += f as f64;
+                        if pred {
+                            pred_row[cp.pos] += f;
+                        }
+                    }
+                }
+                la.flow_row[q] = row_sum;
+                if pred {
+                    la.flow_pred[q - start] = pred_row;
+                }
+            }
             for h in 0..n_head {
                 let row = &probs[n_kv * (i + n_tok * h)..n_kv * (i + n_tok * h) + n_kv];
                 let rec = &mut la.received[h * cap..(h + 1) * cap];
@@ -159,6 +227,11 @@ pub struct AttentionSummary {
     pub distance: Vec<Vec<Vec<f32>>>,
     /// Layers that were captured.
     pub layers: Vec<usize>,
+    /// Information flow per layer (empty when off): row sums per query, and full rows
+    /// for queries from `flow_pred_start`.
+    pub flow_row: Vec<Vec<f64>>,
+    pub flow_pred: Vec<Vec<Vec<f32>>>,
+    pub flow_pred_start: Option<usize>,
 }
 
 impl AttentionSummary {
@@ -176,6 +249,9 @@ impl AttentionSummary {
             first_token_share: vec![],
             distance: vec![],
             layers: vec![],
+            flow_row: vec![],
+            flow_pred: vec![],
+            flow_pred_start: acc.flow_pred_start(),
         };
         for (l, la) in acc.layers.iter().enumerate() {
             let Some(la) = la else {
@@ -184,8 +260,12 @@ impl AttentionSummary {
                 s.alpha.push(vec![]);
                 s.first_token_share.push(f64::NAN);
                 s.distance.push(vec![]);
+                s.flow_row.push(vec![]);
+                s.flow_pred.push(vec![]);
                 continue;
             };
+            s.flow_row.push(la.flow_row.clone());
+            s.flow_pred.push(la.flow_pred.clone());
             s.layers.push(l);
             let mut rh = vec![vec![0.0; n_pos]; h];
             let mut al = vec![vec![0.0; n_pos]; h];
@@ -252,7 +332,7 @@ mod tests {
         // rows: query 0 -> [0,0,1]; query 1 -> [0,.4,.6]; query 2 -> [.2,.3,.5]
         let probs = [0.0, 0.0, 1.0, 0.0, 0.4, 0.6, 0.2, 0.3, 0.5];
         let mut acc = AttentionAcc::new(1, 1, 16, true);
-        acc.add(0, &probs, n_kv, &[0, 1, 2], &cells);
+        acc.add(0, &probs, n_kv, &[0, 1, 2], &cells, None);
         let s = AttentionSummary::from_acc(&acc, false);
         assert_eq!(s.n_pos, 3);
         let r = &s.received[0];
@@ -267,5 +347,22 @@ mod tests {
         assert!((s.distance[0][2][2] - 0.5).abs() < 1e-6);
         let with_self = AttentionSummary::from_acc(&acc, true);
         assert!((with_self.received[0][2] - 0.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn flow_weights_attention_by_value_norm() {
+        // 2 heads sharing 1 KV head; 2 tokens; value norms 2 (pos 0) and 10 (pos 1).
+        let cells = [CellPos { cell: 0, pos: 0 }, CellPos { cell: 1, pos: 1 }];
+        // head 0 rows: q0 [1,0], q1 [.5,.5]; head 1 rows: q0 [1,0], q1 [.25,.75]
+        let probs = [1.0, 0.0, 0.5, 0.5, 1.0, 0.0, 0.25, 0.75];
+        let mut acc = AttentionAcc::new(1, 2, 8, false);
+        acc.enable_flow(1, 1);
+        acc.add(0, &probs, 2, &[0, 1], &cells, Some(&[2.0, 10.0]));
+        let s = AttentionSummary::from_acc(&acc, false);
+        // I(1,0) = mean_h A[h,1,0] * 2 = (.5 + .25)/2 * 2 = 0.75; self excluded
+        assert!((s.flow_row[0][1] - 0.75).abs() < 1e-6);
+        assert_eq!(s.flow_row[0][0], 0.0);
+        assert_eq!(s.flow_pred[0].len(), 1);
+        assert!((s.flow_pred[0][0][0] - 0.75).abs() < 1e-6);
     }
 }

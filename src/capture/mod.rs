@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod attention;
 pub mod cells;
+pub mod intervene;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -34,6 +35,17 @@ pub struct CaptureConfig {
     pub dims: Vec<usize>,
     /// Layers to capture; `None` = all.
     pub layers: Option<Vec<usize>>,
+    /// Keep every dimension of the activation (for correlations), not only `dims`.
+    pub all_dims: bool,
+    /// Keys node (every dimension kept, per KV head), e.g. `Kcur@MUL_MAT` (before RoPE).
+    pub keys: Option<String>,
+    /// Values node (per-KV-head norms, for the gradient-free information flow), e.g. `Vcur`.
+    pub values: Option<String>,
+    /// Hidden-state node (norm, median, top-3 per position), e.g. `l_out`.
+    pub hidden: Option<String>,
+    /// Information flow `mean_h A[h,i,j] ||v[g(h),j]||`: per-query row sums, and full rows
+    /// for queries at or after this position (the prediction positions). Needs `values`.
+    pub flow_pred_start: Option<usize>,
 }
 
 impl Default for CaptureConfig {
@@ -45,6 +57,11 @@ impl Default for CaptureConfig {
             activation: Some(DEFAULT_ACTIVATION_NODE.into()),
             dims: vec![],
             layers: None,
+            all_dims: false,
+            keys: None,
+            values: None,
+            hidden: None,
+            flow_pred_start: None,
         }
     }
 }
@@ -56,7 +73,26 @@ pub fn split_node_name(name: &str) -> Option<(&str, usize)> {
 }
 
 const KIND_ATTN: usize = 0;
-const KIND_ACT: usize = 1;
+/// Activation roles; node kind = 1 + role.
+const ROLE_ACT: usize = 0;
+const ROLE_KEYS: usize = 1;
+const ROLE_VALUES: usize = 2;
+const ROLE_HIDDEN: usize = 3;
+const N_KINDS: usize = 5;
+
+/// One activation node being captured.
+struct ActNode {
+    name: String,
+    op: Option<String>,
+    acc: ActivationAcc,
+}
+
+fn parse_node(spec: &str) -> (String, Option<String>) {
+    match spec.split_once('@') {
+        Some((n, op)) => (n.to_string(), Some(op.to_uppercase())),
+        None => (spec.to_string(), None),
+    }
+}
 
 /// Which micro-batch of the current batch a node belongs to.
 #[derive(Debug, Default)]
@@ -64,7 +100,7 @@ struct Cursor {
     positions: Vec<i32>,
     start: usize,
     len: usize,
-    last_layer: [Option<usize>; 2],
+    last_layer: [Option<usize>; N_KINDS],
     ubatch_id: u64,
 }
 
@@ -72,10 +108,9 @@ struct State {
     n_layer: usize,
     layer_on: Vec<bool>,
     n_layers_on: usize,
-    act_name: Option<String>,
-    act_op: Option<String>,
     attention: Option<AttentionAcc>,
-    activation: Option<ActivationAcc>,
+    /// Indexed by role.
+    acts: [Option<ActNode>; 4],
     include_self: bool,
     /// 0: global cache, 1: sliding-window cache.
     maps: Vec<CellMap>,
@@ -101,6 +136,9 @@ pub struct CaptureHandle(Arc<Mutex<State>>);
 pub struct CaptureSummary {
     pub attention: Option<AttentionSummary>,
     pub activation: Option<ActivationAcc>,
+    pub keys: Option<ActivationAcc>,
+    pub values: Option<ActivationAcc>,
+    pub hidden: Option<ActivationAcc>,
     pub swa_layers: Vec<usize>,
     /// Activation nodes whose rows did not match the micro-batch (e.g. last-layer nodes
     /// computed only for output tokens), skipped.
@@ -121,13 +159,27 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         }
         layer_on[l] = true;
     }
-    let (act_name, act_op) = match &cfg.activation {
-        None => (None, None),
-        Some(s) => match s.split_once('@') {
-            Some((n, op)) => (Some(n.to_string()), Some(op.to_uppercase())),
-            None => (Some(s.clone()), None),
-        },
+    if cfg.flow_pred_start.is_some() && (cfg.values.is_none() || !cfg.attention) {
+        return Err("information flow needs attention and a values node (e.g. Vcur)".into());
+    }
+    let n_head_kv = model.n_head_kv();
+    let make = |spec: &Option<String>, dims: Vec<usize>, all: bool, heads: bool| {
+        spec.as_ref().map(|s| {
+            let (name, op) = parse_node(s);
+            let mut acc = ActivationAcc::new(&name, n_layer, dims);
+            acc.all_dims = all;
+            if heads {
+                acc.heads = Some(n_head_kv);
+            }
+            ActNode { name, op, acc }
+        })
     };
+    let acts = [
+        make(&cfg.activation, cfg.dims.clone(), cfg.all_dims, false),
+        make(&cfg.keys, vec![], true, false),
+        make(&cfg.values, vec![], false, true),
+        make(&cfg.hidden, vec![], false, false),
+    ];
     let n_swa = model.n_swa() as i32;
     let mut maps = vec![CellMap::new(None)];
     let mut map_of_layer = vec![0; n_layer];
@@ -142,10 +194,14 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         n_layer,
         n_layers_on: layer_on.iter().filter(|&&b| b).count(),
         layer_on,
-        attention: cfg.attention.then(|| AttentionAcc::new(n_layer, model.n_head(), max_positions, cfg.distance)),
-        activation: act_name.as_ref().map(|n| ActivationAcc::new(n, n_layer, cfg.dims.clone())),
-        act_name,
-        act_op,
+        attention: cfg.attention.then(|| {
+            let mut a = AttentionAcc::new(n_layer, model.n_head(), max_positions, cfg.distance);
+            if let Some(p) = cfg.flow_pred_start {
+                a.enable_flow(p, model.n_head_kv());
+            }
+            a
+        }),
+        acts,
         include_self: cfg.include_self,
         maps,
         map_of_layer,
@@ -166,7 +222,10 @@ impl CaptureHandle {
         let s = lock(&self.0);
         CaptureSummary {
             attention: s.attention.as_ref().map(|a| AttentionSummary::from_acc(a, s.include_self)),
-            activation: s.activation.clone(),
+            activation: s.acts[ROLE_ACT].as_ref().map(|a| a.acc.clone()),
+            keys: s.acts[ROLE_KEYS].as_ref().map(|a| a.acc.clone()),
+            values: s.acts[ROLE_VALUES].as_ref().map(|a| a.acc.clone()),
+            hidden: s.acts[ROLE_HIDDEN].as_ref().map(|a| a.acc.clone()),
             swa_layers: s.swa_layers.clone(),
             skipped_nodes: s.skipped_nodes.clone(),
         }
@@ -181,16 +240,54 @@ impl CaptureHandle {
                 b += (l.received.len() + l.self_attn.len()) * 8 + l.distance.len() * 4;
             }
         }
-        if let Some(a) = &s.activation {
-            for l in a.layers.iter().flatten() {
-                b += (l.norm.len() + l.median_abs.len() + l.values.len()) * 4 + l.top3.len() * 24;
+        if let Some(a) = &s.attention {
+            b += a.flow_bytes();
+        }
+        for a in s.acts.iter().flatten() {
+            for l in a.acc.layers.iter().flatten() {
+                b += (l.norm.len() + l.median_abs.len() + l.values.len() + l.head_norm.len()) * 4 + l.top3.len() * 24;
             }
         }
         b
     }
+
+    /// Set the first prediction position of the information flow (per document).
+    pub fn set_flow_pred_start(&self, start: usize) {
+        let mut s = lock(&self.0);
+        if let Some(a) = &mut s.attention {
+            if let Some(nkv) = a.flow_kv_heads() {
+                a.enable_flow(start, nkv);
+            }
+        }
+    }
+
+    /// Forget everything accumulated (between documents); cell maps follow the context.
+    pub fn reset(&self) {
+        let mut s = lock(&self.0);
+        if let Some(a) = &mut s.attention {
+            a.reset();
+        }
+        for a in s.acts.iter_mut().flatten() {
+            a.acc.reset();
+        }
+        s.skipped_nodes.clear();
+    }
 }
 
 impl State {
+    /// Which activation role a node (name prefix, op) is captured for.
+    fn role_of(&self, prefix: &str, op: &str) -> Option<usize> {
+        self.acts.iter().position(|a| {
+            a.as_ref().is_some_and(|a| {
+                a.name == prefix
+                    && match &a.op {
+                        Some(o) => op == o,
+                        None => !matches!(op, "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE"),
+                    }
+            })
+        })
+    }
+
     /// Locate the micro-batch of a node of `kind` at `layer` with `n_rows` rows.
     fn locate(&mut self, kind: usize, layer: usize, n_rows: usize, name: &str) -> Result<Option<(usize, usize)>, String> {
         let c = &mut self.cursor;
@@ -209,7 +306,7 @@ impl State {
         if new_ubatch {
             c.start += c.len;
             c.len = 0;
-            c.last_layer = [None, None];
+            c.last_layer = [None; N_KINDS];
             c.ubatch_id += 1;
         }
         c.last_layer[kind] = Some(layer);
@@ -217,7 +314,7 @@ impl State {
             c.len = n_rows;
         }
         if n_rows != c.len {
-            if kind == KIND_ACT {
+            if kind != KIND_ATTN {
                 // Rows only for output tokens (last-layer nodes): not per position.
                 if !self.skipped_nodes.iter().any(|s| s == name) {
                     self.skipped_nodes.push(name.to_string());
@@ -257,11 +354,18 @@ impl State {
         }
         let probs = t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
         let queries = &self.cursor.positions[start..start + len];
-        acc.add(layer, probs, n_kv, queries, &self.map_cells[g]);
+        let vnorm = match (&self.acts[ROLE_VALUES], acc.flow_enabled()) {
+            (Some(v), true) => {
+                let la = v.acc.layers[layer].as_ref().ok_or_else(|| format!("{}: no value norms captured for layer {layer}", t.name()))?;
+                Some(la.head_norm.as_slice())
+            }
+            _ => None,
+        };
+        acc.add(layer, probs, n_kv, queries, &self.map_cells[g], vnorm);
         Ok(())
     }
 
-    fn observe_activation(&mut self, layer: usize, t: &TensorView) -> Result<(), String> {
+    fn observe_activation(&mut self, role: usize, layer: usize, t: &TensorView) -> Result<(), String> {
         let [w0, w1, w2, w3] = t.ne();
         let nb = t.nb();
         // [width, tokens], or per-head [head_dim, heads, tokens] with heads packed contiguously.
@@ -276,10 +380,10 @@ impl State {
         } else {
             (w0, w1, nb[1] / 4)
         };
-        let Some((start, len)) = self.locate(KIND_ACT, layer, n_rows, t.name())? else { return Ok(()) };
+        let Some((start, len)) = self.locate(1 + role, layer, n_rows, t.name())? else { return Ok(()) };
         let data = t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
         let queries = &self.cursor.positions[start..start + len];
-        self.activation.as_mut().expect("activation node asked only when capturing").add(layer, data, width, stride, queries)
+        self.acts[role].as_mut().expect("activation node asked only when capturing").acc.add(layer, data, width, stride, queries)
     }
 }
 
@@ -296,13 +400,7 @@ impl EvalHook for CaptureHook {
         if prefix == ATTENTION_NODE && s.attention.is_some() {
             return node.op == "SOFT_MAX";
         }
-        if s.act_name.as_deref() == Some(prefix) {
-            return match &s.act_op {
-                Some(op) => node.op == op,
-                None => !matches!(node.op, "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE"),
-            };
-        }
-        false
+        s.role_of(prefix, node.op).is_some()
     }
 
     fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
@@ -310,8 +408,10 @@ impl EvalHook for CaptureHook {
         let mut s = lock(&self.0);
         let r = if prefix == ATTENTION_NODE && t.is_softmax() {
             s.observe_attention(layer, t)
+        } else if let Some(role) = s.role_of(prefix, t.op_name()) {
+            s.observe_activation(role, layer, t)
         } else {
-            s.observe_activation(layer, t)
+            Ok(())
         };
         r.map_err(HookError)
     }

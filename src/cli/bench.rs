@@ -8,7 +8,7 @@ use crate::capture::{new_capture, sliding_window_layers, CaptureConfig};
 use crate::ffi::{Context, ContextParams, EvalHook, FlashAttn, KvType};
 use crate::session::feed;
 
-fn peak_rss_mb() -> f64 {
+pub fn peak_rss_mb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
         .find(|l| l.starts_with("VmHWM:"))

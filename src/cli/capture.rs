@@ -6,6 +6,7 @@ use serde_json::json;
 
 use super::{common, CaptureArgs};
 use crate::analysis::attractors::{attractor_flags, sink_rate, AttractorRule, SINK_EPS};
+use crate::analysis::distance::{add_profile, DistanceGroup};
 use crate::capture::attention::bucket_range;
 use crate::capture::{new_capture, sliding_window_layers, CaptureConfig, CaptureSummary};
 use crate::ffi::{Context, FlashAttn, Model};
@@ -29,6 +30,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
         activation: (a.activation != "none").then(|| a.activation.clone()),
         dims: a.dims.clone(),
         layers: (!a.layers.is_empty()).then(|| a.layers.clone()),
+        ..CaptureConfig::default()
     };
     eprintln!("capture: flash attention is off (needed to see attention weights)");
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
@@ -135,32 +137,16 @@ impl Tables {
                 .unwrap_or_default();
             let _ = writeln!(layers, "{l},{:.9},{:.6},{:.6},{mx},{md}", att.first_token_share[l], sink_rate(&alpha0, SINK_EPS), frac);
             if !att.distance[l].is_empty() {
-                let nb = att.distance[l][0].len();
-                // sums and key counts per bucket over all / attractor / other queries
-                let mut s = vec![[0.0f64; 3]; nb];
-                let mut c = vec![[0usize; 3]; nb];
-                for i in 0..n {
-                    let g = if flags[i] { 1 } else { 2 };
-                    for b in 0..nb {
-                        let (lo, hi) = bucket_range(b);
-                        if lo > i {
-                            break;
-                        }
-                        let keys = hi.min(i) - lo + 1;
-                        let v = att.distance[l][i][b] as f64;
-                        for k in [0, g] {
-                            s[b][k] += v;
-                            c[b][k] += keys;
-                        }
-                    }
-                }
-                for b in 0..nb {
-                    if c[b][0] == 0 {
+                let (mut ga, mut go, mut all) = (DistanceGroup::default(), DistanceGroup::default(), DistanceGroup::default());
+                add_profile(&att.distance[l], &flags, &mut ga, &mut go);
+                add_profile(&att.distance[l], &[], &mut DistanceGroup::default(), &mut all);
+                for b in 0..all.sum.len() {
+                    if all.n[b] == 0.0 {
                         break;
                     }
                     let (lo, hi) = bucket_range(b);
-                    let m = |k: usize| if c[b][k] > 0 { format!("{:.9e}", s[b][k] / c[b][k] as f64) } else { String::new() };
-                    let _ = writeln!(distance, "{l},{b},{lo},{hi},{},{},{}", m(0), m(1), m(2));
+                    let m = |g: &DistanceGroup| if g.mean(b).is_finite() { format!("{:.9e}", g.mean(b)) } else { String::new() };
+                    let _ = writeln!(distance, "{l},{b},{lo},{hi},{},{},{}", m(&all), m(&ga), m(&go));
                 }
             }
         }

@@ -1,9 +1,11 @@
 //! Command line: clap parses into plain structs; each command is a thin function.
 
+mod analyze;
 mod bench;
 mod capture;
 pub mod common;
 mod info;
+mod intervene;
 mod perplexity;
 
 use std::path::PathBuf;
@@ -30,6 +32,11 @@ pub enum Command {
     Info(InfoArgs),
     /// Prefill a text with attention and activation capture; write CSV tables and meta.json.
     Capture(CaptureArgs),
+    /// Every analysis of the paper over a corpus: CSV tables, PNG/SVG figures, report.md/html.
+    Analyze(AnalyzeArgs),
+    /// Perplexity with the most attention-correlated dimension of every layer zeroed or
+    /// randomised, against a random-dimension control (App. A.3).
+    Intervene(InterveneArgs),
     /// Mean next-token NLL and perplexity of a text.
     Perplexity(PerplexityArgs),
     /// Benchmarks that print ratios measured in one run.
@@ -120,6 +127,84 @@ pub struct CaptureArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct AnalyzeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Plain-text files or directories of them (default: Moby-Dick, data/moby-dick.txt).
+    #[arg(long, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Number of documents to analyse.
+    #[arg(long, default_value_t = 20)]
+    pub docs: usize,
+    /// Tokens per document, T (default: the model's context, at most 4096).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Documents shorter than this many tokens are skipped (and counted).
+    #[arg(long, default_value_t = 128)]
+    pub min_tokens: usize,
+    /// One document per file (its first T tokens) instead of consecutive T-token pieces.
+    #[arg(long)]
+    pub truncate: bool,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/analyze")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Count a token's attention to itself in received attention.
+    #[arg(long)]
+    pub include_self: bool,
+    /// Absolute attractor threshold (the paper's 0.0003); default is the relative rule c/T.
+    #[arg(long, conflicts_with = "c")]
+    pub tau: Option<f64>,
+    /// Relative attractor rule constant: share >= c/T.
+    #[arg(long)]
+    pub c: Option<f64>,
+    /// Activation correlated with received attention.
+    #[arg(long, default_value = "attn_norm")]
+    pub activation: String,
+    /// Keys node before RoPE (default: Kcur@MUL_MAT; Kcur_normed for Gemma); `none` to skip.
+    #[arg(long)]
+    pub keys_node: Option<String>,
+    /// Values node (its per-head norms weight the information flow).
+    #[arg(long, default_value = "Vcur")]
+    pub values_node: String,
+    /// Hidden-state node for norms and massive activations; `none` to skip.
+    #[arg(long, default_value = "l_out")]
+    pub hidden_node: String,
+    /// Prediction positions for the information flow: the last N tokens of each document.
+    #[arg(long, default_value_t = 128)]
+    pub pred_tokens: usize,
+    /// Afterwards, prefill the same documents without a callback and print the time ratio
+    /// and the analysis's peak memory.
+    #[arg(long)]
+    pub bench: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InterveneArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub text: TextArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// zero, random (Gaussian with the dimension's mean and std) or both.
+    #[arg(long, default_value = "both")]
+    pub mode: String,
+    /// correlated (the most correlated dimension per layer), random (control) or both.
+    #[arg(long, default_value = "both")]
+    pub dims: String,
+    /// Activation node edited (and correlated).
+    #[arg(long, default_value = "attn_norm")]
+    pub node: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write intervene.csv, intervene.md and meta.json here.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -170,6 +255,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Capture(a) => capture::run(a),
+        Command::Analyze(a) => analyze::run(a),
+        Command::Intervene(a) => intervene::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Bench(BenchCommand::Capture(a)) => bench::run_capture(a),
     }

@@ -1,0 +1,153 @@
+//! The paper's claims, checked against one run's numbers with fixed, stated rules.
+
+use serde::Serialize;
+
+use super::tokens::layer_bands;
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Replicated,
+    Partly,
+    #[serde(rename = "not replicated")]
+    NotReplicated,
+    Undetermined,
+}
+
+impl Verdict {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Replicated => "replicated",
+            Verdict::Partly => "partly",
+            Verdict::NotReplicated => "not replicated",
+            Verdict::Undetermined => "undetermined",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Claim {
+    pub claim: String,
+    pub rule: String,
+    pub finding: String,
+    pub verdict: Verdict,
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (mut s, mut n) = (0.0, 0);
+    for x in v.filter(|x| x.is_finite()) {
+        s += x;
+        n += 1;
+    }
+    if n == 0 {
+        f64::NAN
+    } else {
+        s / n as f64
+    }
+}
+
+/// Fig. 4: attractors concentrate in the first layers, fall off, re-appear in the middle.
+pub fn layer_profile_claim(frac: &[f64]) -> Claim {
+    let n = frac.len();
+    let [(_, shallow), (_, middle), _] = layer_bands(n);
+    let rule = "early: mean of layers 0-2 >= 1.25 x mean of all layers; re-appearance: the middle third's highest \
+                fraction >= 1.25 x the lowest fraction between layer 3 and that layer"
+        .to_string();
+    if n < 6 || frac.iter().all(|f| !f.is_finite()) {
+        return Claim { claim: "attractors concentrated in early layers, then re-appearing in middle layers".into(), rule, finding: "too few layers".into(), verdict: Verdict::Undetermined };
+    }
+    let all = mean(frac.iter().copied());
+    let early = mean(frac[..3].iter().copied());
+    let early_ok = early >= 1.25 * all;
+    let (peak_l, peak) = middle.clone().map(|l| (l, frac[l])).filter(|p| p.1.is_finite()).fold((0, f64::NEG_INFINITY), |a, b| if b.1 > a.1 { b } else { a });
+    let trough_range = 3.min(peak_l)..peak_l.max(3);
+    let (trough_l, trough) = trough_range.map(|l| (l, frac[l])).filter(|p| p.1.is_finite()).fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
+    let re_ok = peak.is_finite() && trough.is_finite() && peak >= 1.25 * trough;
+    let finding = format!(
+        "mean fraction {all:.3}; layers 0-2 {early:.3} ({:.2}x); shallow third (layers {}-{}) {:.3}; lowest after layer 2: {trough:.3} at layer {trough_l}; \
+         highest in the middle third: {peak:.3} at layer {peak_l} ({:.2}x that low)",
+        early / all,
+        shallow.start,
+        shallow.end - 1,
+        mean(frac[shallow.clone()].iter().copied()),
+        peak / trough
+    );
+    let verdict = match (early_ok, re_ok) {
+        (true, true) => Verdict::Replicated,
+        (false, false) => Verdict::NotReplicated,
+        _ => Verdict::Partly,
+    };
+    Claim { claim: "attractors concentrated in early layers, then re-appearing in middle layers".into(), rule, finding, verdict }
+}
+
+/// Fig. 6: shallow-layer attractors are dominated by low-semantic tokens.
+pub fn low_semantic_claim(shallow: f64, middle: f64, deep: f64, base: f64, top_shallow: &[String]) -> Claim {
+    let rule = "low-semantic = whitespace, punctuation or an English function word; replicated when more than half of \
+                shallow-layer attractors are low-semantic and that share exceeds the corpus rate by >= 5 points"
+        .to_string();
+    let finding = format!(
+        "low-semantic share of attractors: shallow {:.1}%, middle {:.1}%, deep {:.1}%; of all tokens {:.1}%; top shallow attractors: {}",
+        shallow * 100.0,
+        middle * 100.0,
+        deep * 100.0,
+        base * 100.0,
+        top_shallow.join(" ")
+    );
+    let verdict = if !shallow.is_finite() || !base.is_finite() {
+        Verdict::Undetermined
+    } else if shallow > 0.5 && shallow >= base + 0.05 {
+        Verdict::Replicated
+    } else if shallow > 0.5 || shallow >= base + 0.05 {
+        Verdict::Partly
+    } else {
+        Verdict::NotReplicated
+    };
+    Claim { claim: "shallow-layer attractors are dominated by low-semantic tokens".into(), rule, finding, verdict }
+}
+
+/// Fig. 8: received attention correlates with a single dimension more strongly in shallow layers.
+pub fn correlation_claim(best_abs_rho: &[f64]) -> Claim {
+    let n = best_abs_rho.len();
+    let [(_, s), (_, m), (_, d)] = layer_bands(n);
+    let (ms, mm, md) = (mean(best_abs_rho[s].iter().copied()), mean(best_abs_rho[m].iter().copied()), mean(best_abs_rho[d].iter().copied()));
+    let rule = "mean over layers of the largest significant |rho| (p < 0.05); replicated when the shallow third's mean exceeds both \
+                the middle and the deep third's by at least 0.02; partly when it exceeds one of them so"
+        .to_string();
+    let finding = format!("mean max |rho|: shallow {ms:.3}, middle {mm:.3}, deep {md:.3}");
+    let verdict = if !ms.is_finite() {
+        Verdict::Undetermined
+    } else {
+        match ((ms >= mm + 0.02) || !mm.is_finite(), (ms >= md + 0.02) || !md.is_finite()) {
+            (true, true) => Verdict::Replicated,
+            (false, false) => Verdict::NotReplicated,
+            _ => Verdict::Partly,
+        }
+    };
+    Claim { claim: "attention correlates with a single activation dimension more strongly in shallow layers".into(), rule, finding, verdict }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_profile_verdicts() {
+        // 9 layers: high early, dip, rise in the middle third (layers 3-5)
+        let f = [0.6, 0.5, 0.4, 0.1, 0.2, 0.3, 0.1, 0.1, 0.1];
+        assert_eq!(layer_profile_claim(&f).verdict, Verdict::Replicated);
+        let flat = [0.3; 9];
+        assert_eq!(layer_profile_claim(&flat).verdict, Verdict::NotReplicated);
+        let early_only = [0.9, 0.8, 0.7, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1];
+        assert_eq!(layer_profile_claim(&early_only).verdict, Verdict::Partly);
+    }
+
+    #[test]
+    fn other_verdicts() {
+        assert_eq!(low_semantic_claim(0.7, 0.5, 0.4, 0.45, &[]).verdict, Verdict::Replicated);
+        assert_eq!(low_semantic_claim(0.4, 0.5, 0.4, 0.45, &[]).verdict, Verdict::NotReplicated);
+        assert_eq!(correlation_claim(&[0.9, 0.8, 0.7, 0.5, 0.4, 0.3]).verdict, Verdict::Replicated);
+        assert_eq!(correlation_claim(&[0.1, 0.1, 0.7, 0.5, 0.4, 0.3]).verdict, Verdict::NotReplicated);
+        // a difference below 0.02 does not count
+        assert_eq!(correlation_claim(&[0.56, 0.56, 0.526, 0.526, 0.55, 0.55]).verdict, Verdict::Partly);
+    }
+}

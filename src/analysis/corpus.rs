@@ -1,0 +1,241 @@
+//! Every analysis of the paper, accumulated document by document from capture summaries.
+//! Per document: attractor sets per layer (the rule of `attractors.rs`), then each
+//! analysis adds that document's contribution; averages are over documents.
+
+use serde::Serialize;
+
+use super::attractors::{attractor_flags, sink_rate, AttractorRule};
+use super::correlation::correlate_dims;
+use super::distance::{add_profile, DistanceGroup};
+use super::flow::{flow_scores, FlowScores};
+use super::similarity::{jaccard, Mean};
+use super::stats::{correlation_p, fisher_combine};
+use super::tokens::TokenCounts;
+use crate::capture::CaptureSummary;
+
+/// Per-layer, per-dimension correlation parts over documents.
+#[derive(Debug, Clone, Default)]
+pub struct DimCorr {
+    /// `(rho, n)` per document.
+    pub parts: Vec<(f64, usize)>,
+    /// Quartile-group sums of the target, and documents counted.
+    pub quart: [f64; 4],
+    pub quart_n: [u64; 4],
+}
+
+impl DimCorr {
+    fn add(&mut self, rho: f64, n: usize, q: [f64; 4]) {
+        self.parts.push((rho, n));
+        for g in 0..4 {
+            if q[g].is_finite() {
+                self.quart[g] += q[g];
+                self.quart_n[g] += 1;
+            }
+        }
+    }
+
+    /// `(rho, p, n)`: one document: Spearman with its t-test p; several: Fisher-combined.
+    pub fn combined(&self) -> (f64, f64, usize) {
+        if let [(r, n)] = self.parts[..] {
+            return (r, correlation_p(r, n), n);
+        }
+        fisher_combine(&self.parts)
+    }
+
+    pub fn quartiles(&self) -> [f64; 4] {
+        std::array::from_fn(|g| if self.quart_n[g] > 0 { self.quart[g] / self.quart_n[g] as f64 } else { f64::NAN })
+    }
+}
+
+/// One layer's massive-activation record over documents.
+#[derive(Debug, Clone, Default)]
+pub struct MassiveAcc {
+    /// Three largest |x| seen: `(|x|, doc, position, dim)`.
+    pub top: Vec<(f32, usize, usize, u32)>,
+    pub median: Mean,
+}
+
+/// Corpus-level accumulators.
+#[derive(Debug, Clone)]
+pub struct CorpusAcc {
+    pub rule: AttractorRule,
+    pub sink_eps: f64,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_docs: usize,
+    pub n_tokens: usize,
+    pub attractor_fraction: Vec<Mean>,
+    pub attractor_count: Vec<u64>,
+    pub jaccard: Vec<Vec<Mean>>,
+    pub tokens: Vec<TokenCounts>,
+    pub distance: Vec<(DistanceGroup, DistanceGroup)>,
+    pub flow: Vec<[Mean; 4]>,
+    pub flow_on: bool,
+    pub corr: Vec<Vec<DimCorr>>,
+    /// `[l][g][d]` on keys, target: mean received of the group's query heads.
+    pub key_corr: Vec<Vec<Vec<DimCorr>>>,
+    pub first_share: Vec<Mean>,
+    pub sink_rate: Vec<Mean>,
+    /// `alpha[l,h,0]` mean over documents, and the fraction of documents above eps.
+    pub alpha0_head: Vec<Vec<Mean>>,
+    pub sink_head: Vec<Vec<Mean>>,
+    /// Hidden-state norm `[l][pos]`.
+    pub hidden_norm: Vec<Vec<Mean>>,
+    pub massive: Vec<MassiveAcc>,
+}
+
+impl CorpusAcc {
+    pub fn new(rule: AttractorRule, sink_eps: f64, n_layer: usize, n_head: usize, n_head_kv: usize) -> CorpusAcc {
+        CorpusAcc {
+            rule,
+            sink_eps,
+            n_layer,
+            n_head,
+            n_head_kv,
+            n_docs: 0,
+            n_tokens: 0,
+            attractor_fraction: vec![Mean::default(); n_layer],
+            attractor_count: vec![0; n_layer],
+            jaccard: vec![vec![Mean::default(); n_layer]; n_layer],
+            tokens: vec![TokenCounts::default(); n_layer],
+            distance: vec![Default::default(); n_layer],
+            flow: vec![[Mean::default(); 4]; n_layer],
+            flow_on: false,
+            corr: vec![vec![]; n_layer],
+            key_corr: vec![vec![]; n_layer],
+            first_share: vec![Mean::default(); n_layer],
+            sink_rate: vec![Mean::default(); n_layer],
+            alpha0_head: vec![vec![Mean::default(); n_head]; n_layer],
+            sink_head: vec![vec![Mean::default(); n_head]; n_layer],
+            hidden_norm: vec![vec![]; n_layer],
+            massive: vec![MassiveAcc::default(); n_layer],
+        }
+    }
+
+    /// Attractor flags of every layer of one document (empty for layers not captured).
+    pub fn flags(&self, s: &CaptureSummary) -> Vec<Vec<bool>> {
+        let Some(att) = &s.attention else { return vec![vec![]; self.n_layer] };
+        (0..self.n_layer).map(|l| att.received.get(l).map(|r| if r.is_empty() { vec![] } else { attractor_flags(r, self.rule) }).unwrap_or_default()).collect()
+    }
+
+    /// Add one document: its capture summary and its token strings.
+    pub fn add_document(&mut self, s: &CaptureSummary, tokens: &[String]) -> Result<(), String> {
+        let att = s.attention.as_ref().ok_or("analysis needs the attention capture")?;
+        if att.n_pos != tokens.len() {
+            return Err(format!("capture saw {} positions, the document has {} tokens", att.n_pos, tokens.len()));
+        }
+        let flags = self.flags(s);
+        let t = tokens.len();
+        self.n_docs += 1;
+        self.n_tokens += t;
+        let doc = self.n_docs - 1;
+        for l in 0..self.n_layer {
+            if flags[l].is_empty() {
+                continue;
+            }
+            let n_attr = flags[l].iter().filter(|&&b| b).count();
+            self.attractor_fraction[l].add(n_attr as f64 / t as f64);
+            self.attractor_count[l] += n_attr as u64;
+            for m in 0..self.n_layer {
+                if !flags[m].is_empty() {
+                    self.jaccard[l][m].add(jaccard(&flags[l], &flags[m]));
+                }
+            }
+            self.tokens[l].add(&flags[l], tokens);
+            if !att.distance[l].is_empty() {
+                let (a, o) = &mut self.distance[l];
+                add_profile(&att.distance[l], &flags[l], a, o);
+            }
+            if let (Some(start), false) = (att.flow_pred_start, att.flow_row[l].is_empty()) {
+                self.flow_on = true;
+                let f: FlowScores = flow_scores(&att.flow_row[l], start, &att.flow_pred[l], &flags[l]);
+                for (k, v) in [f.s_wa, f.s_ww, f.s_ap, f.s_wp].into_iter().enumerate() {
+                    self.flow[l][k].add(v);
+                }
+            }
+            self.first_share[l].add(att.first_token_share[l]);
+            let a0: Vec<f64> = att.alpha[l].iter().map(|row| row[0]).collect();
+            self.sink_rate[l].add(sink_rate(&a0, self.sink_eps));
+            for (h, &a) in a0.iter().enumerate() {
+                self.alpha0_head[l][h].add(a);
+                self.sink_head[l][h].add((a > self.sink_eps) as u8 as f64);
+            }
+            // Activations against received attention.
+            if let Some(la) = s.activation.as_ref().and_then(|a| a.layers[l].as_ref()) {
+                let nd = s.activation.as_ref().map(|a| a.n_dims()).unwrap_or(0);
+                if nd > 0 && la.n_pos == t {
+                    let r = correlate_dims(&la.values, nd, t, 0..nd, &att.received[l]);
+                    if self.corr[l].is_empty() {
+                        self.corr[l] = vec![DimCorr::default(); nd];
+                    }
+                    for (d, (rho, q)) in r.into_iter().enumerate() {
+                        self.corr[l][d].add(rho, t, q);
+                    }
+                }
+            }
+            if let Some(lk) = s.keys.as_ref().and_then(|a| a.layers[l].as_ref()) {
+                let nd = s.keys.as_ref().map(|a| a.n_dims()).unwrap_or(0);
+                let g_n = self.n_head_kv.max(1);
+                if nd > 0 && nd % g_n == 0 && lk.n_pos == t {
+                    let hd = nd / g_n;
+                    let per = (self.n_head / g_n).max(1);
+                    if self.key_corr[l].is_empty() {
+                        self.key_corr[l] = vec![vec![DimCorr::default(); hd]; g_n];
+                    }
+                    for g in 0..g_n {
+                        let target: Vec<f64> = (0..t).map(|j| (g * per..(g + 1) * per).map(|h| att.received_head[l][h][j]).sum::<f64>() / per as f64).collect();
+                        let r = correlate_dims(&lk.values, nd, t, g * hd..(g + 1) * hd, &target);
+                        for (d, (rho, q)) in r.into_iter().enumerate() {
+                            self.key_corr[l][g][d].add(rho, t, q);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(h) = &s.hidden {
+            for l in 0..self.n_layer {
+                let Some(lh) = h.layers[l].as_ref() else { continue };
+                let hn = &mut self.hidden_norm[l];
+                if hn.len() < lh.n_pos {
+                    hn.resize(lh.n_pos, Mean::default());
+                }
+                for (p, &v) in lh.norm.iter().enumerate() {
+                    hn[p].add(v as f64);
+                }
+                let m = &mut self.massive[l];
+                m.median.add(lh.median_of_medians() as f64);
+                for (p, t3) in lh.top3.iter().enumerate() {
+                    for &(d, v) in t3 {
+                        m.top.push((v, doc, p, d));
+                    }
+                }
+                m.top.sort_by(|a, b| b.0.total_cmp(&a.0));
+                m.top.truncate(3);
+            }
+        }
+        Ok(())
+    }
+
+    /// Layers that saw at least one document.
+    pub fn layers(&self) -> Vec<usize> {
+        (0..self.n_layer).filter(|&l| self.attractor_fraction[l].n > 0).collect()
+    }
+}
+
+/// A finished per-layer correlation result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BestDim {
+    pub dim: usize,
+    pub rho: f64,
+    pub p: f64,
+    pub n: usize,
+    pub quartiles: [f64; 4],
+}
+
+/// Best significant dimension among `dims` (`None` when none has p < 0.05).
+pub fn best_of(dims: &[DimCorr]) -> Option<BestDim> {
+    let rp: Vec<(f64, f64, usize)> = dims.iter().map(|d| d.combined()).collect();
+    let pairs: Vec<(f64, f64)> = rp.iter().map(|&(r, p, _)| (r, p)).collect();
+    super::correlation::best_dimension(&pairs).map(|(d, rho, p)| BestDim { dim: d, rho, p, n: rp[d].2, quartiles: dims[d].quartiles() })
+}
