@@ -130,6 +130,30 @@ impl CorpusAcc {
         self.n_docs += 1;
         self.n_tokens += t;
         let doc = self.n_docs - 1;
+        let (n_head, g_n) = (self.n_head, self.n_head_kv.max(1));
+        let mut act_corr: Vec<Option<Vec<(f64, [f64; 4])>>> = par_map(self.n_layer, |l| {
+            let a = s.activation.as_ref()?;
+            let la = a.layers[l].as_ref()?;
+            let nd = a.n_dims();
+            (nd > 0 && la.n_pos == t && !att.received[l].is_empty()).then(|| correlate_dims(&la.values, nd, t, 0..nd, &att.received[l]))
+        });
+        let mut key_corr: Vec<Option<Vec<Vec<(f64, [f64; 4])>>>> = par_map(self.n_layer, |l| {
+            let k = s.keys.as_ref()?;
+            let lk = k.layers[l].as_ref()?;
+            let nd = k.n_dims();
+            if nd == 0 || nd % g_n != 0 || lk.n_pos != t || att.received_head[l].is_empty() {
+                return None;
+            }
+            let (hd, per) = (nd / g_n, (n_head / g_n).max(1));
+            Some(
+                (0..g_n)
+                    .map(|g| {
+                        let target: Vec<f64> = (0..t).map(|j| (g * per..(g + 1) * per).map(|h| att.received_head[l][h][j]).sum::<f64>() / per as f64).collect();
+                        correlate_dims(&lk.values, nd, t, g * hd..(g + 1) * hd, &target)
+                    })
+                    .collect(),
+            )
+        });
         for l in 0..self.n_layer {
             if flags[l].is_empty() {
                 continue;
@@ -161,34 +185,22 @@ impl CorpusAcc {
                 self.alpha0_head[l][h].add(a);
                 self.sink_head[l][h].add((a > self.sink_eps) as u8 as f64);
             }
-            // Activations against received attention.
-            if let Some(la) = s.activation.as_ref().and_then(|a| a.layers[l].as_ref()) {
-                let nd = s.activation.as_ref().map(|a| a.n_dims()).unwrap_or(0);
-                if nd > 0 && la.n_pos == t {
-                    let r = correlate_dims(&la.values, nd, t, 0..nd, &att.received[l]);
-                    if self.corr[l].is_empty() {
-                        self.corr[l] = vec![DimCorr::default(); nd];
-                    }
-                    for (d, (rho, q)) in r.into_iter().enumerate() {
-                        self.corr[l][d].add(rho, t, q);
-                    }
+            // Activations against received attention (computed in parallel above).
+            if let Some(r) = act_corr[l].take() {
+                if self.corr[l].is_empty() {
+                    self.corr[l] = vec![DimCorr::default(); r.len()];
+                }
+                for (d, (rho, q)) in r.into_iter().enumerate() {
+                    self.corr[l][d].add(rho, t, q);
                 }
             }
-            if let Some(lk) = s.keys.as_ref().and_then(|a| a.layers[l].as_ref()) {
-                let nd = s.keys.as_ref().map(|a| a.n_dims()).unwrap_or(0);
-                let g_n = self.n_head_kv.max(1);
-                if nd > 0 && nd % g_n == 0 && lk.n_pos == t {
-                    let hd = nd / g_n;
-                    let per = (self.n_head / g_n).max(1);
-                    if self.key_corr[l].is_empty() {
-                        self.key_corr[l] = vec![vec![DimCorr::default(); hd]; g_n];
-                    }
-                    for g in 0..g_n {
-                        let target: Vec<f64> = (0..t).map(|j| (g * per..(g + 1) * per).map(|h| att.received_head[l][h][j]).sum::<f64>() / per as f64).collect();
-                        let r = correlate_dims(&lk.values, nd, t, g * hd..(g + 1) * hd, &target);
-                        for (d, (rho, q)) in r.into_iter().enumerate() {
-                            self.key_corr[l][g][d].add(rho, t, q);
-                        }
+            if let Some(groups) = key_corr[l].take() {
+                if self.key_corr[l].is_empty() {
+                    self.key_corr[l] = groups.iter().map(|r| vec![DimCorr::default(); r.len()]).collect();
+                }
+                for (g, r) in groups.into_iter().enumerate() {
+                    for (d, (rho, q)) in r.into_iter().enumerate() {
+                        self.key_corr[l][g][d].add(rho, t, q);
                     }
                 }
             }
@@ -221,6 +233,24 @@ impl CorpusAcc {
     pub fn layers(&self) -> Vec<usize> {
         (0..self.n_layer).filter(|&l| self.attractor_fraction[l].n > 0).collect()
     }
+}
+
+/// `f(0..n)` on all cores (layers are independent).
+fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1).min(n.max(1));
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..threads).map(|k| {
+            let f = &f;
+            sc.spawn(move || (k..n).step_by(threads).map(|l| (l, f(l))).collect::<Vec<_>>())
+        }).collect();
+        for h in handles {
+            for (l, v) in h.join().expect("analysis thread panicked") {
+                out[l] = Some(v);
+            }
+        }
+    });
+    out.into_iter().map(|v| v.expect("every index computed")).collect()
 }
 
 /// A finished per-layer correlation result.

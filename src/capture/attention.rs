@@ -123,7 +123,8 @@ impl AttentionAcc {
     }
 
     /// Add one micro-batch of one layer. `probs` is `kq_soft_max` (`[n_kv, n_tok, n_head]`),
-    /// `queries` the positions of its rows, `cells` the occupied cells with their positions,
+    /// `queries` the positions of its rows, `cells` the occupied cells with their positions
+    /// (sorted by position),
     /// `vnorm` the value norms `[pos * n_head_kv + g]` of this layer (information flow).
     pub fn add(&mut self, layer: usize, probs: &[f32], n_kv: usize, queries: &[i32], cells: &[CellPos], vnorm: Option<&[f32]>) {
         let n_tok = queries.len();
@@ -149,42 +150,25 @@ impl AttentionAcc {
         if flow.is_some() && la.flow_row.len() < max_q + 1 {
             la.flow_row.resize(max_q + 1, 0.0);
         }
+        let fl = match (flow, vnorm) {
+            (Some((start, n_kv_head)), Some(vn)) => Some((start, n_kv_head, (n_head / n_kv_head).max(1), vn)),
+            _ => None,
+        };
         for (i, &q) in queries.iter().enumerate() {
             let q = q as usize;
-            if let (Some((start, n_kv_head)), Some(vn)) = (flow, vnorm) {
-                let group = (n_head / n_kv_head).max(1);
-                let pred = q >= start;
-                if pred && la.flow_pred.len() < q - start + 1 {
-                    la.flow_pred.resize(q - start + 1, Vec::new());
-                }
-                let mut row_sum = 0.0f64;
-                let mut pred_row = if pred { vec![0.0f32; q] } else { Vec::new() };
-                for h in 0..n_head {
-                    let g = h / group;
-                    let row = &probs[n_kv * (i + n_tok * h)..n_kv * (i + n_tok * h) + n_kv];
-                    for cp in cells {
-                        let a = row[cp.cell];
-                        if a == 0.0 || cp.pos >= q {
-                            continue;
-                        }
-                        let f = a * vn.get(cp.pos * n_kv_head + g).copied().unwrap_or(f32::NAN) * inv_h;
-                        row_sum += f as f64;
-                        if pred {
-                            pred_row[cp.pos] += f;
-                        }
-                    }
-                }
-                la.flow_row[q] = row_sum;
-                if pred {
-                    la.flow_pred[q - start] = pred_row;
-                }
-            }
+            let pred = fl.is_some_and(|f| q >= f.0);
+            let mut row_sum = 0.0f64;
+            let mut pred_row = if pred { vec![0.0f32; q] } else { Vec::new() };
             for h in 0..n_head {
                 let row = &probs[n_kv * (i + n_tok * h)..n_kv * (i + n_tok * h) + n_kv];
                 let rec = &mut la.received[h * cap..(h + 1) * cap];
+                let vg = fl.map(|(_, nkvh, group, vn)| (h / group, nkvh, vn));
                 for cp in cells {
+                    if cp.pos > q {
+                        break;
+                    }
                     let a = row[cp.cell];
-                    if a == 0.0 || cp.pos > q {
+                    if a == 0.0 {
                         continue;
                     }
                     if cp.pos == q {
@@ -194,6 +178,14 @@ impl AttentionAcc {
                         if cp.pos == 0 {
                             la.first_sum += a as f64;
                         }
+                        if let Some((g, nkvh, vn)) = vg {
+                            // I(q, j) = mean_h A[h,q,j] ||v[g(h),j]||
+                            let f = a * vn.get(cp.pos * nkvh + g).copied().unwrap_or(f32::NAN) * inv_h;
+                            row_sum += f as f64;
+                            if pred {
+                                pred_row[cp.pos] += f;
+                            }
+                        }
                     }
                     if distance {
                         let b = distance_bucket(q - cp.pos);
@@ -201,6 +193,15 @@ impl AttentionAcc {
                             la.distance[q * nb + b] += a * inv_h;
                         }
                     }
+                }
+            }
+            if let Some((start, ..)) = fl {
+                la.flow_row[q] = row_sum;
+                if pred {
+                    if la.flow_pred.len() < q - start + 1 {
+                        la.flow_pred.resize(q - start + 1, Vec::new());
+                    }
+                    la.flow_pred[q - start] = pred_row;
                 }
             }
         }

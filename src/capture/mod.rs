@@ -231,6 +231,35 @@ impl CaptureHandle {
         }
     }
 
+    /// The summary, moving the per-position activation values out instead of copying them
+    /// (between documents: memory holds one copy). Accumulators are reset.
+    pub fn take_summary(&self) -> CaptureSummary {
+        let sum = {
+            let mut s = lock(&self.0);
+            let mut take = |role: usize| {
+                s.acts[role].as_mut().map(|a| {
+                    let n = a.acc.layers.len();
+                    let layers = std::mem::replace(&mut a.acc.layers, vec![None; n]);
+                    let mut c = a.acc.clone();
+                    c.layers = layers;
+                    c
+                })
+            };
+            let (activation, keys, values, hidden) = (take(ROLE_ACT), take(ROLE_KEYS), take(ROLE_VALUES), take(ROLE_HIDDEN));
+            CaptureSummary {
+                attention: s.attention.as_ref().map(|a| AttentionSummary::from_acc(a, s.include_self)),
+                activation,
+                keys,
+                values,
+                hidden,
+                swa_layers: s.swa_layers.clone(),
+                skipped_nodes: s.skipped_nodes.clone(),
+            }
+        };
+        self.reset();
+        sum
+    }
+
     /// Bytes held by the accumulators (for the benchmark's report).
     pub fn approx_bytes(&self) -> usize {
         let s = lock(&self.0);
@@ -345,7 +374,9 @@ impl State {
             let queries = &self.cursor.positions[start..start + len];
             self.maps[g].assign(n_kv, queries, |k, c| data[k * stride + c] > f32::NEG_INFINITY)?;
             let map = &self.maps[g];
-            self.map_cells[g] = (0..n_kv.min(map.len())).filter_map(|c| map.get(c).map(|p| CellPos { cell: c, pos: p as usize })).collect();
+            let mut cells: Vec<CellPos> = (0..n_kv.min(map.len())).filter_map(|c| map.get(c).map(|p| CellPos { cell: c, pos: p as usize })).collect();
+            cells.sort_unstable_by_key(|c| c.pos);
+            self.map_cells[g] = cells;
             self.map_ubatch[g] = self.cursor.ubatch_id;
         }
         let acc = self.attention.as_mut().expect("attention node asked only when capturing attention");

@@ -224,7 +224,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         let tp = std::time::Instant::now();
         feed(&mut ctx, &d.tokens, false, |_| {}).with_context(|| format!("document from {} at token {}", d.source, d.first_token))?;
         prefill_secs += tp.elapsed().as_secs_f64();
-        let s = handle.summary();
+        let s = handle.take_summary();
         for n in &s.skipped_nodes {
             if !skipped_nodes.contains(n) {
                 skipped_nodes.push(n.clone());

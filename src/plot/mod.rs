@@ -210,7 +210,7 @@ fn draw_heatmap<DB: DrawingBackend>(
             (0.0, 1.0)
         }
     };
-    let (main, bar) = root.split_horizontally(root.dim_in_pixel().0 as i32 - 90);
+    let (main, bar) = root.split_horizontally(root.dim_in_pixel().0 as i32 - 120);
     let mut chart = ChartBuilder::on(&main)
         .caption(title, ("sans-serif", 22))
         .margin(12)
@@ -241,8 +241,15 @@ fn draw_heatmap<DB: DrawingBackend>(
         }))
         .map_err(err)?;
     // colour bar
-    let mut cb = ChartBuilder::on(&bar).margin_top(50).margin_bottom(57).margin_right(10).y_label_area_size(55).build_cartesian_2d(0.0..1.0, lo..hi).map_err(err)?;
-    cb.configure_mesh().disable_mesh().disable_x_axis().y_labels(6).label_style(("sans-serif", 12)).draw().map_err(err)?;
+    let mut cb = ChartBuilder::on(&bar).margin_top(50).margin_bottom(57).margin_left(8).right_y_label_area_size(70).build_cartesian_2d(0.0..1.0, lo..hi).map_err(err)?;
+    cb.configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_labels(6)
+        .y_label_formatter(&|v| format!("{v:.3}"))
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(err)?;
     let steps = 64;
     cb.draw_series((0..steps).map(|k| {
         let a = lo + (hi - lo) * k as f64 / steps as f64;
