@@ -194,3 +194,57 @@ fn smollm2_intervene_table_has_five_rows() {
     assert!(ppl.iter().all(|p| p.is_finite() && *p > 1.0), "{ppl:?}");
     assert!((ppl[1] - ppl[0]).abs() > 0.01 * ppl[0], "zeroing the correlated dimensions left perplexity at {} vs {}", ppl[1], ppl[0]);
 }
+
+/// Prune a 700-token prefill (beyond Gemma's 512-token window) with `cells` eviction, with
+/// and without closing gaps, and keep generating greedily: llama.cpp accepts every decode,
+/// positions are where they should be, and the capture's cell map never loses sync.
+fn evict_then_continue(name: &str) {
+    use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig};
+    use attractors::evict::apply::apply_cells;
+    use attractors::evict::select::keep_cells;
+    use attractors::evict::{by_name, Observation};
+    use attractors::ffi::{Batch, KvType};
+    let model = Model::load(&model_path(name), &ModelParams::default()).unwrap();
+    let mut toks = model.tokenize(DEFAULT_TEXT, true, false).unwrap();
+    toks.truncate(700);
+    let swa = sliding_window_layers(&model).unwrap();
+    let cfg = CaptureConfig { activation: None, ..CaptureConfig::default() };
+    let (hook, _handle) = new_capture(&model, &cfg, &swa, 2048).unwrap();
+    let params = ContextParams { n_ctx: 2048, n_batch: 512, n_ubatch: 512, flash_attn: FlashAttn::Off, kv_type: KvType::F16, ..Default::default() };
+    let mut ctx = Context::new(&model, &params, Some(Box::new(hook))).unwrap();
+    feed(&mut ctx, &toks, false, |_| {}).unwrap();
+    let mut positions: Vec<i32> = (0..toks.len() as i32).collect();
+    let mut next = *toks.last().unwrap();
+    for (round, close) in [(0u64, true), (1, false)] {
+        let n = positions.len();
+        let obs = Observation { n, tokens: &toks[..n.min(toks.len())], budget: n / 2, seed: round, ..Observation::default() };
+        let keep = keep_cells(&by_name("random", &[]).unwrap().score(&obs).unwrap(), n, n / 2, 4);
+        positions = apply_cells(&mut ctx, &positions, &keep, close).unwrap();
+        assert_eq!(positions.len(), n / 2, "{name}");
+        assert_eq!(ctx.pos_max(), *positions.last().unwrap(), "{name}: round {round}");
+        if close {
+            assert_eq!(positions, (0..(n / 2) as i32).collect::<Vec<_>>());
+        }
+        let mut b = Batch::new(1);
+        for _ in 0..8 {
+            let pos = ctx.pos_max() + 1;
+            b.clear();
+            b.push(next, pos, true).unwrap();
+            ctx.decode(&b).unwrap_or_else(|e| panic!("{name}: decode after eviction failed: {e}"));
+            let logits = ctx.logits(0).unwrap();
+            assert!(logits.iter().all(|x| x.is_finite()), "{name}");
+            next = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as i32;
+            positions.push(pos);
+        }
+    }
+}
+
+#[test]
+fn smollm2_generation_continues_after_cells_eviction() {
+    evict_then_continue(SMOL);
+}
+
+#[test]
+fn gemma3_generation_continues_after_cells_eviction() {
+    evict_then_continue(GEMMA);
+}

@@ -4,6 +4,7 @@
 //! Applying a choice to llama.cpp lives elsewhere; everything here is pure.
 
 pub mod activation;
+pub mod apply;
 pub mod frequency;
 pub mod full;
 pub mod h2o;

@@ -1,0 +1,110 @@
+//! `cells` eviction on the tiny seeded model: removing cells without closing gaps gives the
+//! reference forward pass with those keys hidden from later queries; closing gaps keeps
+//! llama.cpp's positions and the capture's cell map consistent.
+
+use attractors::capture::{new_capture, CaptureConfig};
+use attractors::evict::apply::apply_cells;
+use attractors::evict::select::keep_cells;
+use attractors::evict::{by_name, Observation};
+use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, Model, ModelParams};
+use attractors::session::feed;
+use attractors::tiny::{TinyConfig, TinyModel};
+
+const N: usize = 60;
+const M: usize = 6;
+
+fn toks() -> Vec<i32> {
+    (0..N + M).map(|i| 3 + ((i * 53 + 11) % 270) as i32).collect()
+}
+
+fn params() -> ContextParams {
+    ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 }
+}
+
+/// Keep set from a real policy (random, seeded) at half the context, last position kept
+/// so the continuation goes at position N.
+fn choice() -> Vec<bool> {
+    let t = toks();
+    let obs = Observation { n: N, tokens: &t[..N], budget: N / 2, seed: 5, ..Observation::default() };
+    let mut keep = keep_cells(&by_name("random", &[]).unwrap().score(&obs).unwrap(), N, N / 2, 4);
+    if !keep[N - 1] {
+        let j = (4..N - 1).rev().find(|&j| keep[j]).unwrap();
+        keep[j] = false;
+        keep[N - 1] = true;
+    }
+    keep
+}
+
+fn decode_rest(ctx: &mut Context, t: &[i32]) -> Vec<Vec<f32>> {
+    let start = ctx.pos_max() + 1;
+    let mut b = Batch::new(64);
+    for (k, &tok) in t.iter().enumerate() {
+        b.push(tok, start + k as i32, true).unwrap();
+    }
+    ctx.decode(&b).unwrap();
+    (0..t.len()).map(|k| ctx.logits(k as i32).unwrap().to_vec()).collect()
+}
+
+#[test]
+fn cells_without_gap_closing_equal_reference_with_hidden_keys() {
+    let d = tempfile::tempdir().unwrap();
+    let tiny = TinyModel::new(TinyConfig::default());
+    let p = d.path().join("tiny.gguf");
+    tiny.write_gguf(&p).unwrap();
+    let model = Model::load(&p, &ModelParams::default()).unwrap();
+    let t = toks();
+    let keep = choice();
+    assert_eq!(keep.iter().filter(|&&k| k).count(), N / 2);
+    let mut ctx = Context::new(&model, &params(), None).unwrap();
+    feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
+    let positions: Vec<i32> = (0..N as i32).collect();
+    let kept = apply_cells(&mut ctx, &positions, &keep, false).unwrap();
+    assert_eq!(kept.len(), N / 2);
+    assert_eq!(ctx.pos_max(), N as i32 - 1);
+    let got = decode_rest(&mut ctx, &t[N..]);
+    let r = tiny.forward_masked(&t, &|i, j| i < N || j >= N || keep[j]);
+    let plain = tiny.forward(&t);
+    let mut moved = 0.0f64;
+    for k in 0..M {
+        for (v, &g) in got[k].iter().enumerate() {
+            let w = r.logits[N + k][v];
+            assert!((g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs(), "logit [{k},{v}]: {g} vs reference {w}");
+            moved = moved.max((w - plain.logits[N + k][v]).abs());
+        }
+    }
+    assert!(moved > 1e-3, "evicting half the context should change the logits (moved {moved})");
+}
+
+#[test]
+fn gap_closing_keeps_positions_and_cell_map_consistent() {
+    let d = tempfile::tempdir().unwrap();
+    let tiny = TinyModel::new(TinyConfig::default());
+    let p = d.path().join("tiny.gguf");
+    tiny.write_gguf(&p).unwrap();
+    let model = Model::load(&p, &ModelParams::default()).unwrap();
+    let t = toks();
+    let keep = choice();
+    let cfg = CaptureConfig { activation: None, ..CaptureConfig::default() };
+    let (hook, handle) = new_capture(&model, &cfg, &[], 256).unwrap();
+    let mut ctx = Context::new(&model, &params(), Some(Box::new(hook))).unwrap();
+    feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
+    let positions: Vec<i32> = (0..N as i32).collect();
+    let kept = apply_cells(&mut ctx, &positions, &keep, true).unwrap();
+    assert_eq!(kept, (0..(N / 2) as i32).collect::<Vec<_>>());
+    assert_eq!((ctx.pos_min(), ctx.pos_max()), (0, (N / 2) as i32 - 1));
+    // The capture's cell map follows the shift: decoding continues without losing sync, and
+    // the new queries' attention rows cover exactly the kept keys plus themselves.
+    handle.reset();
+    let got = decode_rest(&mut ctx, &t[N..]);
+    assert!(got.iter().flatten().all(|x| x.is_finite()));
+    assert_eq!(ctx.pos_max(), (N / 2 + M) as i32 - 1);
+    let s = handle.summary();
+    let att = s.attention.unwrap();
+    assert_eq!(att.n_pos, N / 2 + M);
+    for l in 0..tiny.cfg.n_layer {
+        // every new query's attention goes to positions 0..N/2+M: the received mass of the
+        // new queries equals their count minus self-attention
+        let total: f64 = att.received[l].iter().sum::<f64>();
+        assert!(total > 0.0 && total < M as f64, "layer {l}: received {total}");
+    }
+}
