@@ -16,3 +16,8 @@ if ((${#need[@]})); then
 fi
 models/fetch.sh all
 scripts/fetch-data.sh all
+# Default frequency lists for the `frequency` policy, one per default model, built with each
+# model's own tokenizer from the fetched corpus (compiles the tool on first run).
+mkdir -p data/freq
+[[ -s data/freq/smollm2.top256.csv ]] || cargo run --release -q -- freq build --model models/SmolLM2-135M-Instruct.Q4_1.gguf --out data/freq/smollm2.top256.csv
+[[ -s data/freq/gemma3.top256.csv ]] || cargo run --release -q -- freq build --model models/gemma-3-270m-q4_k_m.gguf --out data/freq/gemma3.top256.csv

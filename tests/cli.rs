@@ -201,3 +201,34 @@ fn intervene_unknown_mode_is_a_one_line_error() {
     let o = bin().args(["intervene", "--mode", "scramble", "--model"]).arg(&p).arg("--text").arg(&t).output().unwrap();
     assert_clean_failure(&o, "unknown --mode scramble");
 }
+
+#[test]
+fn freq_build_counts_tokens_with_the_models_tokenizer() {
+    use attractors::evict::frequency::FreqList;
+    use attractors::ffi::{Model, ModelParams};
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let t = d.path().join("t.txt");
+    let text = "the sea, the sea. a whale and the ship; of the sea.";
+    std::fs::write(&t, text).unwrap();
+    let out = d.path().join("lists/f.csv");
+    let o = bin().args(["freq", "build", "--top", "5", "--model"]).arg(&p).arg("--corpus").arg(&t).arg("--out").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let list = FreqList::parse(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(list.corpus.starts_with("t.txt"));
+    // independent count with the same tokenizer
+    let model = Model::load(&p, &ModelParams::default()).unwrap();
+    let toks = model.tokenize(text, false, false).unwrap();
+    let mut counts = std::collections::HashMap::new();
+    for t in &toks {
+        *counts.entry(*t).or_insert(0u64) += 1;
+    }
+    let mut want: Vec<(i32, u64)> = counts.into_iter().collect();
+    want.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let want: Vec<i32> = want.iter().take(5).map(|x| x.0).collect();
+    assert_eq!(list.ids(), want);
+    assert_eq!(list.entries[0].1, toks.iter().filter(|&&x| x == want[0]).count() as u64);
+    let o = bin().args(["freq", "build", "--top", "0", "--model"]).arg(&p).arg("--corpus").arg(&t).arg("--out").arg(d.path().join("g.csv")).output().unwrap();
+    assert_clean_failure(&o, "--top must be at least 1");
+    assert!(!d.path().join("g.csv").exists());
+}

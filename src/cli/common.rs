@@ -126,3 +126,16 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     pb.set_message(what.to_string());
     pb
 }
+
+/// A fingerprint of the model's vocabulary: SHA-256 over every token's bytes, 16 hex digits.
+/// Two models with the same fingerprint tokenize text identically.
+pub fn vocab_fingerprint(model: &Model) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for t in 0..model.n_vocab() as i32 {
+        let b = model.token_bytes(t, true);
+        h.update((b.len() as u32).to_le_bytes());
+        h.update(&b);
+    }
+    format!("{:x}", h.finalize())[..16].to_string()
+}

@@ -2,6 +2,7 @@
 
 mod analyze;
 mod bench;
+mod freq;
 mod capture;
 pub mod common;
 mod info;
@@ -39,6 +40,9 @@ pub enum Command {
     Intervene(InterveneArgs),
     /// Mean next-token NLL and perplexity of a text.
     Perplexity(PerplexityArgs),
+    /// Token frequency lists for the `frequency` eviction policy.
+    #[command(subcommand)]
+    Freq(FreqCommand),
     /// Benchmarks that print ratios measured in one run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -224,6 +228,28 @@ pub struct PerplexityArgs {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum FreqCommand {
+    /// Count tokens of a corpus with the model's tokenizer; write the top K with a header
+    /// naming the vocabulary and the corpus.
+    Build(FreqBuildArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FreqBuildArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Plain-text files or directories (default: Moby-Dick, data/moby-dick.txt).
+    #[arg(long, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Number of tokens in the list.
+    #[arg(long, default_value_t = 256)]
+    pub top: usize,
+    /// Output file.
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Prefill with full capture vs without a callback (flash attention off in both).
     Capture(BenchCaptureArgs),
@@ -259,5 +285,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Intervene(a) => intervene::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Bench(BenchCommand::Capture(a)) => bench::run_capture(a),
+        Command::Freq(FreqCommand::Build(a)) => freq::build(a),
     }
 }

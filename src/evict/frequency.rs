@@ -27,3 +27,91 @@ impl Policy for Frequency {
         Ok(Scores::Shared(obs.tokens.iter().take(obs.n).map(|t| self.frequent.contains(t) as u8 as f64).collect()))
     }
 }
+
+/// A frequency list: the corpus's most frequent token ids under one model's tokenizer.
+/// File format (CSV with `#` header lines naming the vocabulary and the corpus):
+/// ```text
+/// # attractors frequency list
+/// # vocab: <fingerprint> (<n> tokens, <model name>)
+/// # corpus: <files> (<tokens> tokens)
+/// rank,token_id,count,share,token
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct FreqList {
+    pub vocab: String,
+    pub corpus: String,
+    /// `(token id, count, share, token text)` by decreasing count.
+    pub entries: Vec<(i32, u64, f64, String)>,
+}
+
+impl FreqList {
+    /// The top `k` of `counts` (per token id), ties by id.
+    pub fn from_counts(counts: &std::collections::HashMap<i32, u64>, k: usize, text: impl Fn(i32) -> String, vocab: String, corpus: String) -> FreqList {
+        let total: u64 = counts.values().sum();
+        let mut v: Vec<(i32, u64)> = counts.iter().map(|(&t, &c)| (t, c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let entries = v.into_iter().take(k).map(|(t, c)| (t, c, c as f64 / total.max(1) as f64, text(t))).collect();
+        FreqList { vocab, corpus, entries }
+    }
+
+    pub fn ids(&self) -> Vec<i32> {
+        self.entries.iter().map(|e| e.0).collect()
+    }
+
+    pub fn to_csv(&self) -> String {
+        let mut s = format!("# attractors frequency list\n# vocab: {}\n# corpus: {}\nrank,token_id,count,share,token\n", self.vocab, self.corpus);
+        for (k, (t, c, sh, txt)) in self.entries.iter().enumerate() {
+            s.push_str(&format!("{},{t},{c},{sh:.6e},{}\n", k + 1, crate::output::csv_field(&txt.replace('\n', "\\n"))));
+        }
+        s
+    }
+
+    pub fn parse(s: &str) -> Result<FreqList, String> {
+        let mut vocab = None;
+        let mut corpus = String::new();
+        let mut entries = vec![];
+        for line in s.lines() {
+            if let Some(v) = line.strip_prefix("# vocab: ") {
+                vocab = Some(v.to_string());
+            } else if let Some(c) = line.strip_prefix("# corpus: ") {
+                corpus = c.to_string();
+            } else if line.starts_with('#') || line.starts_with("rank,") || line.is_empty() {
+                continue;
+            } else {
+                let f: Vec<&str> = line.splitn(5, ',').collect();
+                if f.len() < 4 {
+                    return Err(format!("bad frequency-list line {line:?}"));
+                }
+                let id = f[1].parse().map_err(|_| format!("bad token id in {line:?}"))?;
+                let count = f[2].parse().map_err(|_| format!("bad count in {line:?}"))?;
+                let share = f[3].parse().map_err(|_| format!("bad share in {line:?}"))?;
+                entries.push((id, count, share, f.get(4).unwrap_or(&"").to_string()));
+            }
+        }
+        let vocab = vocab.ok_or("not a frequency list (no '# vocab:' line): build one with `attractors freq build`")?;
+        Ok(FreqList { vocab, corpus, entries })
+    }
+
+    /// The vocabulary fingerprint part of the `vocab` header.
+    pub fn fingerprint(&self) -> &str {
+        self.vocab.split_whitespace().next().unwrap_or("")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_round_trips_and_orders() {
+        let counts: std::collections::HashMap<i32, u64> = [(5, 10), (7, 30), (9, 10), (1, 50)].into_iter().collect();
+        let l = FreqList::from_counts(&counts, 3, |t| if t == 7 { "a,b\n".into() } else { format!("t{t}") }, "abc123 (10 tokens, m)".into(), "x.txt (100 tokens)".into());
+        assert_eq!(l.ids(), vec![1, 7, 5]);
+        assert!((l.entries[0].2 - 0.5).abs() < 1e-12);
+        let back = FreqList::parse(&l.to_csv()).unwrap();
+        assert_eq!(back.ids(), l.ids());
+        assert_eq!(back.fingerprint(), "abc123");
+        assert_eq!(back.corpus, "x.txt (100 tokens)");
+        assert!(FreqList::parse("rank,token_id\n1,2,3,0.1,x\n").is_err());
+    }
+}
