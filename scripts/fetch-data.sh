@@ -6,7 +6,7 @@
 #            paragraph per line, chapters separated by a blank line)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-data="$root/data"
+data="${ATTRACTORS_DATA:-$root/data}"
 which="${1:-all}"
 mkdir -p "$data"
 tmp="$(mktemp -d)"

@@ -6,5 +6,6 @@ pub mod evict;
 pub mod ffi;
 pub mod output;
 pub mod plot;
+pub mod rng;
 pub mod session;
 pub mod tiny;

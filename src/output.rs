@@ -56,6 +56,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<PathBuf, OutputError> {
 }
 
 /// Quote a CSV field when needed (RFC 4180).
+/// A token's text on one line: backslash, newline, carriage return and tab escaped.
+pub fn escape_token(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r").replace('\t', "\\t")
+}
+
 pub fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) || s.starts_with(' ') || s.ends_with(' ') {
         format!("\"{}\"", s.replace('"', "\"\""))

@@ -40,20 +40,11 @@ pub fn vocab() -> Vec<(String, f32, i32)> {
     v
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform with the given standard deviation.
-    fn uniform(&mut self, std: f32) -> f32 {
-        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        ((u * 2.0 - 1.0) * 3f64.sqrt() * std as f64) as f32
-    }
+use crate::rng::SplitMix64 as Rng;
+
+/// Uniform with the given standard deviation.
+fn uniform(rng: &mut Rng, std: f32) -> f32 {
+    ((rng.unit() * 2.0 - 1.0) * 3f64.sqrt() * std as f64) as f32
 }
 
 /// A weight matrix `out x in`, row-major (`w[o * in + i]`), as GGUF stores `ne = [in, out]`.
@@ -66,7 +57,7 @@ pub struct Mat {
 
 impl Mat {
     fn random(rng: &mut Rng, rows: usize, cols: usize, std: f32) -> Mat {
-        Mat { rows, cols, w: (0..rows * cols).map(|_| rng.uniform(std)).collect() }
+        Mat { rows, cols, w: (0..rows * cols).map(|_| uniform(rng, std)).collect() }
     }
     fn apply(&self, x: &[f64]) -> Vec<f64> {
         (0..self.rows).map(|o| self.w[o * self.cols..(o + 1) * self.cols].iter().zip(x).map(|(&w, &x)| w as f64 * x).sum()).collect()
@@ -117,7 +108,7 @@ impl TinyModel {
         let kv = hd * cfg.n_head_kv;
         let std = 1.0 / (e as f32).sqrt();
         let embd = Mat::random(&mut rng, n_vocab, e, 1.0);
-        let norm = |rng: &mut Rng, n: usize| (0..n).map(|_| 1.0 + rng.uniform(0.2)).collect::<Vec<f32>>();
+        let norm = |rng: &mut Rng, n: usize| (0..n).map(|_| 1.0 + uniform(rng, 0.2)).collect::<Vec<f32>>();
         let layers = (0..cfg.n_layer)
             .map(|_| TinyLayer {
                 attn_norm: norm(&mut rng, e),

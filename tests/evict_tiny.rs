@@ -45,13 +45,19 @@ fn decode_rest(ctx: &mut Context, t: &[i32]) -> Vec<Vec<f32>> {
     (0..t.len()).map(|k| ctx.logits(k as i32).unwrap().to_vec()).collect()
 }
 
-#[test]
-fn cells_without_gap_closing_equal_reference_with_hidden_keys() {
+/// The tiny model written to a temp dir (kept alive by the returned guard) and loaded.
+fn tiny_model() -> (tempfile::TempDir, TinyModel, Model) {
     let d = tempfile::tempdir().unwrap();
     let tiny = TinyModel::new(TinyConfig::default());
     let p = d.path().join("tiny.gguf");
     tiny.write_gguf(&p).unwrap();
     let model = Model::load(&p, &ModelParams::default()).unwrap();
+    (d, tiny, model)
+}
+
+#[test]
+fn cells_without_gap_closing_equal_reference_with_hidden_keys() {
+    let (_d, tiny, model) = tiny_model();
     let t = toks();
     let keep = choice();
     assert_eq!(keep.iter().filter(|&&k| k).count(), N / 2);
@@ -77,11 +83,7 @@ fn cells_without_gap_closing_equal_reference_with_hidden_keys() {
 
 #[test]
 fn gap_closing_keeps_positions_and_cell_map_consistent() {
-    let d = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinyConfig::default());
-    let p = d.path().join("tiny.gguf");
-    tiny.write_gguf(&p).unwrap();
-    let model = Model::load(&p, &ModelParams::default()).unwrap();
+    let (_d, tiny, model) = tiny_model();
     let t = toks();
     let keep = choice();
     let cfg = CaptureConfig { activation: None, ..CaptureConfig::default() };

@@ -8,6 +8,7 @@ use super::attractors::{attractor_flags, sink_rate, AttractorRule};
 use super::correlation::correlate_dims;
 use super::distance::{add_profile, DistanceGroup};
 use super::flow::{flow_scores, FlowScores};
+use super::massive::massive;
 use super::similarity::{jaccard, Mean};
 use super::stats::{correlation_p, fisher_combine};
 use super::tokens::TokenCounts;
@@ -216,12 +217,10 @@ impl CorpusAcc {
                     hn[p].add(v as f64);
                 }
                 let m = &mut self.massive[l];
-                m.median.add(lh.median_of_medians() as f64);
-                for (p, t3) in lh.top3.iter().enumerate() {
-                    for &(d, v) in t3 {
-                        m.top.push((v, doc, p, d));
-                    }
-                }
+                let median = lh.median_of_medians();
+                m.median.add(median as f64);
+                // this document's three largest, merged with the others'
+                m.top.extend(massive(&lh.top3, median).top.iter().filter(|t| !t.0.is_nan()).map(|&(v, p, d)| (v, doc, p, d)));
                 m.top.sort_by(|a, b| b.0.total_cmp(&a.0));
                 m.top.truncate(3);
             }

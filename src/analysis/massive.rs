@@ -22,8 +22,14 @@ pub fn massive(top3_per_pos: &[[(u32, f32); 3]], median: f32) -> Massive {
     for (k, v) in all.into_iter().take(3).enumerate() {
         top[k] = v;
     }
-    let ratio = top[0].0 as f64 / median as f64;
-    Massive { top, median, ratio, over_100: ratio > 100.0, over_1000: ratio > 1000.0 }
+    let (ratio, over_100, over_1000) = ratio_flags(top[0].0, median);
+    Massive { top, median, ratio, over_100, over_1000 }
+}
+
+/// `top1 / median` and whether it exceeds 100 and 1000.
+pub fn ratio_flags(top1: f32, median: f32) -> (f64, bool, bool) {
+    let ratio = top1 as f64 / median as f64;
+    (ratio, ratio > 100.0, ratio > 1000.0)
 }
 
 #[cfg(test)]

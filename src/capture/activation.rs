@@ -35,6 +35,14 @@ impl ActivationAcc {
         ActivationAcc { node: node.to_string(), dims, width: 0, all_dims: false, heads: None, layers: vec![None; n_layer], scratch: Vec::new() }
     }
 
+    /// Move the rows out into a new accumulator with the same configuration; this one is
+    /// left empty (as after `reset`).
+    pub fn take_rows(&mut self) -> ActivationAcc {
+        let n = self.layers.len();
+        let layers = std::mem::replace(&mut self.layers, vec![None; n]);
+        ActivationAcc { node: self.node.clone(), dims: self.dims.clone(), width: self.width, all_dims: self.all_dims, heads: self.heads, layers, scratch: Vec::new() }
+    }
+
     /// Forget all rows (keeps the configuration).
     pub fn reset(&mut self) {
         for l in &mut self.layers {

@@ -76,8 +76,11 @@ impl AttentionAcc {
         self.flow.is_some()
     }
 
-    pub fn flow_kv_heads(&self) -> Option<usize> {
-        self.flow.map(|f| f.1)
+    /// Move the first prediction position (per document); no-op when flow is off.
+    pub fn set_flow_pred_start(&mut self, start: usize) {
+        if let Some(f) = &mut self.flow {
+            f.0 = start;
+        }
     }
 
     pub fn flow_pred_start(&self) -> Option<usize> {
@@ -144,16 +147,15 @@ impl AttentionAcc {
         let n_head = self.n_head;
         let inv_h = 1.0 / n_head as f32;
         let distance = self.distance;
-        let flow = self.flow.filter(|_| vnorm.is_some());
         let la = self.layers[layer].as_mut().expect("layer allocated above");
         la.n_pos = la.n_pos.max(max_q + 1);
-        if flow.is_some() && la.flow_row.len() < max_q + 1 {
-            la.flow_row.resize(max_q + 1, 0.0);
-        }
-        let fl = match (flow, vnorm) {
+        let fl = match (self.flow, vnorm) {
             (Some((start, n_kv_head)), Some(vn)) => Some((start, n_kv_head, (n_head / n_kv_head).max(1), vn)),
             _ => None,
         };
+        if fl.is_some() && la.flow_row.len() < max_q + 1 {
+            la.flow_row.resize(max_q + 1, 0.0);
+        }
         for (i, &q) in queries.iter().enumerate() {
             let q = q as usize;
             let pred = fl.is_some_and(|f| q >= f.0);

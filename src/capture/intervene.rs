@@ -2,8 +2,9 @@
 //! per layer of an activation node to zero or to random values, before later nodes read it.
 
 use crate::ffi::{EvalHook, HookError, NodeInfo, TensorView};
+use crate::rng::SplitMix64;
 
-use super::split_node_name;
+use super::{is_view_op, split_node_name};
 
 /// What to write into the chosen dimension.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -27,7 +28,7 @@ pub struct EditHook {
     node: String,
     edit: Edit,
     by_layer: Vec<Option<LayerEdit>>,
-    rng: u64,
+    rng: SplitMix64,
     /// Values written so far (for tests and the report).
     pub written: u64,
 }
@@ -40,29 +41,14 @@ impl EditHook {
                 by_layer[e.layer] = Some(e.clone());
             }
         }
-        EditHook { node: node.to_string(), edit, by_layer, rng: seed ^ 0x5DEE_CE66_D1CE_4E5B, written: 0 }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Standard normal (Box-Muller).
-    fn gauss(&mut self) -> f64 {
-        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        EditHook { node: node.to_string(), edit, by_layer, rng: SplitMix64(seed ^ 0x5DEE_CE66_D1CE_4E5B), written: 0 }
     }
 }
 
 impl EvalHook for EditHook {
     fn wants(&mut self, node: &NodeInfo) -> bool {
         node.computed
-            && !matches!(node.op, "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE")
+            && !is_view_op(node.op)
             && split_node_name(node.name).is_some_and(|(p, l)| p == self.node && self.by_layer.get(l).is_some_and(|e| e.is_some()))
     }
 
@@ -80,7 +66,7 @@ impl EvalHook for EditHook {
         for r in 0..rows {
             let v = match self.edit {
                 Edit::Zero => 0.0,
-                Edit::Random => (e.mean + e.std * self.gauss()) as f32,
+                Edit::Random => (e.mean + e.std * self.rng.gauss()) as f32,
             };
             data[r * width + e.dim] = v;
             self.written += 1;

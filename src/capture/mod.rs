@@ -66,6 +66,12 @@ impl Default for CaptureConfig {
     }
 }
 
+/// Ops that only re-describe their source's memory: a node of such an op carries the same
+/// values as the node it views, so a name alone never picks it.
+pub fn is_view_op(op: &str) -> bool {
+    matches!(op, "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE")
+}
+
 /// Parse `prefix-<layer>`.
 pub fn split_node_name(name: &str) -> Option<(&str, usize)> {
     let (prefix, layer) = name.rsplit_once('-')?;
@@ -219,43 +225,13 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
 
 impl CaptureHandle {
     pub fn summary(&self) -> CaptureSummary {
-        let s = lock(&self.0);
-        CaptureSummary {
-            attention: s.attention.as_ref().map(|a| AttentionSummary::from_acc(a, s.include_self)),
-            activation: s.acts[ROLE_ACT].as_ref().map(|a| a.acc.clone()),
-            keys: s.acts[ROLE_KEYS].as_ref().map(|a| a.acc.clone()),
-            values: s.acts[ROLE_VALUES].as_ref().map(|a| a.acc.clone()),
-            hidden: s.acts[ROLE_HIDDEN].as_ref().map(|a| a.acc.clone()),
-            swa_layers: s.swa_layers.clone(),
-            skipped_nodes: s.skipped_nodes.clone(),
-        }
+        lock(&self.0).summary(|a| a.clone())
     }
 
     /// The summary, moving the per-position activation values out instead of copying them
     /// (between documents: memory holds one copy). Accumulators are reset.
     pub fn take_summary(&self) -> CaptureSummary {
-        let sum = {
-            let mut s = lock(&self.0);
-            let mut take = |role: usize| {
-                s.acts[role].as_mut().map(|a| {
-                    let n = a.acc.layers.len();
-                    let layers = std::mem::replace(&mut a.acc.layers, vec![None; n]);
-                    let mut c = a.acc.clone();
-                    c.layers = layers;
-                    c
-                })
-            };
-            let (activation, keys, values, hidden) = (take(ROLE_ACT), take(ROLE_KEYS), take(ROLE_VALUES), take(ROLE_HIDDEN));
-            CaptureSummary {
-                attention: s.attention.as_ref().map(|a| AttentionSummary::from_acc(a, s.include_self)),
-                activation,
-                keys,
-                values,
-                hidden,
-                swa_layers: s.swa_layers.clone(),
-                skipped_nodes: s.skipped_nodes.clone(),
-            }
-        };
+        let sum = lock(&self.0).summary(ActivationAcc::take_rows);
         self.reset();
         sum
     }
@@ -284,9 +260,7 @@ impl CaptureHandle {
     pub fn set_flow_pred_start(&self, start: usize) {
         let mut s = lock(&self.0);
         if let Some(a) = &mut s.attention {
-            if let Some(nkv) = a.flow_kv_heads() {
-                a.enable_flow(start, nkv);
-            }
+            a.set_flow_pred_start(start);
         }
     }
 
@@ -304,6 +278,21 @@ impl CaptureHandle {
 }
 
 impl State {
+    /// A summary; `act` turns each activation accumulator into its summary (copy or move).
+    fn summary(&mut self, act: impl Fn(&mut ActivationAcc) -> ActivationAcc) -> CaptureSummary {
+        let mut take = |role: usize| self.acts[role].as_mut().map(|a| act(&mut a.acc));
+        let (activation, keys, values, hidden) = (take(ROLE_ACT), take(ROLE_KEYS), take(ROLE_VALUES), take(ROLE_HIDDEN));
+        CaptureSummary {
+            attention: self.attention.as_ref().map(|a| AttentionSummary::from_acc(a, self.include_self)),
+            activation,
+            keys,
+            values,
+            hidden,
+            swa_layers: self.swa_layers.clone(),
+            skipped_nodes: self.skipped_nodes.clone(),
+        }
+    }
+
     /// Which activation role a node (name prefix, op) is captured for.
     fn role_of(&self, prefix: &str, op: &str) -> Option<usize> {
         self.acts.iter().position(|a| {
@@ -311,7 +300,7 @@ impl State {
                 a.name == prefix
                     && match &a.op {
                         Some(o) => op == o,
-                        None => !matches!(op, "VIEW" | "RESHAPE" | "PERMUTE" | "TRANSPOSE"),
+                        None => !is_view_op(op),
                     }
             })
         })

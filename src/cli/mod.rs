@@ -15,6 +15,7 @@ pub use common::DEFAULT_TEXT;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::analysis::attractors::AttractorRule;
 use crate::ffi::{FlashAttn, KvType};
 
 #[derive(Parser, Debug)]
@@ -87,6 +88,30 @@ pub struct TextArgs {
     pub max_tokens: Option<usize>,
 }
 
+/// How received attention is counted and which tokens are attractors.
+#[derive(Args, Debug, Clone)]
+pub struct RuleArgs {
+    /// Count a token's attention to itself in received attention.
+    #[arg(long)]
+    pub include_self: bool,
+    /// Absolute attractor threshold (the paper's 0.0003); default is the relative rule c/T.
+    #[arg(long, conflicts_with = "c")]
+    pub tau: Option<f64>,
+    /// Relative attractor rule constant: share >= c/T.
+    #[arg(long)]
+    pub c: Option<f64>,
+}
+
+impl RuleArgs {
+    pub fn rule(&self) -> AttractorRule {
+        match (self.tau, self.c) {
+            (Some(tau), _) => AttractorRule::Absolute { tau },
+            (None, Some(c)) => AttractorRule::Relative { c },
+            (None, None) => AttractorRule::default(),
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct InfoArgs {
     #[command(flatten)]
@@ -107,15 +132,8 @@ pub struct CaptureArgs {
     /// Output directory.
     #[arg(long, short, default_value = "out/capture")]
     pub out: PathBuf,
-    /// Count a token's attention to itself in received attention.
-    #[arg(long)]
-    pub include_self: bool,
-    /// Absolute attractor threshold (the paper's 0.0003); default is the relative rule c/T.
-    #[arg(long, conflicts_with = "c")]
-    pub tau: Option<f64>,
-    /// Relative attractor rule constant: share >= c/T.
-    #[arg(long)]
-    pub c: Option<f64>,
+    #[command(flatten)]
+    pub rule: RuleArgs,
     /// Activation node to reduce (`attn_norm`, `l_out`, `Kcur@ROPE`, ...); `none` to skip.
     #[arg(long, default_value = "attn_norm")]
     pub activation: String,
@@ -154,15 +172,8 @@ pub struct AnalyzeArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Count a token's attention to itself in received attention.
-    #[arg(long)]
-    pub include_self: bool,
-    /// Absolute attractor threshold (the paper's 0.0003); default is the relative rule c/T.
-    #[arg(long, conflicts_with = "c")]
-    pub tau: Option<f64>,
-    /// Relative attractor rule constant: share >= c/T.
-    #[arg(long)]
-    pub c: Option<f64>,
+    #[command(flatten)]
+    pub rule: RuleArgs,
     /// Activation correlated with received attention.
     #[arg(long, default_value = "attn_norm")]
     pub activation: String,

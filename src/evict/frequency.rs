@@ -61,7 +61,7 @@ impl FreqList {
     pub fn to_csv(&self) -> String {
         let mut s = format!("# attractors frequency list\n# vocab: {}\n# corpus: {}\nrank,token_id,count,share,token\n", self.vocab, self.corpus);
         for (k, (t, c, sh, txt)) in self.entries.iter().enumerate() {
-            s.push_str(&format!("{},{t},{c},{sh:.6e},{}\n", k + 1, crate::output::csv_field(&txt.replace('\n', "\\n"))));
+            s.push_str(&format!("{},{t},{c},{sh:.6e},{}\n", k + 1, crate::output::csv_field(&crate::output::escape_token(txt))));
         }
         s
     }
