@@ -221,6 +221,16 @@ impl TinyModel {
     /// Forward pass where `edit(layer, pos, x)` may change the normalised attention input
     /// `attn_norm` before Q, K and V are computed from it (interventions).
     pub fn forward_edited(&self, tokens: &[i32], visible: &dyn Fn(usize, usize) -> bool, edit: &dyn Fn(usize, usize, &mut Vec<f64>)) -> Reference {
+        self.forward_general(tokens, &|_, _, i, j| visible(i, j), edit)
+    }
+
+    /// Forward pass where query `i` of head `h` in layer `l` sees key `j < i` only when
+    /// `visible(l, h, i, j)` (`mask` mode eviction, per layer and head).
+    pub fn forward_heads(&self, tokens: &[i32], visible: &dyn Fn(usize, usize, usize, usize) -> bool) -> Reference {
+        self.forward_general(tokens, visible, &|_, _, _| {})
+    }
+
+    fn forward_general(&self, tokens: &[i32], visible: &dyn Fn(usize, usize, usize, usize) -> bool, edit: &dyn Fn(usize, usize, &mut Vec<f64>)) -> Reference {
         let c = &self.cfg;
         let (e, nh, nkv) = (c.n_embd, c.n_head, c.n_head_kv);
         let hd = e / nh;
@@ -266,7 +276,7 @@ impl TinyModel {
                 for i in 0..n {
                     let s: Vec<f64> = (0..=i)
                         .map(|j| {
-                            if j == i || visible(i, j) {
+                            if j == i || visible(li, hh, i, j) {
                                 (0..hd).map(|d| q[i][hh * hd + d] * k[j][g * hd + d]).sum::<f64>() * scale
                             } else {
                                 f64::NEG_INFINITY

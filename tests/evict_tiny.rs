@@ -2,11 +2,12 @@
 //! reference forward pass with those keys hidden from later queries; closing gaps keeps
 //! llama.cpp's positions and the capture's cell map consistent.
 
+use attractors::capture::mask::{new_mask, plan_from_keep};
 use attractors::capture::{new_capture, CaptureConfig};
 use attractors::evict::apply::apply_cells;
 use attractors::evict::select::keep_cells;
 use attractors::evict::{by_name, Observation};
-use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, Model, ModelParams};
+use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, Hooks, KvType, Model, ModelParams};
 use attractors::session::feed;
 use attractors::tiny::{TinyConfig, TinyModel};
 
@@ -109,4 +110,93 @@ fn gap_closing_keeps_positions_and_cell_map_consistent() {
         let total: f64 = att.received[l].iter().sum::<f64>();
         assert!(total > 0.0 && total < M as f64, "layer {l}: received {total}");
     }
+}
+
+/// `mask` mode with the same choice in every layer and head hides exactly what `cells`
+/// mode removes: the same logits as the reference (and as `cells`) within 1e-4.
+#[test]
+fn mask_with_one_choice_equals_cells_without_gap_closing() {
+    let (_d, tiny, model) = tiny_model();
+    let t = toks();
+    let keep = choice();
+    let (hook, handle) = new_mask(&model, &[]);
+    let mut ctx = Context::new(&model, &params(), Some(Box::new(hook))).unwrap();
+    feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
+    let positions: Vec<i32> = (0..N as i32).collect();
+    let per_layer = vec![Some(vec![keep.clone()]); tiny.cfg.n_layer];
+    handle.set_plan(plan_from_keep(&per_layer, &positions)).unwrap();
+    let got = decode_rest(&mut ctx, &t[N..]);
+    assert!(handle.written() > 0);
+    let mut cells_ctx = Context::new(&model, &params(), None).unwrap();
+    feed(&mut cells_ctx, &t[..N], false, |_| {}).unwrap();
+    apply_cells(&mut cells_ctx, &positions, &keep, false).unwrap();
+    let by_cells = decode_rest(&mut cells_ctx, &t[N..]);
+    let r = tiny.forward_masked(&t, &|i, j| i < N || j >= N || keep[j]);
+    for k in 0..M {
+        for (v, &g) in got[k].iter().enumerate() {
+            let w = r.logits[N + k][v];
+            assert!((g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs(), "logit [{k},{v}]: mask {g} vs reference {w}");
+            assert!((g - by_cells[k][v]).abs() <= 1e-4 + 1e-4 * g.abs(), "logit [{k},{v}]: mask {g} vs cells {}", by_cells[k][v]);
+        }
+    }
+}
+
+/// Different choices per layer and KV head: the logits follow the reference with exactly
+/// those (layer, head, key) triples hidden; attention is zero there and only there.
+#[test]
+fn mask_per_layer_and_head_hides_only_where_told() {
+    let (_d, tiny, model) = tiny_model();
+    let t = toks();
+    let keep_a = choice();
+    // a second choice: keep the even positions (and the sinks)
+    let keep_b: Vec<bool> = (0..N).map(|j| j < 4 || j % 2 == 0).collect();
+    let group = tiny.cfg.n_head / tiny.cfg.n_head_kv;
+    let keep: Vec<Option<Vec<Vec<bool>>>> = vec![None, Some(vec![keep_a.clone(), vec![true; N]]), Some(vec![keep_b.clone()])];
+    let cfg = CaptureConfig { activation: None, distance: false, ..CaptureConfig::default() };
+    let (cap, cap_handle) = new_capture(&model, &cfg, &[], 256).unwrap();
+    let (mask, handle) = new_mask(&model, &[]);
+    let mut ctx = Context::new(&model, &params(), Some(Box::new(Hooks::new(vec![Box::new(cap), Box::new(mask)])))).unwrap();
+    feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
+    let positions: Vec<i32> = (0..N as i32).collect();
+    handle.set_plan(plan_from_keep(&keep, &positions)).unwrap();
+    cap_handle.reset();
+    let got = decode_rest(&mut ctx, &t[N..]);
+    let visible = |l: usize, h: usize, i: usize, j: usize| {
+        i < N
+            || j >= N
+            || match l {
+                1 => h / group != 0 || keep_a[j],
+                2 => keep_b[j],
+                _ => true,
+            }
+    };
+    let r = tiny.forward_heads(&t, &visible);
+    let plain = tiny.forward(&t);
+    for k in 0..M {
+        for (v, &g) in got[k].iter().enumerate() {
+            let w = r.logits[N + k][v];
+            assert!((g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs(), "logit [{k},{v}]: {g} vs reference {w}");
+        }
+    }
+    let att = cap_handle.summary().attention.unwrap();
+    for l in 0..tiny.cfg.n_layer {
+        for h in 0..tiny.cfg.n_head {
+            for j in 0..N {
+                let got = att.received_head[l][h][j];
+                let want: f64 = (N..N + M).map(|i| r.attn[l][h][i][j]).sum();
+                assert!((got - want).abs() < 1e-4, "layer {l} head {h} key {j}: {got} vs reference {want}");
+                if !visible(l, h, N, j) {
+                    assert_eq!(got, 0.0, "layer {l} head {h} key {j} should be hidden");
+                } else if l == 0 {
+                    // nothing hidden before layer 1: layer 0 is untouched
+                    let p: f64 = (N..N + M).map(|i| plain.attn[0][h][i][j]).sum();
+                    assert!((got - p).abs() < 1e-4);
+                }
+            }
+        }
+        let hidden_somewhere = (0..tiny.cfg.n_head).any(|h| (0..N).any(|j| !visible(l, h, N, j)));
+        assert_eq!(hidden_somewhere, l > 0);
+    }
+    // Head group 1 of layer 1 still attends to keys that group 0 hides.
+    assert!((0..N).any(|j| !keep_a[j] && att.received_head[1][group][j] > 1e-6));
 }

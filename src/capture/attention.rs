@@ -55,7 +55,7 @@ pub struct AttentionAcc {
 }
 
 /// One cell's position, for the inner loop.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct CellPos {
     pub cell: usize,
     pub pos: usize,

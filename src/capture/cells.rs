@@ -114,6 +114,86 @@ impl CellMap {
     }
 }
 
+/// The cell maps of a model's caches (global, and sliding-window when the model has one),
+/// updated once per micro-batch and cache from a `kq_soft_max` node's mask.
+#[derive(Debug, Clone)]
+pub struct CellTracker {
+    maps: Vec<CellMap>,
+    map_of_layer: Vec<usize>,
+    map_ubatch: Vec<u64>,
+    /// Occupied cells with their positions, sorted by position, per cache.
+    map_cells: Vec<Vec<super::attention::CellPos>>,
+    scratch: Vec<f32>,
+}
+
+impl CellTracker {
+    pub fn new(n_layer: usize, swa_layers: &[usize], n_swa: i32) -> CellTracker {
+        let mut maps = vec![CellMap::new(None)];
+        let mut map_of_layer = vec![0; n_layer];
+        if !swa_layers.is_empty() {
+            maps.push(CellMap::new(Some(n_swa)));
+            for &l in swa_layers {
+                map_of_layer[l] = 1;
+            }
+        }
+        let n = maps.len();
+        CellTracker { maps, map_of_layer, map_ubatch: vec![0; n], map_cells: vec![vec![]; n], scratch: vec![] }
+    }
+
+    /// The cache a layer uses (0: global, 1: sliding window).
+    pub fn cache_of(&self, layer: usize) -> usize {
+        self.map_of_layer[layer]
+    }
+
+    /// The first layer of each cache, in layer order.
+    pub fn first_layers(&self) -> Vec<usize> {
+        (0..self.maps.len()).filter_map(|g| self.map_of_layer.iter().position(|&m| m == g)).collect()
+    }
+
+    /// Learn micro-batch `ubatch` from the mask (`src[1]`) of `layer`'s `kq_soft_max` node,
+    /// once per cache; `queries` are the positions of its rows.
+    pub fn update(&mut self, layer: usize, softmax: &crate::ffi::TensorView, queries: &[i32], ubatch: u64) -> Result<(), String> {
+        let g = self.map_of_layer[layer];
+        if self.map_ubatch[g] == ubatch {
+            return Ok(());
+        }
+        let n_kv = softmax.ne()[0];
+        let mask = softmax.src(1).ok_or_else(|| format!("{} has no mask source", softmax.name()))?;
+        let stride = mask.nb()[1] / 4;
+        let data = mask.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
+        self.maps[g].assign(n_kv, queries, |k, c| data[k * stride + c] > f32::NEG_INFINITY)?;
+        let map = &self.maps[g];
+        let mut cells: Vec<_> = (0..n_kv.min(map.len())).filter_map(|c| map.get(c).map(|p| super::attention::CellPos { cell: c, pos: p as usize })).collect();
+        cells.sort_unstable_by_key(|c| c.pos);
+        self.map_cells[g] = cells;
+        self.map_ubatch[g] = ubatch;
+        Ok(())
+    }
+
+    /// Occupied cells of `layer`'s cache as of the last update, sorted by position.
+    pub fn cells(&self, layer: usize) -> &[super::attention::CellPos] {
+        &self.map_cells[self.map_of_layer[layer]]
+    }
+
+    /// The cell holding `pos` in `layer`'s cache (current map, including updates since).
+    pub fn map(&self, layer: usize) -> &CellMap {
+        &self.maps[self.map_of_layer[layer]]
+    }
+
+    pub fn remove(&mut self, p0: i32, p1: i32) {
+        self.maps.iter_mut().for_each(|m| m.remove(p0, p1));
+    }
+    pub fn shift(&mut self, p0: i32, p1: i32, delta: i32) {
+        self.maps.iter_mut().for_each(|m| m.shift(p0, p1, delta));
+    }
+    pub fn clear(&mut self) {
+        self.maps.iter_mut().for_each(|m| m.clear());
+    }
+    pub fn forget(&mut self, positions: &[i32]) {
+        self.maps.iter_mut().for_each(|m| m.forget(positions));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

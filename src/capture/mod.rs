@@ -9,6 +9,7 @@ pub mod activation;
 pub mod attention;
 pub mod cells;
 pub mod intervene;
+pub mod mask;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -16,8 +17,8 @@ use serde::Serialize;
 
 use crate::ffi::{Batch, Context, ContextParams, EvalHook, FlashAttn, HookError, KvType, Model, NodeInfo, TensorView};
 use activation::ActivationAcc;
-use attention::{AttentionAcc, AttentionSummary, CellPos};
-use cells::CellMap;
+use attention::{AttentionAcc, AttentionSummary};
+use cells::CellTracker;
 
 pub const ATTENTION_NODE: &str = "kq_soft_max";
 pub const DEFAULT_ACTIVATION_NODE: &str = "attn_norm";
@@ -118,15 +119,10 @@ struct State {
     /// Indexed by role.
     acts: [Option<ActNode>; 4],
     include_self: bool,
-    /// 0: global cache, 1: sliding-window cache.
-    maps: Vec<CellMap>,
-    map_of_layer: Vec<usize>,
-    map_ubatch: Vec<u64>,
-    map_cells: Vec<Vec<CellPos>>,
+    cells: CellTracker,
     cursor: Cursor,
     swa_layers: Vec<usize>,
     scratch: Vec<f32>,
-    mask_scratch: Vec<f32>,
     skipped_nodes: Vec<String>,
 }
 
@@ -186,16 +182,6 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         make(&cfg.values, vec![], false, true),
         make(&cfg.hidden, vec![], false, false),
     ];
-    let n_swa = model.n_swa() as i32;
-    let mut maps = vec![CellMap::new(None)];
-    let mut map_of_layer = vec![0; n_layer];
-    if !swa_layers.is_empty() {
-        maps.push(CellMap::new(Some(n_swa)));
-        for &l in swa_layers {
-            map_of_layer[l] = 1;
-        }
-    }
-    let n_maps = maps.len();
     let state = State {
         n_layer,
         n_layers_on: layer_on.iter().filter(|&&b| b).count(),
@@ -209,14 +195,10 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         }),
         acts,
         include_self: cfg.include_self,
-        maps,
-        map_of_layer,
-        map_ubatch: vec![0; n_maps],
-        map_cells: vec![vec![]; n_maps],
+        cells: CellTracker::new(n_layer, swa_layers, model.n_swa() as i32),
         cursor: Cursor::default(),
         swa_layers: swa_layers.to_vec(),
         scratch: vec![],
-        mask_scratch: vec![],
         skipped_nodes: vec![],
     };
     let arc = Arc::new(Mutex::new(state));
@@ -355,19 +337,7 @@ impl State {
     fn observe_attention(&mut self, layer: usize, t: &TensorView) -> Result<(), String> {
         let [n_kv, n_tok, n_head, _] = t.ne();
         let Some((start, len)) = self.locate(KIND_ATTN, layer, n_tok, t.name())? else { return Ok(()) };
-        let g = self.map_of_layer[layer];
-        if self.map_ubatch[g] != self.cursor.ubatch_id {
-            let mask = t.src(1).ok_or_else(|| format!("{} has no mask source", t.name()))?;
-            let stride = mask.nb()[1] / 4;
-            let data = mask.f32_data(&mut self.mask_scratch).map_err(|e| e.to_string())?;
-            let queries = &self.cursor.positions[start..start + len];
-            self.maps[g].assign(n_kv, queries, |k, c| data[k * stride + c] > f32::NEG_INFINITY)?;
-            let map = &self.maps[g];
-            let mut cells: Vec<CellPos> = (0..n_kv.min(map.len())).filter_map(|c| map.get(c).map(|p| CellPos { cell: c, pos: p as usize })).collect();
-            cells.sort_unstable_by_key(|c| c.pos);
-            self.map_cells[g] = cells;
-            self.map_ubatch[g] = self.cursor.ubatch_id;
-        }
+        self.cells.update(layer, t, &self.cursor.positions[start..start + len], self.cursor.ubatch_id)?;
         let acc = self.attention.as_mut().expect("attention node asked only when capturing attention");
         if n_head != acc.n_head {
             return Err(format!("{} has {n_head} heads, the model {}", t.name(), acc.n_head));
@@ -381,7 +351,7 @@ impl State {
             }
             _ => None,
         };
-        acc.add(layer, probs, n_kv, queries, &self.map_cells[g], vnorm);
+        acc.add(layer, probs, n_kv, queries, self.cells.cells(layer), vnorm);
         Ok(())
     }
 
@@ -445,27 +415,19 @@ impl EvalHook for CaptureHook {
     fn on_batch_failed(&mut self) {
         let mut s = lock(&self.0);
         let positions = s.cursor.positions.clone();
-        for m in &mut s.maps {
-            m.forget(&positions);
-        }
+        s.cells.forget(&positions);
     }
 
     fn on_seq_rm(&mut self, p0: i32, p1: i32) {
-        for m in &mut lock(&self.0).maps {
-            m.remove(p0, p1);
-        }
+        lock(&self.0).cells.remove(p0, p1);
     }
 
     fn on_seq_add(&mut self, p0: i32, p1: i32, delta: i32) {
-        for m in &mut lock(&self.0).maps {
-            m.shift(p0, p1, delta);
-        }
+        lock(&self.0).cells.shift(p0, p1, delta);
     }
 
     fn on_clear(&mut self) {
-        for m in &mut lock(&self.0).maps {
-            m.clear();
-        }
+        lock(&self.0).cells.clear();
     }
 }
 

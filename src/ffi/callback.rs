@@ -39,6 +39,55 @@ pub trait EvalHook: Send {
     fn on_clear(&mut self) {}
 }
 
+/// Several hooks on one context, in order: each sees the nodes it asks for and every
+/// batch and cache event. The scheduler's data call follows the ask that said yes, so the
+/// answers of that ask route the data.
+pub struct Hooks {
+    hooks: Vec<Box<dyn EvalHook>>,
+    wanted: Vec<bool>,
+}
+
+impl Hooks {
+    pub fn new(hooks: Vec<Box<dyn EvalHook>>) -> Hooks {
+        let n = hooks.len();
+        Hooks { hooks, wanted: vec![false; n] }
+    }
+}
+
+impl EvalHook for Hooks {
+    fn wants(&mut self, node: &NodeInfo) -> bool {
+        let answers: Vec<bool> = self.hooks.iter_mut().map(|h| h.wants(node)).collect();
+        let any = answers.iter().any(|&b| b);
+        if any {
+            self.wanted = answers;
+        }
+        any
+    }
+    fn observe(&mut self, tensor: &TensorView) -> Result<(), HookError> {
+        for (h, &w) in self.hooks.iter_mut().zip(&self.wanted) {
+            if w {
+                h.observe(tensor)?;
+            }
+        }
+        Ok(())
+    }
+    fn on_batch(&mut self, positions: &[i32]) {
+        self.hooks.iter_mut().for_each(|h| h.on_batch(positions));
+    }
+    fn on_batch_failed(&mut self) {
+        self.hooks.iter_mut().for_each(|h| h.on_batch_failed());
+    }
+    fn on_seq_rm(&mut self, p0: i32, p1: i32) {
+        self.hooks.iter_mut().for_each(|h| h.on_seq_rm(p0, p1));
+    }
+    fn on_seq_add(&mut self, p0: i32, p1: i32, delta: i32) {
+        self.hooks.iter_mut().for_each(|h| h.on_seq_add(p0, p1, delta));
+    }
+    fn on_clear(&mut self) {
+        self.hooks.iter_mut().for_each(|h| h.on_clear());
+    }
+}
+
 /// Owned by the context (boxed, so its address is stable) and freed after it.
 pub(crate) struct HookState {
     pub hook: Box<dyn EvalHook>,

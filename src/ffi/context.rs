@@ -82,6 +82,12 @@ pub enum DecodeError {
     Hook(HookError),
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("llama.cpp could not restore a cache state of {0} bytes: it was saved from another model or cache type")]
+    Restore(usize),
+}
+
 /// A llama.cpp context bound to a model. Owns the eval hook (if any), which is freed
 /// after the context.
 pub struct Context<'m> {
@@ -255,6 +261,30 @@ impl<'m> Context<'m> {
     pub fn can_shift(&self) -> bool {
         // SAFETY: valid memory handle.
         unsafe { sys::llama_memory_can_shift(self.mem()) }
+    }
+
+    /// Sequence 0's cache (positions, keys, values) as bytes, to restore later into this or
+    /// another context of the same model and cache types.
+    pub fn save_seq(&self) -> Vec<u8> {
+        // SAFETY: valid context; the size call only reads.
+        let size = unsafe { sys::llama_state_seq_get_size(self.ptr.as_ptr(), 0) };
+        let mut buf = vec![0u8; size];
+        // SAFETY: `buf` has `size` writable bytes.
+        let n = unsafe { sys::llama_state_seq_get_data(self.ptr.as_ptr(), buf.as_mut_ptr(), size, 0) };
+        buf.truncate(n);
+        buf
+    }
+
+    /// Replace the cache with a state from [`Context::save_seq`]. Hooks are told the cache was
+    /// cleared (cell maps start over).
+    pub fn restore_seq(&mut self, state: &[u8]) -> Result<(), StateError> {
+        self.clear();
+        // SAFETY: valid context; `state` is a readable buffer of its length.
+        let n = unsafe { sys::llama_state_seq_set_data(self.ptr.as_ptr(), state.as_ptr(), state.len(), 0) };
+        if n == 0 {
+            return Err(StateError::Restore(state.len()));
+        }
+        Ok(())
     }
 
     /// Empty the cache (data too).

@@ -13,7 +13,7 @@ mod tensor;
 
 pub use backend::{init_backend, last_llama_error, set_verbose};
 pub use batch::{Batch, BatchError};
-pub use callback::{EvalHook, HookError, NodeInfo};
-pub use context::{interrupted, request_interrupt, Context, ContextError, ContextParams, DecodeError, FlashAttn, KvType};
-pub use model::{LoadError, Model, ModelMeta, ModelParams, TokenizeError};
+pub use callback::{EvalHook, HookError, Hooks, NodeInfo};
+pub use context::{interrupted, request_interrupt, Context, ContextError, ContextParams, DecodeError, FlashAttn, KvType, StateError};
+pub use model::{LoadError, Model, ModelMeta, ModelParams, TemplateError, TokenizeError};
 pub use tensor::{TensorView, ViewError};

@@ -25,6 +25,16 @@ pub enum LoadError {
 }
 
 #[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("the model has no chat template: give the prompt as plain text")]
+    Missing,
+    #[error("llama.cpp does not know this model's chat template: give the prompt as plain text")]
+    Unknown,
+    #[error("chat message contains a NUL byte: remove it")]
+    Nul,
+}
+
+#[derive(Debug, thiserror::Error)]
 pub enum TokenizeError {
     #[error("text contains a NUL byte at offset {0}: remove it")]
     Nul(usize),
@@ -195,6 +205,28 @@ impl Model {
         }
         // SAFETY: non-null, NUL-terminated, owned by the model.
         Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    }
+
+    /// Render `(role, content)` messages with the model's own chat template (llama.cpp's
+    /// built-in template detection); `add_assistant` opens the assistant's turn.
+    pub fn apply_chat_template(&self, messages: &[(&str, &str)], add_assistant: bool) -> Result<String, TemplateError> {
+        let tmpl = CString::new(self.chat_template().ok_or(TemplateError::Missing)?).map_err(|_| TemplateError::Nul)?;
+        let owned: Vec<(CString, CString)> =
+            messages.iter().map(|(r, c)| Ok((CString::new(*r).map_err(|_| TemplateError::Nul)?, CString::new(*c).map_err(|_| TemplateError::Nul)?))).collect::<Result<_, _>>()?;
+        let msgs: Vec<sys::llama_chat_message> = owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
+        let mut buf: Vec<u8> = vec![0; 1024 + messages.iter().map(|(r, c)| r.len() + c.len() + 64).sum::<usize>() * 2];
+        loop {
+            // SAFETY: `msgs` points into `owned`, alive for this call; `buf` has `buf.len()` bytes.
+            let n = unsafe { sys::llama_chat_apply_template(tmpl.as_ptr(), msgs.as_ptr(), msgs.len(), add_assistant, buf.as_mut_ptr() as *mut c_char, buf.len() as i32) };
+            if n < 0 {
+                return Err(TemplateError::Unknown);
+            }
+            if (n as usize) <= buf.len() {
+                buf.truncate(n as usize);
+                return Ok(String::from_utf8_lossy(&buf).into_owned());
+            }
+            buf.resize(n as usize, 0);
+        }
     }
 
     pub fn description(&self) -> String {
