@@ -21,3 +21,7 @@ scripts/fetch-data.sh all
 mkdir -p data/freq
 [[ -s data/freq/smollm2.top256.csv ]] || cargo run --release -q -- freq build --model models/SmolLM2-135M-Instruct.Q4_1.gguf --out data/freq/smollm2.top256.csv
 [[ -s data/freq/gemma3.top256.csv ]] || cargo run --release -q -- freq build --model models/gemma-3-270m-q4_k_m.gguf --out data/freq/gemma3.top256.csv
+# Default activation calibrations for the `activation` policy (Sec. 4.2: about 2,000 tokens).
+mkdir -p data/calib
+[[ -s data/calib/smollm2.csv ]] || cargo run --release -q -- calibrate --model models/SmolLM2-135M-Instruct.Q4_1.gguf --out data/calib/smollm2.csv
+[[ -s data/calib/gemma3.csv ]] || cargo run --release -q -- calibrate --model models/gemma-3-270m-q4_k_m.gguf --out data/calib/gemma3.csv

@@ -2,6 +2,7 @@
 pub mod analysis;
 pub mod capture;
 pub mod cli;
+pub mod eval;
 pub mod evict;
 pub mod ffi;
 pub mod output;

@@ -39,6 +39,10 @@ pub struct LayerAttention {
     pub flow_row: Vec<f64>,
     /// Full flow rows for queries `>= flow_pred_start`: `flow_pred[i - start][j]`, `j < i`.
     pub flow_pred: Vec<Vec<f32>>,
+    /// Observation window (eviction policies): `sum_{i >= start} A[h,i,j]`, index `h * cap + j`.
+    pub window: Vec<f64>,
+    /// The row of the last query, `A[h,last,j]`, index `h * cap + j`.
+    pub last: Vec<f64>,
 }
 
 /// Received attention for all layers, reduced as micro-batches arrive.
@@ -52,6 +56,8 @@ pub struct AttentionAcc {
     pub layers: Vec<Option<LayerAttention>>,
     /// `(first prediction position, KV heads)` when information flow is on.
     flow: Option<(usize, usize)>,
+    /// `(first window query, last query)` when the observation window is on.
+    obs: Option<(usize, usize)>,
 }
 
 /// One cell's position, for the inner loop.
@@ -64,12 +70,18 @@ pub struct CellPos {
 impl AttentionAcc {
     pub fn new(n_layer: usize, n_head: usize, max_positions: usize, distance: bool) -> AttentionAcc {
         let n_buckets = distance_bucket(max_positions.max(2) - 1) + 1;
-        AttentionAcc { n_head, n_buckets, distance, cap: 0, layers: vec![None; n_layer], flow: None }
+        AttentionAcc { n_head, n_buckets, distance, cap: 0, layers: vec![None; n_layer], flow: None, obs: None }
     }
 
     /// Accumulate the gradient-free information flow (needs value norms in `add`).
     pub fn enable_flow(&mut self, pred_start: usize, n_head_kv: usize) {
         self.flow = Some((pred_start, n_head_kv.max(1)));
+    }
+
+    /// Also sum the attention of queries `start..=last` (SnapKV's window) and keep the row
+    /// of query `last` (TOVA).
+    pub fn set_observation_window(&mut self, start: usize, last: usize) {
+        self.obs = Some((start, last));
     }
 
     pub fn flow_enabled(&self) -> bool {
@@ -109,8 +121,14 @@ impl AttentionAcc {
         }
         let new_cap = need.next_power_of_two().max(64);
         let h = self.n_head;
+        let obs = self.obs.is_some();
         for l in self.layers.iter_mut().flatten() {
-            for v in [&mut l.received, &mut l.self_attn] {
+            let mut vs = vec![&mut l.received, &mut l.self_attn];
+            if obs {
+                vs.push(&mut l.window);
+                vs.push(&mut l.last);
+            }
+            for v in vs {
                 let mut nv = vec![0.0; h * new_cap];
                 for hh in 0..h {
                     let old = &v[hh * self.cap..(hh + 1) * self.cap];
@@ -138,6 +156,8 @@ impl AttentionAcc {
                 received: vec![0.0; self.n_head * cap],
                 self_attn: vec![0.0; self.n_head * cap],
                 distance: if self.distance { vec![0.0; cap * self.n_buckets] } else { Vec::new() },
+                window: if self.obs.is_some() { vec![0.0; self.n_head * cap] } else { Vec::new() },
+                last: if self.obs.is_some() { vec![0.0; self.n_head * cap] } else { Vec::new() },
                 ..Default::default()
             });
         }
@@ -149,6 +169,7 @@ impl AttentionAcc {
         let distance = self.distance;
         let la = self.layers[layer].as_mut().expect("layer allocated above");
         la.n_pos = la.n_pos.max(max_q + 1);
+        let obs = self.obs;
         let fl = match (self.flow, vnorm) {
             (Some((start, n_kv_head)), Some(vn)) => Some((start, n_kv_head, (n_head / n_kv_head).max(1), vn)),
             _ => None,
@@ -172,6 +193,14 @@ impl AttentionAcc {
                     let a = row[cp.cell];
                     if a == 0.0 {
                         continue;
+                    }
+                    if let Some((w0, last)) = obs {
+                        if q >= w0 {
+                            la.window[h * cap + cp.pos] += a as f64;
+                        }
+                        if q == last {
+                            la.last[h * cap + cp.pos] = a as f64;
+                        }
                     }
                     if cp.pos == q {
                         la.self_attn[h * cap + q] += a as f64;
@@ -235,6 +264,9 @@ pub struct AttentionSummary {
     pub flow_row: Vec<Vec<f64>>,
     pub flow_pred: Vec<Vec<Vec<f32>>>,
     pub flow_pred_start: Option<usize>,
+    /// Observation window sums and last-query rows `[l][h][j]` (empty when off).
+    pub window_head: Vec<Vec<Vec<f64>>>,
+    pub last_head: Vec<Vec<Vec<f64>>>,
 }
 
 impl AttentionSummary {
@@ -255,6 +287,8 @@ impl AttentionSummary {
             flow_row: vec![],
             flow_pred: vec![],
             flow_pred_start: acc.flow_pred_start(),
+            window_head: vec![],
+            last_head: vec![],
         };
         for (l, la) in acc.layers.iter().enumerate() {
             let Some(la) = la else {
@@ -265,8 +299,13 @@ impl AttentionSummary {
                 s.distance.push(vec![]);
                 s.flow_row.push(vec![]);
                 s.flow_pred.push(vec![]);
+                s.window_head.push(vec![]);
+                s.last_head.push(vec![]);
                 continue;
             };
+            let per_head = |v: &Vec<f64>| if v.is_empty() { vec![] } else { (0..h).map(|hh| v[hh * cap..hh * cap + n_pos].to_vec()).collect() };
+            s.window_head.push(per_head(&la.window));
+            s.last_head.push(per_head(&la.last));
             s.flow_row.push(la.flow_row.clone());
             s.flow_pred.push(la.flow_pred.clone());
             s.layers.push(l);

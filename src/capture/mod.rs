@@ -47,6 +47,8 @@ pub struct CaptureConfig {
     /// Information flow `mean_h A[h,i,j] ||v[g(h),j]||`: per-query row sums, and full rows
     /// for queries at or after this position (the prediction positions). Needs `values`.
     pub flow_pred_start: Option<usize>,
+    /// Observation window for eviction policies: `(first query, last query)`.
+    pub window: Option<(usize, usize)>,
 }
 
 impl Default for CaptureConfig {
@@ -63,6 +65,7 @@ impl Default for CaptureConfig {
             values: None,
             hidden: None,
             flow_pred_start: None,
+            window: None,
         }
     }
 }
@@ -178,7 +181,7 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
     };
     let acts = [
         make(&cfg.activation, cfg.dims.clone(), cfg.all_dims, false),
-        make(&cfg.keys, vec![], true, false),
+        make(&cfg.keys, vec![], cfg.all_dims, true),
         make(&cfg.values, vec![], false, true),
         make(&cfg.hidden, vec![], false, false),
     ];
@@ -190,6 +193,9 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
             let mut a = AttentionAcc::new(n_layer, model.n_head(), max_positions, cfg.distance);
             if let Some(p) = cfg.flow_pred_start {
                 a.enable_flow(p, model.n_head_kv());
+            }
+            if let Some((w0, last)) = cfg.window {
+                a.set_observation_window(w0, last);
             }
             a
         }),

@@ -2,6 +2,9 @@
 
 mod analyze;
 mod bench;
+mod calibrate;
+mod eval_long;
+mod prune;
 mod freq;
 mod capture;
 pub mod common;
@@ -44,9 +47,140 @@ pub enum Command {
     /// Token frequency lists for the `frequency` eviction policy.
     #[command(subcommand)]
     Freq(FreqCommand),
+    /// The most attention-correlated activation dimension per layer, for the `activation` policy.
+    Calibrate(CalibrateArgs),
+    /// Prefill a context, compress the KV cache once with a policy, ask a question.
+    Prune(PruneArgs),
+    /// Evaluations.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Benchmarks that print ratios measured in one run.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Eviction policy inputs shared by `prune` and `eval`.
+#[derive(Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// Positions every policy but `full` keeps at the start.
+    #[arg(long, default_value_t = 4)]
+    pub sinks: usize,
+    /// Frequency list for `frequency` (default: the list in data/freq/ built for this model's vocabulary).
+    #[arg(long)]
+    pub freq: Option<PathBuf>,
+    /// Calibration for `activation` (default: the file in data/calib/ made for this model's vocabulary).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Keys node for `l2norm` (default: Kcur@MUL_MAT; Kcur_normed for Gemma).
+    #[arg(long)]
+    pub keys_node: Option<String>,
+    /// Seed for `random`.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Plain-text files or directories (default: Moby-Dick).
+    #[arg(long, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Documents (the paper used about 2,000 tokens in all).
+    #[arg(long, default_value_t = 4)]
+    pub docs: usize,
+    /// Tokens per document.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Activation node.
+    #[arg(long, default_value = "attn_norm")]
+    pub node: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Output CSV.
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Eviction policy.
+    #[arg(long, default_value = "frequency")]
+    pub policy: String,
+    /// Kept fraction of the context.
+    #[arg(long, conflicts_with = "budget")]
+    pub ratio: Option<f64>,
+    /// Kept context tokens.
+    #[arg(long)]
+    pub budget: Option<usize>,
+    /// cells (remove from the cache) or mask (-inf in kq, per layer and head).
+    #[arg(long, default_value = "cells")]
+    pub mode: String,
+    /// Re-number kept positions 0..k-1 after removal (cells mode).
+    #[arg(long)]
+    pub close_gaps: bool,
+    /// Context file (default: the built-in passage).
+    #[arg(long)]
+    pub context: Option<PathBuf>,
+    /// Question asked after compression.
+    #[arg(long, default_value = "What is this text about? Answer in one sentence.")]
+    pub question: String,
+    /// Print the kept text.
+    #[arg(long)]
+    pub show_kept: bool,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 48)]
+    pub max_new: usize,
+    #[command(flatten)]
+    pub policy_args: PolicyArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Also time the full cache, cells and mask at the same ratio (time from the end of
+    /// prefill to the first answer token) and print the ratios.
+    #[arg(long)]
+    pub bench: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Long-context tasks with the context compressed once (Table 1).
+    Long(EvalLongArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EvalLongArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tasks: passkey, kv, needle, fewshot, squad, hotpotqa.
+    #[arg(long, value_delimiter = ',', default_value = "passkey,kv,needle,fewshot,squad,hotpotqa")]
+    pub task: Vec<String>,
+    /// Policies (comma-separated; `full` is the ceiling).
+    #[arg(long, value_delimiter = ',', default_value = "full,frequency,l2norm,activation,h2o,tova,snapkv,streaming,sirllm,random")]
+    pub policies: Vec<String>,
+    /// Kept fraction: `matched` (what frequency keeps on each sample) or a number.
+    #[arg(long, default_value = "matched")]
+    pub ratio: String,
+    /// Samples per task.
+    #[arg(long, default_value_t = 30)]
+    pub n: usize,
+    /// Context length in tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub length: usize,
+    /// cells or mask.
+    #[arg(long, default_value = "cells")]
+    pub mode: String,
+    /// Tokens to generate at most per answer.
+    #[arg(long, default_value_t = 12)]
+    pub max_new: usize,
+    #[command(flatten)]
+    pub policy_args: PolicyArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/eval-long")]
+    pub out: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -297,5 +431,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(a) => perplexity::run(a),
         Command::Bench(BenchCommand::Capture(a)) => bench::run_capture(a),
         Command::Freq(FreqCommand::Build(a)) => freq::build(a),
+        Command::Calibrate(a) => calibrate::run(a),
+        Command::Prune(a) => prune::run(a),
+        Command::Eval(EvalCommand::Long(a)) => eval_long::run(a),
     }
 }

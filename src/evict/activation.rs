@@ -24,6 +24,6 @@ impl Policy for Activation {
     }
     fn score(&self, obs: &Observation) -> Result<Scores, PolicyError> {
         let x = need(obs.activation, "activation", "calibrated activations")?;
-        Ok(Scores::PerLayer(x.iter().enumerate().map(|(l, v)| (l >= self.keep_layers).then(|| v.iter().take(obs.n).map(|&x| x as f64).collect())).collect()))
+        Ok(Scores::PerLayer(x.iter().enumerate().map(|(l, v)| (l >= self.keep_layers && !v.is_empty()).then(|| v.iter().take(obs.n).map(|&x| x as f64).collect())).collect()))
     }
 }

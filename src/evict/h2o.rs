@@ -28,6 +28,6 @@ impl Policy for H2o {
         let recent = ((obs.budget as f64 * self.recent_share).round() as usize).min(n);
         // Recent slots score above any accumulated attention (which is < n).
         let bonus = |j: usize| if j + recent >= n { n as f64 + 1.0 + recency(j, n) } else { 0.0 };
-        Ok(Scores::PerHead(a.accumulated.iter().map(|heads| Some(heads.iter().map(|h| (0..n).map(|j| h.get(j).copied().unwrap_or(0.0) + bonus(j)).collect()).collect())).collect()))
+        Ok(Scores::PerHead(a.accumulated.iter().map(|heads| (!heads.is_empty()).then(|| heads.iter().map(|h| (0..n).map(|j| h.get(j).copied().unwrap_or(0.0) + bonus(j)).collect()).collect())).collect()))
     }
 }

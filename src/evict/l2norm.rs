@@ -27,7 +27,7 @@ impl Policy for L2Norm {
         Ok(Scores::PerHead(
             k.iter()
                 .enumerate()
-                .map(|(l, heads)| (l >= self.keep_layers).then(|| heads.iter().map(|h| h.iter().take(obs.n).map(|&x| -(x as f64)).collect()).collect()))
+                .map(|(l, heads)| (l >= self.keep_layers && !heads.is_empty()).then(|| heads.iter().map(|h| h.iter().take(obs.n).map(|&x| -(x as f64)).collect()).collect()))
                 .collect(),
         ))
     }

@@ -5,6 +5,8 @@
 
 pub mod activation;
 pub mod apply;
+pub mod calibration;
+pub mod inputs;
 pub mod frequency;
 pub mod full;
 pub mod h2o;

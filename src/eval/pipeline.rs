@@ -1,0 +1,171 @@
+//! Compress-once pipeline (methods.md, long-context pruning): prefill the context with the
+//! capture its policies need, score, keep within the budget (`cells` or `mask`), append the
+//! question and generate greedily.
+
+use crate::capture::mask::{plan_from_keep, MaskHandle};
+use crate::capture::{new_capture, CaptureHandle};
+use crate::evict::apply::apply_cells;
+use crate::evict::calibration::Calibration;
+use crate::evict::inputs::{capture_config, Inputs};
+use crate::evict::select::{keep_cells, keep_mask};
+use crate::evict::{Needs, Policy};
+use crate::ffi::{Batch, Context, DecodeError, EvalHook, Model};
+use crate::session::feed;
+
+/// How a choice is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Remove cells (`llama_memory_seq_rm`), optionally closing the gaps.
+    Cells { close_gaps: bool },
+    /// Hide (layer, head, position) triples with `-inf` in `kq-<l>`.
+    Mask,
+}
+
+impl Mode {
+    pub fn parse(s: &str, close_gaps: bool) -> Result<Mode, String> {
+        match s {
+            "cells" => Ok(Mode::Cells { close_gaps }),
+            "mask" if close_gaps => Err("--close-gaps applies to cells mode only: drop it or use --mode cells".into()),
+            "mask" => Ok(Mode::Mask),
+            m => Err(format!("unknown mode {m}: use cells or mask")),
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Cells { .. } => "cells",
+            Mode::Mask => "mask",
+        }
+    }
+}
+
+/// A prompt split where compression stops: the context (instruction, documents) and the
+/// question with the assistant's turn and answer prefix.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub context: Vec<i32>,
+    pub question: Vec<i32>,
+}
+
+/// Build a prompt with the model's chat template (plain text when it has none): the user
+/// turn is `context`, a blank line, then `question`; the assistant turn starts with
+/// `answer_prefix`. Everything before the question is the compressible context.
+pub fn build_prompt(model: &Model, context: &str, question: &str, answer_prefix: &str) -> anyhow::Result<Prompt> {
+    let user = format!("{context}\n\n{question}");
+    let rendered = match model.apply_chat_template(&[("user", &user)], true) {
+        Ok(r) => r,
+        Err(_) => format!("{user}\n"),
+    };
+    let at = rendered.rfind(question).ok_or_else(|| anyhow::anyhow!("the chat template dropped the question"))?;
+    let (pre, post) = rendered.split_at(at);
+    let bos_text = model.bos().map(|b| String::from_utf8_lossy(&model.token_bytes(b, true)).into_owned());
+    let has_bos = bos_text.is_some_and(|b| !b.is_empty() && pre.starts_with(&b));
+    let context = model.tokenize(pre, !has_bos, true)?;
+    let mut q = post.to_string();
+    if !answer_prefix.is_empty() {
+        q.push_str(answer_prefix);
+    }
+    let question = model.tokenize(&q, false, true)?;
+    Ok(Prompt { context, question })
+}
+
+/// Greedy generation after a decode whose last token asked for logits. Stops at an
+/// end-of-generation token or after `max_new` tokens.
+pub fn generate(ctx: &mut Context, max_new: usize) -> Result<Vec<i32>, DecodeError> {
+    let mut out = vec![];
+    let mut batch = Batch::new(1);
+    for _ in 0..max_new {
+        let logits = ctx.logits(-1).expect("the last decoded token asked for logits");
+        let t = argmax(logits);
+        if ctx.model().is_eog(t) {
+            break;
+        }
+        out.push(t);
+        batch.clear();
+        batch.push(t, ctx.pos_max() + 1, true).expect("one token fits");
+        ctx.decode(&batch)?;
+    }
+    Ok(out)
+}
+
+pub fn argmax(v: &[f32]) -> i32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as i32
+}
+
+/// A policy's choice over the `n` context positions.
+#[derive(Debug, Clone)]
+pub enum Choice {
+    Cells(Vec<bool>),
+    /// Per layer (`None`: keeps all), per head group.
+    Mask(Vec<Option<Vec<Vec<bool>>>>),
+}
+
+impl Choice {
+    /// Kept fraction (mask: mean over layers and head groups, layers keeping all count 1).
+    pub fn kept_fraction(&self) -> f64 {
+        let frac = |k: &[bool]| if k.is_empty() { 1.0 } else { k.iter().filter(|&&b| b).count() as f64 / k.len() as f64 };
+        match self {
+            Choice::Cells(k) => frac(k),
+            Choice::Mask(ls) => {
+                let v: Vec<f64> = ls.iter().map(|l| l.as_ref().map_or(1.0, |g| g.iter().map(|k| frac(k)).sum::<f64>() / g.len().max(1) as f64)).collect();
+                v.iter().sum::<f64>() / v.len().max(1) as f64
+            }
+        }
+    }
+}
+
+/// Score and choose: `budget` positions of `tokens` (the context), first `sinks` protected.
+pub fn choose(policy: &dyn Policy, inputs: &Inputs, tokens: &[i32], budget: usize, sinks: usize, seed: u64, mode: Mode, n_layer: usize) -> Result<Choice, String> {
+    let n = tokens.len();
+    let (budget, sinks) = if policy.protects_sinks() { (budget, sinks) } else { (n, 0) };
+    let scores = policy.score(&inputs.observation(tokens, budget, seed)).map_err(|e| e.to_string())?;
+    Ok(match mode {
+        Mode::Cells { .. } => Choice::Cells(keep_cells(&scores, n, budget, sinks)),
+        Mode::Mask => Choice::Mask(keep_mask(&scores, n, n_layer, budget, sinks)),
+    })
+}
+
+/// Apply a choice over context positions `0..n` to a context holding them.
+pub fn apply(ctx: &mut Context, choice: &Choice, mode: Mode, mask: Option<&MaskHandle>) -> anyhow::Result<()> {
+    let n = match choice {
+        Choice::Cells(k) => k.len(),
+        Choice::Mask(ls) => ls.iter().flatten().flatten().map(|k| k.len()).next().unwrap_or(0),
+    };
+    let positions: Vec<i32> = (0..n as i32).collect();
+    match (choice, mode) {
+        (Choice::Cells(k), Mode::Cells { close_gaps }) => {
+            apply_cells(ctx, &positions, k, close_gaps)?;
+        }
+        (Choice::Mask(ls), Mode::Mask) => {
+            let m = mask.ok_or_else(|| anyhow::anyhow!("mask mode needs the mask hook on the context"))?;
+            m.set_plan(plan_from_keep(ls, &positions)).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        _ => anyhow::bail!("choice and mode disagree"),
+    }
+    Ok(())
+}
+
+/// The capture a prefill needs for `needs` (None when only logits or nothing).
+pub struct Prefill {
+    pub capture: Option<(Box<dyn EvalHook>, CaptureHandle)>,
+}
+
+/// Build the capture hook for a context of `n` tokens.
+pub fn capture_for(model: &Model, needs: Needs, n: usize, keys_node: &str, calib: Option<&Calibration>, swa: &[usize], n_ctx: usize) -> Result<Prefill, String> {
+    let Some(cfg) = capture_config(needs, n, keys_node, calib) else { return Ok(Prefill { capture: None }) };
+    let (hook, handle) = new_capture(model, &cfg, swa, n_ctx)?;
+    Ok(Prefill { capture: Some((Box::new(hook), handle)) })
+}
+
+/// Feed the context and collect the policies' inputs.
+pub fn prefill(ctx: &mut Context, tokens: &[i32], needs: Needs, capture: Option<&CaptureHandle>, calib: Option<&Calibration>, progress: impl FnMut(usize)) -> anyhow::Result<Inputs> {
+    let nll = feed(ctx, tokens, needs.logits, progress)?;
+    let summary = capture.map(|h| h.take_summary());
+    Inputs::from_summary(summary.as_ref(), tokens.len(), calib, needs.logits.then_some(&nll[..])).map_err(|e| anyhow::anyhow!(e))
+}
