@@ -232,3 +232,79 @@ fn freq_build_counts_tokens_with_the_models_tokenizer() {
     assert_clean_failure(&o, "--top must be at least 1");
     assert!(!d.path().join("g.csv").exists());
 }
+
+fn prune_tiny(d: &Path, extra: &[&str]) -> Output {
+    let (_, p) = tiny(d);
+    let ctx = d.join("ctx.txt");
+    std::fs::write(&ctx, "the cat sat on the mat and the dog sat on the log. ".repeat(6)).unwrap();
+    bin().arg("prune").arg("--model").arg(&p).arg("--context").arg(&ctx).args(["--max-new", "4"]).args(extra).env("ATTRACTORS_DATA", d).output().unwrap()
+}
+
+#[test]
+fn prune_on_the_tiny_model_reports_what_it_kept() {
+    let d = tempfile::tempdir().unwrap();
+    for mode in ["cells", "mask"] {
+        let o = prune_tiny(d.path(), &["--policy", "h2o", "--ratio", "0.5", "--mode", mode, "--show-kept"]);
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{mode}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(s.contains("answer:") && s.contains("kept text"), "{s}");
+        if mode == "cells" {
+            let line = s.lines().find(|l| l.starts_with("kept ")).unwrap();
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let (k, n): (usize, usize) = (w[1].parse().unwrap(), w[3].parse().unwrap());
+            assert_eq!(k, (n as f64 * 0.5).round() as usize, "{line}");
+        } else {
+            assert!(s.contains("kept 50.0%"), "{s}");
+        }
+    }
+}
+
+#[test]
+fn prune_bad_input_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    assert_clean_failure(&prune_tiny(d.path(), &["--policy", "lru"]), "unknown policy lru");
+    assert_clean_failure(&prune_tiny(d.path(), &["--policy", "random", "--ratio", "1.5"]), "impossible");
+    assert_clean_failure(&prune_tiny(d.path(), &["--policy", "frequency", "--ratio", "0.5"]), "no frequency list");
+    assert_clean_failure(&prune_tiny(d.path(), &["--policy", "activation", "--ratio", "0.5"]), "no activation calibration");
+    assert_clean_failure(&prune_tiny(d.path(), &["--policy", "random", "--mode", "mask", "--close-gaps"]), "cells mode only");
+    assert_clean_failure(&prune_tiny(d.path(), &["--policy", "random", "--mode", "evict"]), "unknown mode evict");
+    assert_clean_failure(&prune_tiny(d.path(), &["--policy", "random", "--question", " "]), "question");
+    let (_, p) = tiny(d.path());
+    let o = bin().arg("prune").arg("--model").arg(&p).arg("--context").arg(d.path().join("nope.txt")).args(["--policy", "random"]).output().unwrap();
+    assert_clean_failure(&o, "cannot read context file");
+}
+
+#[test]
+fn eval_long_bad_input_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let out = d.path().join("out");
+    let run = |extra: &[&str]| bin().args(["eval", "long", "--model"]).arg(&p).arg("--out").arg(&out).args(["--length", "256"]).args(extra).env("ATTRACTORS_DATA", d.path()).output().unwrap();
+    assert_clean_failure(&run(&["--task", "trec"]), "unknown task trec");
+    assert_clean_failure(&run(&["--ratio", "most"]), "neither");
+    assert_clean_failure(&run(&["--ratio", "2"]), "impossible");
+    assert_clean_failure(&run(&["--n", "0"]), "--n");
+    assert_clean_failure(&run(&["--policies", "full,lru", "--ratio", "0.5"]), "unknown policy lru");
+    assert!(files_in(&out).is_empty());
+}
+
+#[test]
+fn calibrate_writes_one_row_per_layer_and_refuses_bad_output() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, p) = tiny(d.path());
+    let corpus = d.path().join("c.txt");
+    std::fs::write(&corpus, "the cat sat on the mat and the dog sat on the log. ".repeat(40)).unwrap();
+    let out = d.path().join("cal.csv");
+    let o = bin().arg("calibrate").arg("--model").arg(&p).arg("--corpus").arg(&corpus).args(["--docs", "2", "--max-tokens", "128", "--out"]).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cal = attractors::evict::calibration::Calibration::parse(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(cal.layers.len(), m.cfg.n_layer);
+    assert_eq!(cal.node, "attn_norm");
+    for l in cal.layers.iter().flatten() {
+        assert!(l.dim < m.cfg.n_embd && l.p < 0.05 && l.rho.abs() <= 1.0);
+    }
+    let blocker = d.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let o = bin().arg("calibrate").arg("--model").arg(&p).arg("--corpus").arg(&corpus).args(["--docs", "1", "--max-tokens", "64", "--out"]).arg(blocker.join("cal.csv")).output().unwrap();
+    assert_clean_failure(&o, "cannot create");
+}

@@ -248,3 +248,195 @@ fn smollm2_generation_continues_after_cells_eviction() {
 fn gemma3_generation_continues_after_cells_eviction() {
     evict_then_continue(GEMMA);
 }
+
+/// `mask` with one choice for every layer and head equals `cells` without gap closing on a
+/// real model, including Gemma's sliding-window cache (1,200 tokens: its window of 512 has
+/// reused cells by the time the next token comes), for the first query after eviction. Both
+/// contexts split the graph at every `kq_soft_max` (an attention capture): measured on the
+/// pinned llama.cpp, after holes are punched into the cache Gemma's logits depend on where
+/// the graph is split (~1 logit between no callback and a capture),
+/// while the tiny model's reference pass shows hooked and unhooked `cells` both exact
+/// (tests/evict_tiny.rs). Batch versus one-by-one decoding after eviction is printed, not
+/// asserted (it also drifts on the real models).
+fn mask_equals_cells(name: &str) {
+    use attractors::capture::mask::{new_mask, plan_from_keep};
+    use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig};
+    use attractors::evict::apply::apply_cells;
+    use attractors::evict::select::keep_cells;
+    use attractors::evict::{by_name, Observation};
+    use attractors::ffi::{Batch, Hooks, KvType};
+    let model = Model::load(&model_path(name), &ModelParams::default()).unwrap();
+    let toks = model.tokenize(DEFAULT_TEXT, true, false).unwrap();
+    let (n, m) = (1200usize, 16usize);
+    assert!(toks.len() >= n + m);
+    let obs = Observation { n, tokens: &toks[..n], budget: n / 2, seed: 9, ..Observation::default() };
+    let mut keep = keep_cells(&by_name("random", &[]).unwrap().score(&obs).unwrap(), n, n / 2, 4);
+    keep[n - 1] = true;
+    let params = ContextParams { n_ctx: 2048, n_batch: 512, n_ubatch: 512, flash_attn: FlashAttn::Off, kv_type: KvType::F32, ..Default::default() };
+    let positions: Vec<i32> = (0..n as i32).collect();
+    let rest = |ctx: &mut Context, k0: usize, k1: usize| {
+        let mut b = Batch::new(m);
+        for k in k0..k1 {
+            b.push(toks[n + k], (n + k) as i32, true).unwrap();
+        }
+        ctx.decode(&b).unwrap();
+        (0..k1 - k0).map(|k| ctx.logits(k as i32).unwrap().to_vec()).collect::<Vec<_>>()
+    };
+    let max_dev = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let swa = sliding_window_layers(&model).unwrap();
+    // an attention capture in every context: the graph splits at each kq_soft_max alike
+    let watch = || {
+        let cfg = CaptureConfig { activation: None, distance: false, ..CaptureConfig::default() };
+        Box::new(new_capture(&model, &cfg, &swa, 2048).unwrap().0) as Box<dyn EvalHook>
+    };
+    let mut cells = Context::new(&model, &params, Some(watch())).unwrap();
+    feed(&mut cells, &toks[..n], false, |_| {}).unwrap();
+    apply_cells(&mut cells, &positions, &keep, false).unwrap();
+    let by_cells = rest(&mut cells, 0, 1);
+    drop(cells);
+    let plan = plan_from_keep(&vec![Some(vec![keep.clone()]); model.n_layer()], &positions);
+    let (hook, handle) = new_mask(&model, &swa);
+    let mut masked = Context::new(&model, &params, Some(Box::new(Hooks::new(vec![watch(), Box::new(hook)])))).unwrap();
+    feed(&mut masked, &toks[..n], false, |_| {}).unwrap();
+    handle.set_plan(plan.clone()).unwrap();
+    let batch = rest(&mut masked, 0, m);
+    assert!(handle.written() > 0);
+    drop(masked);
+    let (hook, handle) = new_mask(&model, &swa);
+    let mut one = Context::new(&model, &params, Some(Box::new(Hooks::new(vec![watch(), Box::new(hook)])))).unwrap();
+    feed(&mut one, &toks[..n], false, |_| {}).unwrap();
+    handle.set_plan(plan).unwrap();
+    let single: Vec<Vec<f32>> = (0..m).map(|k| rest(&mut one, k, k + 1).remove(0)).collect();
+    drop(one);
+    let mut plain = Context::new(&model, &params, None).unwrap();
+    feed(&mut plain, &toks[..n], false, |_| {}).unwrap();
+    let full = rest(&mut plain, 0, 1);
+    let dev = max_dev(&by_cells[0], &batch[0]);
+    let moved = max_dev(&by_cells[0], &full[0]);
+    let self_dev = (0..m).map(|k| max_dev(&batch[k], &single[k])).fold(0.0f32, f32::max);
+    eprintln!("{name}: |cells - mask| {dev:.2e}; mask batch vs one by one {self_dev:.2e}; eviction moved logits by {moved:.2}");
+    assert!(dev < 1e-3, "{name}: cells and mask differ by {dev}");
+    assert!(moved > 0.1, "{name}: evicting half the context should move the logits ({moved})");
+}
+
+#[test]
+fn smollm2_mask_equals_cells() {
+    mask_equals_cells(SMOL);
+}
+
+/// Gemma 3 `mask` mode hides exactly the evicted positions each layer could see: every
+/// hidden position inside a sliding-window layer's window (and every one in a global layer)
+/// gets `-inf` for every head, none leaks attention, and every kept position inside the
+/// window still receives some. (Its logits are not compared with `cells`: on the pinned
+/// llama.cpp they moved by ~1 logit with how the graph was split; see the note of issue 4.)
+#[test]
+fn gemma3_mask_hides_exactly_inside_the_window() {
+    use attractors::capture::mask::{new_mask, plan_from_keep};
+    use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig};
+    use attractors::evict::select::keep_cells;
+    use attractors::evict::{by_name, Observation};
+    use attractors::ffi::{Batch, Hooks, KvType};
+    let model = Model::load(&model_path(GEMMA), &ModelParams::default()).unwrap();
+    let toks = model.tokenize(DEFAULT_TEXT, true, false).unwrap();
+    let n = 1200usize;
+    let obs = Observation { n, tokens: &toks[..n], budget: n / 2, seed: 9, ..Observation::default() };
+    let keep = keep_cells(&by_name("random", &[]).unwrap().score(&obs).unwrap(), n, n / 2, 4);
+    let swa = sliding_window_layers(&model).unwrap();
+    assert_eq!(swa.len(), model.n_layer() - 3, "Gemma 3 270M has three global layers");
+    let params = ContextParams { n_ctx: 2048, n_batch: 512, n_ubatch: 512, flash_attn: FlashAttn::Off, kv_type: KvType::F32, ..Default::default() };
+    let positions: Vec<i32> = (0..n as i32).collect();
+    let cfg = CaptureConfig { activation: None, distance: false, ..CaptureConfig::default() };
+    let (cap, ch) = new_capture(&model, &cfg, &swa, 2048).unwrap();
+    let (hook, handle) = new_mask(&model, &swa);
+    let mut ctx = Context::new(&model, &params, Some(Box::new(Hooks::new(vec![Box::new(cap), Box::new(hook)])))).unwrap();
+    feed(&mut ctx, &toks[..n], false, |_| {}).unwrap();
+    handle.set_plan(plan_from_keep(&vec![Some(vec![keep.clone()]); model.n_layer()], &positions)).unwrap();
+    ch.reset();
+    let mut b = Batch::new(1);
+    b.push(toks[n], n as i32, true).unwrap();
+    ctx.decode(&b).unwrap();
+    assert!(ctx.logits(0).unwrap().iter().all(|x| x.is_finite()));
+    let s = ch.summary().attention.unwrap();
+    let mut expected = 0;
+    for l in 0..model.n_layer() {
+        let w = if swa.contains(&l) { model.n_swa() } else { usize::MAX };
+        let inside = |p: usize| n - p < w;
+        expected += (0..n).filter(|&p| !keep[p] && inside(p)).count() * model.n_head();
+        for h in 0..model.n_head() {
+            for p in 0..n {
+                let a = s.received_head[l][h][p];
+                if !keep[p] || !inside(p) {
+                    assert_eq!(a, 0.0, "layer {l} head {h}: position {p} should be hidden");
+                } else {
+                    assert!(a > 0.0, "layer {l} head {h}: kept position {p} lost its attention");
+                }
+            }
+        }
+    }
+    assert_eq!(handle.written(), expected as u64);
+}
+
+/// `prune` with the default frequency list keeps about half of a prose context, and every
+/// mode answers.
+fn prune_keeps_about_half(name: &str) {
+    let o = bin().arg("prune").arg("--model").arg(model_path(name)).args(["--max-new", "8"]).output().unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+    let line = s.lines().find(|l| l.starts_with("kept ")).unwrap();
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let frac = w[1].parse::<f64>().unwrap() / w[3].parse::<f64>().unwrap();
+    eprintln!("{name}: frequency keeps {:.1}% of the built-in passage", frac * 100.0);
+    assert!((0.35..0.75).contains(&frac), "{name}: frequency kept {frac}");
+    for extra in [["--policy", "h2o", "--mode", "mask"], ["--policy", "l2norm", "--mode", "cells"]] {
+        let o = bin().arg("prune").arg("--model").arg(model_path(name)).args(["--max-new", "8", "--ratio", "0.5"]).args(extra).output().unwrap();
+        assert!(o.status.success(), "{name} {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(s.lines().any(|l| l.starts_with("answer: ") && l.len() > 8), "{name} {extra:?}: {s}");
+    }
+}
+
+#[test]
+fn smollm2_prune_keeps_about_half() {
+    prune_keeps_about_half(SMOL);
+}
+
+#[test]
+fn gemma3_prune_keeps_about_half() {
+    prune_keeps_about_half(GEMMA);
+}
+
+/// `eval long` end to end: the table has every policy and task, matched policies keep the
+/// same fraction as `frequency` on each sample, and `full` keeps everything.
+#[test]
+fn smollm2_eval_long_table() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let o = bin()
+        .args(["eval", "long", "--model"])
+        .arg(model_path(SMOL))
+        .args(["--task", "passkey,kv", "--policies", "full,frequency,tova,random", "--n", "2", "--length", "256", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = std::fs::read_to_string(out.join("table.csv")).unwrap();
+    assert_eq!(table.lines().count(), 1 + 4 * 2);
+    let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(md.contains("| full |") && md.contains("| passkey | kv |"), "{md}");
+    let res = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<Vec<String>> = res.lines().skip(1).map(|l| l.splitn(8, ',').map(String::from).collect()).collect();
+    assert_eq!(rows.len(), 2 * 2 * 4);
+    for r in &rows {
+        let kept: f64 = r[4].parse().unwrap();
+        if r[2] == "full" {
+            assert_eq!(kept, 1.0);
+        } else {
+            let f = rows.iter().find(|x| x[0] == r[0] && x[1] == r[1] && x[2] == "frequency").unwrap();
+            assert_eq!(r[4], f[4], "{r:?} not matched to frequency");
+            assert!(kept > 0.1 && kept < 0.9, "{r:?}");
+        }
+    }
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["ratio"], "matched");
+    assert!(meta["frequency_list"].as_str().unwrap().contains("freq"));
+}

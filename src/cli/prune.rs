@@ -43,6 +43,9 @@ pub fn policy_setup(model: &Model, a: &PolicyArgs, names: &[String]) -> anyhow::
     if names.is_empty() {
         bail!("no policy given: name at least one of {}", crate::evict::POLICIES.join(", "));
     }
+    for n in names {
+        by_name(n, &[]).map_err(|e| anyhow::anyhow!(e))?;
+    }
     let fp = common::vocab_fingerprint(model);
     let uses = |p: &str| names.iter().any(|n| n == p);
     let (mut frequent, mut freq_file) = (vec![], None);
@@ -148,12 +151,6 @@ pub fn run(a: PruneArgs) -> anyhow::Result<()> {
         bail!("--question is empty: ask something");
     }
     let model = common::load_model(&a.model)?;
-    let mut names = vec![a.policy.clone()];
-    if a.bench || (a.ratio.is_none() && a.budget.is_none()) {
-        names.push("frequency".into());
-    }
-    let setup = policy_setup(&model, &a.policy_args, &names)?;
-    let policy = &setup.policies[0];
     let (label, text) = match &a.context {
         Some(p) => {
             let b = std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read context file {}: {e}; pass an existing --context file", p.display()))?;
@@ -164,12 +161,15 @@ pub fn run(a: PruneArgs) -> anyhow::Result<()> {
     if text.trim().is_empty() {
         bail!("context {label} is empty: give a file with some text");
     }
+    let mut names = vec![a.policy.clone()];
+    if a.bench || (a.ratio.is_none() && a.budget.is_none()) {
+        names.push("frequency".into());
+    }
+    let setup = policy_setup(&model, &a.policy_args, &names)?;
+    let policy = &setup.policies[0];
     let prompt = build_prompt(&model, text.trim_end(), &a.question, "")?;
     let n = prompt.context.len();
     let params = common::context_params(&model, &a.engine, n + prompt.question.len() + a.max_new, FlashAttn::Off)?;
-    if n > params.n_batch as usize * 1024 {
-        bail!("context too long");
-    }
     let (budget, rule) = resolve_budget(a.ratio, a.budget, &prompt.context, &setup)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
     eprintln!("prune: {n} context tokens from {label}; policy {} ({rule}: keep {budget}), {} mode; flash attention off", policy.name(), mode.name());
