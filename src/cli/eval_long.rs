@@ -76,7 +76,9 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
     let squad = if needs_squad { Some(load_qa("squad", parse_squad)?) } else { None };
     let hotpot = if a.task.iter().any(|t| t == "hotpotqa") { Some(load_qa("hotpotqa", parse_hotpot)?) } else { None };
     let data = TaskData::new(&filler, squad, hotpot);
-    let params = common::context_params(&model, &a.engine, a.length + 256, FlashAttn::Off)?;
+    let mut engine = a.engine.clone();
+    engine.ctx = engine.ctx.or(Some(((a.length + 256).div_ceil(256) * 256) as u32));
+    let params = common::context_params(&model, &engine, a.length + 256, FlashAttn::Off)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
     let count = |s: &str| model.tokenize(s, false, false).map(|t| t.len()).unwrap_or(usize::MAX);
     let n_policies = a.policies.len();

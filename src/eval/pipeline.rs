@@ -121,6 +121,7 @@ impl Choice {
 }
 
 /// Score and choose: `budget` positions of `tokens` (the context), first `sinks` protected.
+#[allow(clippy::too_many_arguments)]
 pub fn choose(policy: &dyn Policy, inputs: &Inputs, tokens: &[i32], budget: usize, sinks: usize, seed: u64, mode: Mode, n_layer: usize) -> Result<Choice, String> {
     let n = tokens.len();
     let (budget, sinks) = if policy.protects_sinks() { (budget, sinks) } else { (n, 0) };

@@ -20,12 +20,14 @@ pub struct Sample {
     pub answers: Vec<String>,
 }
 
+/// `(question, answers, gold documents, related documents)`.
+pub type Qa = (String, Vec<String>, Vec<usize>, Vec<usize>);
+
 /// Question-answering data: documents and questions pointing at them.
 #[derive(Debug, Clone, Default)]
 pub struct QaSet {
     pub docs: Vec<String>,
-    /// `(question, answers, gold documents, related documents)`.
-    pub qas: Vec<(String, Vec<String>, Vec<usize>, Vec<usize>)>,
+    pub qas: Vec<Qa>,
 }
 
 /// Parse RULER's `squad.json` (SQuAD 2.0 dev): answerable questions; gold = the paragraph,

@@ -121,6 +121,9 @@ impl<'a> TensorView<'a> {
 
     /// Mutable host data as f32 (for writes such as `-inf` masks). `None` when the tensor
     /// is not f32 or not in host memory.
+    // The data belongs to the scheduler's buffer, not to this view: the view is a borrowed
+    // handle, and the callback is the only code touching the tensor while it runs.
+    #[allow(clippy::mut_from_ref)]
     pub fn f32_data_mut(&self) -> Option<&mut [f32]> {
         if !self.is_f32() || !self.is_host() || self.t().data.is_null() {
             return None;
