@@ -256,8 +256,8 @@ fn gemma3_generation_continues_after_cells_eviction() {
 /// pinned llama.cpp, after holes are punched into the cache Gemma's logits depend on where
 /// the graph is split (~1 logit between no callback and a capture),
 /// while the tiny model's reference pass shows hooked and unhooked `cells` both exact
-/// (tests/evict_tiny.rs). Batch versus one-by-one decoding after eviction is printed, not
-/// asserted (it also drifts on the real models).
+/// (tests/evict_tiny.rs). `mask` must also answer the same for a 16-token batch as for those
+/// tokens decoded one by one.
 fn mask_equals_cells(name: &str) {
     use attractors::capture::mask::{new_mask, plan_from_keep};
     use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig};
@@ -316,6 +316,7 @@ fn mask_equals_cells(name: &str) {
     let self_dev = (0..m).map(|k| max_dev(&batch[k], &single[k])).fold(0.0f32, f32::max);
     eprintln!("{name}: |cells - mask| {dev:.2e}; mask batch vs one by one {self_dev:.2e}; eviction moved logits by {moved:.2}");
     assert!(dev < 1e-3, "{name}: cells and mask differ by {dev}");
+    assert!(self_dev < 1e-3, "{name}: mask batch and one-by-one differ by {self_dev}");
     assert!(moved > 0.1, "{name}: evicting half the context should move the logits ({moved})");
 }
 
