@@ -223,20 +223,19 @@ fn bench(model: &Model, params: &ContextParams, swa: &[usize], setup: &PolicySet
     let policy = &setup.policies[0];
     let full = by_name("full", &[]).map_err(|e| anyhow::anyhow!(e))?;
     let reps = 3;
-    let best = |p: &dyn Policy, mode: Mode| -> anyhow::Result<(f64, f64)> {
-        let mut b = (f64::INFINITY, 0.0);
-        for _ in 0..reps {
-            let r = run_once(model, params, swa, setup, p, prompt, budget, mode, 1)?;
-            if r.to_first_token_s < b.0 {
-                b = (r.to_first_token_s, r.evict_s);
+    // Interleaved rounds (full, cells, mask, full, ...), best of each: this machine's speed
+    // drifts by tens of percent over minutes, which sequential blocks would turn into a bias.
+    let variants: [(&dyn Policy, Mode); 3] = [(full.as_ref(), Mode::Cells { close_gaps: false }), (policy.as_ref(), Mode::Cells { close_gaps: false }), (policy.as_ref(), Mode::Mask)];
+    let mut best = [(f64::INFINITY, 0.0f64); 3];
+    for _ in 0..reps {
+        for (k, (p, mode)) in variants.iter().enumerate() {
+            let r = run_once(model, params, swa, setup, *p, prompt, budget, *mode, 1)?;
+            if r.to_first_token_s < best[k].0 {
+                best[k] = (r.to_first_token_s, r.evict_s);
             }
         }
-        Ok(b)
-    };
-    eprintln!("bench: {} context tokens, {} question tokens, policy {}, keep {budget}; best of {reps} runs each", prompt.context.len(), prompt.question.len(), policy.name());
-    let (t_full, _) = best(full.as_ref(), Mode::Cells { close_gaps: false })?;
-    let (t_cells, e_cells) = best(policy.as_ref(), Mode::Cells { close_gaps: false })?;
-    let (t_mask, e_mask) = best(policy.as_ref(), Mode::Mask)?;
+    }
+    let [(t_full, _), (t_cells, e_cells), (t_mask, e_mask)] = best;
     println!("bench_to_first_token_s full {t_full:.4} cells {t_cells:.4} (eviction {e_cells:.4}) mask {t_mask:.4} (choice {e_mask:.4}); n_ctx {}", params.n_ctx);
     println!("cells_over_full {:.3} mask_over_full {:.3}", t_cells / t_full, t_mask / t_full);
     Ok(())
