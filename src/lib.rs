@@ -9,4 +9,5 @@ pub mod output;
 pub mod plot;
 pub mod rng;
 pub mod session;
+pub mod stream;
 pub mod tiny;

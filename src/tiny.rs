@@ -221,16 +221,24 @@ impl TinyModel {
     /// Forward pass where `edit(layer, pos, x)` may change the normalised attention input
     /// `attn_norm` before Q, K and V are computed from it (interventions).
     pub fn forward_edited(&self, tokens: &[i32], visible: &dyn Fn(usize, usize) -> bool, edit: &dyn Fn(usize, usize, &mut Vec<f64>)) -> Reference {
-        self.forward_general(tokens, &|_, _, i, j| visible(i, j), edit)
+        self.forward_general(tokens, &|_, _, i, j| visible(i, j), edit, None)
     }
 
     /// Forward pass where query `i` of head `h` in layer `l` sees key `j < i` only when
     /// `visible(l, h, i, j)` (`mask` mode eviction, per layer and head).
     pub fn forward_heads(&self, tokens: &[i32], visible: &dyn Fn(usize, usize, usize, usize) -> bool) -> Reference {
-        self.forward_general(tokens, visible, &|_, _, _| {})
+        self.forward_general(tokens, visible, &|_, _, _| {}, None)
     }
 
-    fn forward_general(&self, tokens: &[i32], visible: &dyn Fn(usize, usize, usize, usize) -> bool, edit: &dyn Fn(usize, usize, &mut Vec<f64>)) -> Reference {
+    /// A bounded stream: token `i` was decoded at position `pos(i, i)` and saw key `j < i`
+    /// at position `pos(i, j)` when `Some` (the cache re-positions kept keys; RoPE of a
+    /// shifted key is the rotation at its new position), hidden when `None`.
+    pub fn forward_stream(&self, tokens: &[i32], pos: &dyn Fn(usize, usize) -> Option<usize>) -> Reference {
+        let p = |i: usize, j: usize| pos(i, j).unwrap_or(0);
+        self.forward_general(tokens, &|_, _, i, j| pos(i, j).is_some(), &|_, _, _| {}, Some(&p))
+    }
+
+    fn forward_general(&self, tokens: &[i32], visible: &dyn Fn(usize, usize, usize, usize) -> bool, edit: &dyn Fn(usize, usize, &mut Vec<f64>), pos: Option<&dyn Fn(usize, usize) -> usize>) -> Reference {
         let c = &self.cfg;
         let (e, nh, nkv) = (c.n_embd, c.n_head, c.n_head_kv);
         let hd = e / nh;
@@ -264,8 +272,17 @@ impl TinyModel {
                 }
                 v
             };
-            let q: Vec<Vec<f64>> = xn.iter().enumerate().map(|(p, x)| rope(l.wq.apply(x), p, nh)).collect();
-            let k: Vec<Vec<f64>> = xn.iter().enumerate().map(|(p, x)| rope(l.wk.apply(x), p, nkv)).collect();
+            let at = |i: usize, j: usize| pos.map_or(j, |f| f(i, j));
+            let q: Vec<Vec<f64>> = xn.iter().enumerate().map(|(p, x)| rope(l.wq.apply(x), at(p, p), nh)).collect();
+            let k_raw: Vec<Vec<f64>> = xn.iter().map(|x| l.wk.apply(x)).collect();
+            let k: Vec<Vec<f64>> = k_raw.iter().enumerate().map(|(p, x)| rope(x.clone(), p, nkv)).collect();
+            // keys as query i sees them (re-rotated when positions moved)
+            let key = |i: usize, j: usize| -> std::borrow::Cow<'_, Vec<f64>> {
+                match pos {
+                    None => std::borrow::Cow::Borrowed(&k[j]),
+                    Some(f) => std::borrow::Cow::Owned(rope(k_raw[j].clone(), f(i, j), nkv)),
+                }
+            };
             let v: Vec<Vec<f64>> = xn.iter().map(|x| l.wv.apply(x)).collect();
             vnorm_all.push(v.iter().map(|vj| (0..nkv).map(|g| vj[g * hd..(g + 1) * hd].iter().map(|x| x * x).sum::<f64>().sqrt()).collect()).collect());
             let scale = 1.0 / (hd as f64).sqrt();
@@ -277,7 +294,8 @@ impl TinyModel {
                     let s: Vec<f64> = (0..=i)
                         .map(|j| {
                             if j == i || visible(li, hh, i, j) {
-                                (0..hd).map(|d| q[i][hh * hd + d] * k[j][g * hd + d]).sum::<f64>() * scale
+                                let kj = key(i, j);
+                                (0..hd).map(|d| q[i][hh * hd + d] * kj[g * hd + d]).sum::<f64>() * scale
                             } else {
                                 f64::NEG_INFINITY
                             }

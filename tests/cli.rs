@@ -308,3 +308,82 @@ fn calibrate_writes_one_row_per_layer_and_refuses_bad_output() {
     let o = bin().arg("calibrate").arg("--model").arg(&p).arg("--corpus").arg(&corpus).args(["--docs", "1", "--max-tokens", "64", "--out"]).arg(blocker.join("cal.csv")).output().unwrap();
     assert_clean_failure(&o, "cannot create");
 }
+
+#[test]
+fn chat_on_the_tiny_model_streams_and_reports() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let mut child = bin()
+        .args(["chat", "--model"])
+        .arg(&p)
+        .args(["--policy", "streaming", "--budget", "48", "--temp", "0", "--max-reply", "12", "--show-cache"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"the cat sat on the mat\nand the dog sat on the log\n/policy random\nthe end\n/policy snapkv\n/nope\n/stats\n/reset\n/stats\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("[cache ")).count(), 3, "{err}");
+    assert!(out.contains("[policy random: "), "{out}");
+    assert!(out.contains("policy snapkv cannot bound a stream"), "{out}");
+    assert!(out.contains("[unknown command /nope"), "{out}");
+    assert!(out.contains("policy random · sinks 4"), "{out}");
+    assert!(out.contains("[reset: empty cache"), "{out}");
+    assert!(out.contains("[stats] cache: 0/48 cells"), "after /reset: {out}");
+}
+
+#[test]
+fn streaming_commands_bad_input_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let out = d.path().join("out");
+    let chat = |extra: &[&str]| bin().args(["chat", "--model"]).arg(&p).args(extra).stdin(std::process::Stdio::null()).env("ATTRACTORS_DATA", d.path()).output().unwrap();
+    assert_clean_failure(&chat(&["--policy", "lru"]), "unknown policy lru");
+    assert_clean_failure(&chat(&["--policy", "snapkv"]), "cannot bound a stream");
+    assert_clean_failure(&chat(&["--policy", "streaming", "--budget", "4"]), "leaves no room");
+    assert_clean_failure(&chat(&["--policy", "streaming", "--budget", "100000"]), "larger than the model's trained context");
+    assert_clean_failure(&chat(&["--policy", "frequency"]), "no frequency list");
+    let text = d.path().join("t.txt");
+    std::fs::write(&text, "the cat sat on the mat. ".repeat(20)).unwrap();
+    let stream = |extra: &[&str]| bin().args(["eval", "stream", "--model"]).arg(&p).arg("--text").arg(&text).arg("--out").arg(&out).args(extra).env("ATTRACTORS_DATA", d.path()).output().unwrap();
+    assert_clean_failure(&stream(&["--policies", "streaming", "--tokens", "100000"]), "fewer than --tokens");
+    assert_clean_failure(&stream(&["--policies", "full,h2o,snapkv"]), "cannot bound a stream");
+    assert_clean_failure(&stream(&["--policies", "streaming", "--budget", "5"]), "leaves no room");
+    assert_clean_failure(&stream(&["--policies", "streaming", "--tokens", "50", "--offset", "100000"]), "past the end");
+    let o = bin().args(["eval", "stream", "--model"]).arg(&p).arg("--text").arg(d.path().join("nope.txt")).arg("--out").arg(&out).args(["--policies", "streaming"]).output().unwrap();
+    assert_clean_failure(&o, "cannot read text file");
+    let dialog = |extra: &[&str]| bin().args(["eval", "dialog", "--model"]).arg(&p).arg("--out").arg(&out).args(extra).output().unwrap();
+    assert_clean_failure(&dialog(&["--questions", "0"]), "--questions");
+    let t = text.display().to_string();
+    assert_clean_failure(&dialog(&["--policies", "streaming", "--data", &t]), "not a chit-chat dataset");
+    let missing = d.path().join("nope.json").display().to_string();
+    assert_clean_failure(&dialog(&["--policies", "streaming", "--data", &missing]), "cannot read dialogues");
+    assert!(files_in(&out).is_empty());
+}
+
+#[test]
+fn eval_stream_on_the_tiny_model_writes_every_table() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let text = d.path().join("t.txt");
+    std::fs::write(&text, "the cat sat on the mat and the dog sat on the log. ".repeat(30)).unwrap();
+    let out = d.path().join("out");
+    let o = bin().args(["eval", "stream", "--model"]).arg(&p).arg("--text").arg(&text).arg("--out").arg(&out).args(["--policies", "full,streaming,random", "--budget", "32", "--tokens", "120", "--smooth", "10"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut names = files_in(&out);
+    names.sort();
+    assert_eq!(names, ["meta.json", "nll-curve.png", "nll-curve.svg", "nll.csv", "table.csv", "table.md"]);
+    let table = std::fs::read_to_string(out.join("table.csv")).unwrap();
+    assert_eq!(table.lines().count(), 4);
+    // the nll.csv columns rebuild the table's perplexity
+    let nll = std::fs::read_to_string(out.join("nll.csv")).unwrap();
+    let col: Vec<f64> = nll.lines().skip(2).map(|l| l.split(',').nth(3).unwrap().parse::<f64>().unwrap()).collect();
+    let ppl = (col.iter().sum::<f64>() / col.len() as f64).exp();
+    let row: Vec<&str> = table.lines().nth(2).unwrap().split(',').collect();
+    assert_eq!(row[0], "streaming");
+    assert!((row[3].parse::<f64>().unwrap() - ppl).abs() < 1e-3 * ppl, "{row:?} vs {ppl}");
+}

@@ -252,6 +252,15 @@ impl CaptureHandle {
         }
     }
 
+    /// Move the observation window (SnapKV's window sum, TOVA's last row) to queries
+    /// `start..=last` (streaming: the last query changes with every decode).
+    pub fn set_observation_window(&self, start: usize, last: usize) {
+        let mut s = lock(&self.0);
+        if let Some(a) = &mut s.attention {
+            a.set_observation_window(start, last);
+        }
+    }
+
     /// Forget everything accumulated (between documents); cell maps follow the context.
     pub fn reset(&self) {
         let mut s = lock(&self.0);

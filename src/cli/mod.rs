@@ -3,6 +3,9 @@
 mod analyze;
 mod bench;
 mod calibrate;
+mod chat;
+mod eval_dialog;
+mod eval_stream;
 mod eval_long;
 mod prune;
 mod freq;
@@ -51,6 +54,8 @@ pub enum Command {
     Calibrate(CalibrateArgs),
     /// Prefill a context, compress the KV cache once with a policy, ask a question.
     Prune(PruneArgs),
+    /// Chat with a bounded KV cache (the policy evicts before the cache would overflow).
+    Chat(ChatArgs),
     /// Evaluations.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -147,6 +152,114 @@ pub struct PruneArgs {
 pub enum EvalCommand {
     /// Long-context tasks with the context compressed once (Table 1).
     Long(EvalLongArgs),
+    /// Perplexity of a long text streamed through a bounded cache (StreamingLLM protocol).
+    Stream(EvalStreamArgs),
+    /// Response selection on chit-chat dialogues streamed through a bounded cache (Table 2).
+    Dialog(EvalDialogArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Eviction policy (a streaming one: frequency, streaming, sirllm, h2o, tova, l2norm, activation, random).
+    #[arg(long, default_value = "frequency")]
+    pub policy: String,
+    /// Most cells the KV cache may hold.
+    #[arg(long, default_value_t = 512)]
+    pub budget: usize,
+    /// Extra cells freed at each eviction (default: budget / 16).
+    #[arg(long)]
+    pub slack: Option<usize>,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Sampling temperature (0: greedy); top-k 40, top-p 0.95.
+    #[arg(long, default_value_t = 0.8)]
+    pub temp: f32,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 256)]
+    pub max_reply: usize,
+    /// After every reply, print the cache size and evictions to standard error.
+    #[arg(long)]
+    pub show_cache: bool,
+    #[command(flatten)]
+    pub policy_args: PolicyArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalStreamArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Policies (`full` is the reference while the text fits the model's context).
+    #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,sirllm,h2o,random")]
+    pub policies: Vec<String>,
+    /// Most cells the KV cache may hold.
+    #[arg(long, default_value_t = 512)]
+    pub budget: usize,
+    /// Extra cells freed at each eviction (default: budget / 16).
+    #[arg(long)]
+    pub slack: Option<usize>,
+    /// Plain-text file (default: Moby-Dick).
+    #[arg(long, short)]
+    pub text: Option<PathBuf>,
+    /// Start this many characters into the text (skips front matter).
+    #[arg(long, default_value_t = 0)]
+    pub offset: usize,
+    /// Tokens to stream.
+    #[arg(long, default_value_t = 8000)]
+    pub tokens: usize,
+    /// Tokens per decode (1 = token by token, the StreamingLLM protocol).
+    #[arg(long, default_value_t = 1)]
+    pub chunk: usize,
+    /// Moving-average window of the NLL curve (tokens).
+    #[arg(long, default_value_t = 200)]
+    pub smooth: usize,
+    #[command(flatten)]
+    pub policy_args: PolicyArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/eval-stream")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalDialogArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Policies (`full`: the whole dialogue in the cache, the ceiling).
+    #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,sirllm,h2o,random")]
+    pub policies: Vec<String>,
+    /// Most cells the KV cache may hold.
+    #[arg(long, default_value_t = 512)]
+    pub budget: usize,
+    /// Extra cells freed at each eviction (default: budget / 16).
+    #[arg(long)]
+    pub slack: Option<usize>,
+    /// Questions (dialogues are added until there are this many).
+    #[arg(long, default_value_t = 200)]
+    pub questions: usize,
+    /// Dialogues need at least this many turns.
+    #[arg(long, default_value_t = 24)]
+    pub min_turns: usize,
+    /// Ask at turns FIRST, FIRST + EVERY, ...
+    #[arg(long, default_value_t = 8)]
+    pub first: usize,
+    #[arg(long, default_value_t = 4)]
+    pub every: usize,
+    /// Dataset file (default: data/chitchat/dataset.json, fetched on first use).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub policy_args: PolicyArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/eval-dialog")]
+    pub out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -398,6 +511,35 @@ pub struct FreqBuildArgs {
 pub enum BenchCommand {
     /// Prefill with full capture vs without a callback (flash attention off in both).
     Capture(BenchCaptureArgs),
+    /// A long stream through a bounded cache: decode speed late vs early, the share of step
+    /// time spent on evictions, resident memory late vs early.
+    Stream(BenchStreamArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchStreamArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "frequency")]
+    pub policy: String,
+    #[arg(long, default_value_t = 512)]
+    pub budget: usize,
+    /// Extra cells freed at each eviction (default: budget / 16).
+    #[arg(long)]
+    pub slack: Option<usize>,
+    /// Tokens to stream, one per decode (as in generation).
+    #[arg(long, default_value_t = 16000)]
+    pub tokens: usize,
+    /// Tokens per speed window (the first window vs the last one).
+    #[arg(long, default_value_t = 1000)]
+    pub window: usize,
+    /// Plain-text file (default: Moby-Dick, repeated if too short).
+    #[arg(long, short)]
+    pub text: Option<PathBuf>,
+    #[command(flatten)]
+    pub policy_args: PolicyArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 #[derive(Args, Debug)]
@@ -422,7 +564,10 @@ pub struct BenchCaptureArgs {
 /// Run the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::ffi::set_verbose(cli.verbose);
-    common::install_ctrlc();
+    // `chat` installs its own Ctrl-C handler (it stops a reply, not the program)
+    if !matches!(cli.command, Command::Chat(_)) {
+        common::install_ctrlc();
+    }
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Capture(a) => capture::run(a),
@@ -434,5 +579,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Calibrate(a) => calibrate::run(a),
         Command::Prune(a) => prune::run(a),
         Command::Eval(EvalCommand::Long(a)) => eval_long::run(a),
+        Command::Eval(EvalCommand::Stream(a)) => eval_stream::run(a),
+        Command::Eval(EvalCommand::Dialog(a)) => eval_dialog::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Bench(BenchCommand::Stream(a)) => eval_stream::bench(a),
     }
 }

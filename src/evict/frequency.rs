@@ -1,15 +1,20 @@
 //! `frequency` (Sec. 3.3): keep tokens in the top-K frequent list (low-semantic tokens).
+//! In a bounded stream the paper "adopts the SirLLM implementation but replaces its token
+//! selection with the frequency criterion" (Sec. 3.3): a recent window takes
+//! `recent_share` of the budget, frequent tokens the rest, decayed by `decay` per turn of age.
 use std::collections::HashSet;
 
-use super::{Needs, Observation, Policy, PolicyError, Scores};
+use super::{recency, Needs, Observation, Policy, PolicyError, Scores};
 
 pub struct Frequency {
     frequent: HashSet<i32>,
+    pub recent_share: f64,
+    pub decay: f64,
 }
 
 impl Frequency {
     pub fn new(frequent: &[i32]) -> Frequency {
-        Frequency { frequent: frequent.iter().copied().collect() }
+        Frequency { frequent: frequent.iter().copied().collect(), recent_share: 0.5, decay: 0.7 }
     }
 }
 
@@ -24,7 +29,24 @@ impl Policy for Frequency {
         true
     }
     fn score(&self, obs: &Observation) -> Result<Scores, PolicyError> {
-        Ok(Scores::Shared(obs.tokens.iter().take(obs.n).map(|t| self.frequent.contains(t) as u8 as f64).collect()))
+        let n = obs.n;
+        let freq = |j: usize| obs.tokens.get(j).is_some_and(|t| self.frequent.contains(t)) as u8 as f64;
+        if !obs.streaming {
+            return Ok(Scores::Shared((0..n).map(freq).collect()));
+        }
+        let recent = ((obs.budget as f64 * self.recent_share).round() as usize).min(n);
+        let last_turn = obs.turn.and_then(|t| t.iter().take(n).max().copied()).unwrap_or(0);
+        Ok(Scores::Shared(
+            (0..n)
+                .map(|j| {
+                    if j + recent >= n {
+                        return 2.0 + recency(j, n);
+                    }
+                    let age = obs.turn.map_or(0, |t| last_turn - t.get(j).copied().unwrap_or(last_turn).min(last_turn));
+                    freq(j) * self.decay.powi(age as i32)
+                })
+                .collect(),
+        ))
     }
 }
 
@@ -113,5 +135,27 @@ mod tests {
         assert_eq!(back.fingerprint(), "abc123");
         assert_eq!(back.corpus, "x.txt (100 tokens)");
         assert!(FreqList::parse("rank,token_id\n1,2,3,0.1,x\n").is_err());
+    }
+
+    #[test]
+    fn streaming_keeps_a_recent_window_then_frequent_tokens_of_newer_turns() {
+        use crate::evict::select::keep_cells;
+        let p = Frequency::new(&[1]);
+        // 12 slots: tokens 1 (frequent) and 0; turns 0,0,0,0,1,1,1,1,2,2,2,2
+        let tokens = [0, 1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0];
+        let turn: Vec<u32> = (0..12).map(|j| (j / 4) as u32).collect();
+        let obs = Observation { n: 12, tokens: &tokens, budget: 6, turn: Some(&turn), streaming: true, ..Observation::default() };
+        let Scores::Shared(s) = p.score(&obs).unwrap() else { panic!("shared scores") };
+        // the last 3 (half of 6) are the recent window, above everything
+        assert!(s[9..].iter().all(|&x| x > 2.0));
+        // frequent tokens decay with turn age: turn 1 (age 1) 0.7, turn 0 (age 2) 0.49
+        assert!((s[4] - 0.7).abs() < 1e-12 && (s[1] - 0.49).abs() < 1e-12);
+        assert_eq!(s[0], 0.0);
+        let keep = keep_cells(&Scores::Shared(s), 12, 6, 1);
+        // sink 0, window 9..12, then the two newest frequent tokens (6, 4)
+        assert_eq!(keep, vec![true, false, false, false, true, false, true, false, false, true, true, true]);
+        // compress-once scoring is the plain 0/1 membership
+        let once = Observation { streaming: false, ..obs };
+        assert_eq!(p.score(&once).unwrap(), Scores::Shared(tokens.iter().map(|&t| (t == 1) as u8 as f64).collect()));
     }
 }

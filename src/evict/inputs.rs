@@ -110,6 +110,7 @@ impl Inputs {
             surprisal: self.surprisal.as_deref(),
             turn: None,
             seed,
+            streaming: false,
         }
     }
 }

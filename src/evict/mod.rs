@@ -62,6 +62,9 @@ pub struct Observation<'a> {
     /// Dialogue turn of each slot (SirLLM decays older turns).
     pub turn: Option<&'a [u32]>,
     pub seed: u64,
+    /// Scoring before a decode of a bounded stream (not a compress-once choice): `frequency`
+    /// then works inside SirLLM's frame (recent window, decay per turn), as the paper did.
+    pub streaming: bool,
 }
 
 /// Scores, higher = keep. `None` for a layer: keep everything in that layer.

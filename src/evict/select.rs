@@ -156,8 +156,11 @@ mod tests {
             assert_eq!(p.name(), name);
             for n in [0usize, 1, 5, 64] {
                 let (tokens, att, keys, act, sur, turn) = synthetic(n, n_layer, heads, 7);
-                for budget in [0usize, 1, 3, n, n + 7] {
-                    let obs = Observation { n, tokens: &tokens, budget, attention: Some(&att), key_norms: Some(&keys), activation: Some(&act), surprisal: Some(&sur), turn: Some(&turn), seed: 3 };
+                for (budget, streaming) in [0usize, 1, 3, n, n + 7].into_iter().flat_map(|b| [(b, false), (b, true)]) {
+                    if streaming && !p.streaming() {
+                        continue;
+                    }
+                    let obs = Observation { n, tokens: &tokens, budget, attention: Some(&att), key_norms: Some(&keys), activation: Some(&act), surprisal: Some(&sur), turn: Some(&turn), seed: 3, streaming };
                     let scores = p.score(&obs).unwrap();
                     let want = if p.protects_sinks() { budget.min(n) } else { n };
                     let b = if p.protects_sinks() { budget } else { n };

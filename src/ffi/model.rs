@@ -207,10 +207,20 @@ impl Model {
         Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
     }
 
+    /// The template [`Model::apply_chat_template`] uses: the file's own, else llama.cpp's
+    /// built-in one for the architecture's family when it has one (Gemma GGUFs are often
+    /// written without `tokenizer.chat_template`; their vocabulary has the turn markers).
+    pub fn chat_template_or_builtin(&self) -> Option<String> {
+        self.chat_template().or_else(|| {
+            let arch = self.meta_str("general.architecture")?;
+            arch.starts_with("gemma").then(|| "gemma".to_string())
+        })
+    }
+
     /// Render `(role, content)` messages with the model's own chat template (llama.cpp's
     /// built-in template detection); `add_assistant` opens the assistant's turn.
     pub fn apply_chat_template(&self, messages: &[(&str, &str)], add_assistant: bool) -> Result<String, TemplateError> {
-        let tmpl = CString::new(self.chat_template().ok_or(TemplateError::Missing)?).map_err(|_| TemplateError::Nul)?;
+        let tmpl = CString::new(self.chat_template_or_builtin().ok_or(TemplateError::Missing)?).map_err(|_| TemplateError::Nul)?;
         let owned: Vec<(CString, CString)> =
             messages.iter().map(|(r, c)| Ok((CString::new(*r).map_err(|_| TemplateError::Nul)?, CString::new(*c).map_err(|_| TemplateError::Nul)?))).collect::<Result<_, _>>()?;
         let msgs: Vec<sys::llama_chat_message> = owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();

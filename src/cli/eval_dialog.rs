@@ -1,0 +1,182 @@
+//! `attractors eval dialog`: SirLLM's DailyDialog protocol on the chit-chat dialogues. Each
+//! dialogue streams turn by turn (the model's chat template, speakers as user and
+//! assistant) through a bounded cache; at chosen turns the model picks the true next
+//! utterance among four (three from other dialogues) by the mean log-likelihood of each
+//! continuation, scored without entering the cache. Accuracy per policy (Table 2 shape).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::bail;
+use serde_json::json;
+
+use super::analyze::data_dir;
+use super::chat::{check_streaming, open_stream, stream_params};
+use super::prune::policy_setup;
+use super::{common, EvalDialogArgs};
+use crate::capture::sliding_window_layers;
+use crate::output::{csv_field, OutDir};
+use crate::stream::dialog::{build, parse_chitchat, DialogSpec, Question};
+use crate::stream::turns::Conversation;
+use crate::stream::BoundConfig;
+
+struct Answer {
+    policy: String,
+    q: usize,
+    chosen: usize,
+    correct: bool,
+    cached: usize,
+    evicted_before: bool,
+    scores: Vec<f64>,
+}
+
+pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
+    if a.policies.is_empty() {
+        bail!("no policy given: name at least one of {}", crate::evict::POLICIES.join(", "));
+    }
+    for p in &a.policies {
+        if p != "full" {
+            check_streaming(p)?;
+        }
+    }
+    if a.questions == 0 {
+        bail!("--questions must be at least 1");
+    }
+    if a.every == 0 {
+        bail!("--every must be at least 1");
+    }
+    let path = match &a.data {
+        Some(p) => p.clone(),
+        None => {
+            let p = data_dir().join("chitchat/dataset.json");
+            if !p.exists() {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-data.sh");
+                common::fetch_once(&p, &script, "chitchat", "chit-chat dialogues", "needs pip and PyPI access; or pass --data FILE")?;
+            }
+            p
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read dialogues {}: {e}; pass an existing --data file", path.display()))?;
+    let all = parse_chitchat(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    drop(text);
+    let spec = DialogSpec { questions: a.questions, min_turns: a.min_turns, first: a.first, every: a.every, seed: a.policy_args.seed, ..Default::default() };
+    let (chosen, questions) = build(&all, &spec);
+    if questions.is_empty() {
+        bail!("no dialogue in {} has {} turns or more: lower --min-turns or --first", path.display(), a.min_turns);
+    }
+    let model = common::load_model(&a.model)?;
+    let setup = policy_setup(&model, &a.policy_args, &a.policies)?;
+    let out = OutDir::prepare(&a.out)?;
+    let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
+    let slack = a.slack.unwrap_or_else(|| BoundConfig::default_slack(a.budget));
+    let pb = indicatif::ProgressBar::with_draw_target(Some((questions.len() * a.policies.len()) as u64), indicatif::ProgressDrawTarget::stderr());
+    pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} questions ({elapsed}, eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()).progress_chars("=> "));
+    let mut answers: Vec<Answer> = vec![];
+    let t0 = std::time::Instant::now();
+    for name in &a.policies {
+        pb.set_message(format!("eval dialog: {name}"));
+        let (budget, params) = if name == "full" {
+            let mut e = a.engine.clone();
+            let n_ctx = model.n_ctx_train().clamp(256, 4096);
+            e.ctx = Some(n_ctx as u32);
+            (None, common::context_params(&model, &e, n_ctx, crate::ffi::FlashAttn::Off)?)
+        } else {
+            (Some(a.budget), stream_params(&model, &a.engine, a.budget)?)
+        };
+        let cfg = BoundConfig { budget, sinks: a.policy_args.sinks, slack, seed: a.policy_args.seed };
+        let mut s = open_stream(&model, &params, &setup, &swa, name, cfg)?;
+        let mut qi = 0;
+        for &d in &chosen {
+            s.reset();
+            let evictions_at_start = s.stats.evictions;
+            let mut conv = Conversation::new(&model);
+            for (t, utter) in all[d].turns.iter().enumerate() {
+                if crate::ffi::interrupted() {
+                    bail!("interrupted: nothing was written to {}", a.out.display());
+                }
+                let role = if t % 2 == 0 { "user" } else { "assistant" };
+                s.next_turn();
+                let asked: Option<&Question> = questions.get(qi).filter(|q| q.dialogue == d && q.turn == t);
+                let Some(q) = asked else {
+                    let tt = conv.push(role, utter);
+                    let toks = conv.tokenize(&format!("{}{}", tt.header, tt.rest))?;
+                    s.feed(&toks, false)?;
+                    continue;
+                };
+                let truth = conv.peek(role, utter);
+                let header = conv.tokenize(&truth.header)?;
+                s.feed(&header, false)?;
+                let cands: Vec<Vec<i32>> = q.candidates.iter().map(|c| conv.tokenize(&conv.peek(role, c).rest)).collect::<anyhow::Result<_>>()?;
+                let longest = cands.iter().map(|c| c.len()).max().unwrap_or(0);
+                s.make_room(longest)?;
+                let cached = s.cached();
+                let evicted_before = s.stats.evictions > evictions_at_start;
+                let mut scores = vec![];
+                for c in &cands {
+                    let nll = s.probe(c)?;
+                    let v: Vec<f64> = nll.into_iter().filter(|x| x.is_finite()).collect();
+                    scores.push(if v.is_empty() { f64::INFINITY } else { v.iter().sum::<f64>() / v.len() as f64 });
+                }
+                let pick = (0..scores.len()).min_by(|&x, &y| scores[x].total_cmp(&scores[y])).unwrap_or(0);
+                answers.push(Answer { policy: name.clone(), q: qi, chosen: pick, correct: pick == q.answer, cached, evicted_before, scores });
+                pb.inc(1);
+                qi += 1;
+                conv.push(role, utter);
+                let rest = conv_tokens(&model, &truth.rest)?;
+                s.feed(&rest, false)?;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+
+    let mut res = String::from("policy,question,dialogue,turn,answer,chosen,correct,cache_at_question,evicted_before,score_0,score_1,score_2,score_3\n");
+    for r in &answers {
+        let q = &questions[r.q];
+        let _ = write!(res, "{},{},{},{},{},{},{},{},{}", r.policy, r.q, csv_field(&all[q.dialogue].id), q.turn, q.answer, r.chosen, r.correct as u8, r.cached, r.evicted_before as u8);
+        for x in &r.scores {
+            let _ = write!(res, ",{x:.5}");
+        }
+        res.push('\n');
+    }
+    let mut table = String::from("policy,budget,accuracy,correct,n,asked_after_eviction\n");
+    let mut md = format!(
+        "# Dialogue response selection ({}, budget {} cells, {} sinks, slack {slack})\n\n{} questions from {} chit-chat dialogues (>= {} turns); four candidates each (the true next utterance and three from other dialogues), chosen by mean log-likelihood.\n\n| policy | cache | accuracy (%) | correct / n | asked after an eviction |\n|---|---|---|---|---|\n",
+        model.meta_str("general.name").unwrap_or_default(),
+        a.budget,
+        a.policy_args.sinks,
+        questions.len(),
+        chosen.len(),
+        a.min_turns
+    );
+    for p in &a.policies {
+        let rs: Vec<&Answer> = answers.iter().filter(|r| &r.policy == p).collect();
+        let c = rs.iter().filter(|r| r.correct).count();
+        let ev = rs.iter().filter(|r| r.evicted_before).count();
+        let n = rs.len().max(1);
+        let cache = if p == "full" { "whole dialogue".to_string() } else { format!("<= {}", a.budget) };
+        let _ = writeln!(table, "{p},{},{:.4},{c},{},{:.4}", if p == "full" { "none".into() } else { a.budget.to_string() }, c as f64 / n as f64, rs.len(), ev as f64 / n as f64);
+        let _ = writeln!(md, "| {p} | {cache} | {:.1} | {c} / {} | {:.0}% |", c as f64 / n as f64 * 100.0, rs.len(), ev as f64 / n as f64 * 100.0);
+    }
+    let _ = writeln!(md, "| chance | | 25.0 | | |\n\nDialogues: chit-chat-dataset 0.9.0 (MIT, BYU PCC lab). `sirllm` decays its scores by 0.7 per turn of age.");
+    let meta = json!({
+        "command": "eval dialog",
+        "model": {"file": model.path().display().to_string(), "sha256": common::sha256_file(model.path())?, "meta": model.meta(), "sliding_window_layers": swa},
+        "data": path.display().to_string(), "spec": spec, "dialogues": chosen.iter().map(|&d| all[d].id.clone()).collect::<Vec<_>>(),
+        "policies": a.policies, "budget": a.budget, "slack": slack, "sinks": a.policy_args.sinks, "seed": a.policy_args.seed,
+        "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),
+        "rule": "each dialogue starts from an empty cache and streams turn by turn (speaker 1 = user, speaker 2 = assistant, the model's chat template); before any decode that would overflow the budget the policy keeps budget - need - slack cells; at a question the turn header is fed, room is made for the longest candidate, each candidate is decoded, scored by its mean NLL and removed again; lowest mean NLL is the choice; then the true utterance is fed",
+        "seconds": secs,
+    });
+    out.write("results.csv", res.as_bytes())?;
+    out.write("table.csv", table.as_bytes())?;
+    out.write("table.md", md.as_bytes())?;
+    out.write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    print!("{md}");
+    eprintln!("eval dialog: {} answers in {secs:.0} s; wrote {}", answers.len(), a.out.display());
+    Ok(())
+}
+
+fn conv_tokens(model: &crate::ffi::Model, text: &str) -> anyhow::Result<Vec<i32>> {
+    Ok(model.tokenize(text, false, true)?)
+}

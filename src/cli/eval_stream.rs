@@ -1,0 +1,328 @@
+//! `attractors eval stream`: perplexity of a long text streamed token by token through a
+//! bounded cache (StreamingLLM protocol), per policy, with the full cache as the reference;
+//! and `attractors bench stream`: what a long bounded stream costs late against early.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use serde_json::json;
+
+use super::analyze::default_corpus;
+use super::chat::{check_streaming, open_stream, stream_params};
+use super::prune::policy_setup;
+use super::{common, BenchStreamArgs, EvalStreamArgs};
+use crate::capture::sliding_window_layers;
+use crate::ffi::Model;
+use crate::output::OutDir;
+use crate::plot::{self, Figure, Series};
+use crate::stream::{BoundConfig, StreamStats};
+
+/// `tokens` tokens of the text from character `offset` (BOS first when the model wants
+/// one); `repeat`: cycle the text when it is too short.
+fn stream_tokens(model: &Model, path: &Option<PathBuf>, offset: usize, tokens: usize, repeat: bool) -> anyhow::Result<(String, Vec<i32>)> {
+    let p = match path {
+        Some(p) => p.clone(),
+        None => default_corpus()?,
+    };
+    let bytes = std::fs::read(&p).map_err(|e| anyhow::anyhow!("cannot read text file {}: {e}; pass an existing --text file", p.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("text file {} is not UTF-8: convert it to UTF-8", p.display()))?;
+    if text.trim().is_empty() {
+        bail!("text {} is empty: give a file with some text", p.display());
+    }
+    let start = text.char_indices().map(|(i, _)| i).find(|&i| i >= offset).unwrap_or(text.len());
+    let body = &text[start..];
+    if body.trim().is_empty() {
+        bail!("--offset {offset} is past the end of {} ({} bytes): use a smaller offset", p.display(), text.len());
+    }
+    // tokenize a generous slice (about 4 characters per token), more if needed
+    let mut chars = (tokens + 16) * 6;
+    let mut out: Vec<i32>;
+    loop {
+        let end = body.char_indices().map(|(i, _)| i).nth(chars).unwrap_or(body.len());
+        out = model.tokenize(&body[..end], true, false)?;
+        if out.len() > tokens || end == body.len() {
+            break;
+        }
+        chars *= 2;
+    }
+    if out.len() < tokens {
+        if !repeat {
+            bail!("text {} has {} tokens after --offset {offset}, fewer than --tokens {tokens}: lower --tokens or give a longer text", p.display(), out.len());
+        }
+        let once = model.tokenize(body, false, false)?;
+        while out.len() < tokens {
+            out.extend_from_slice(&once[..once.len().min(tokens - out.len())]);
+        }
+    }
+    out.truncate(tokens);
+    Ok((p.display().to_string(), out))
+}
+
+fn ppl(nll: &[f64]) -> (f64, usize) {
+    let v: Vec<f64> = nll.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, 0);
+    }
+    ((v.iter().sum::<f64>() / v.len() as f64).exp(), v.len())
+}
+
+fn moving_average(nll: &[f64], w: usize) -> Vec<(f64, f64)> {
+    let w = w.max(1);
+    let mut out = vec![];
+    let (mut sum, mut n) = (0.0, 0usize);
+    let mut q: std::collections::VecDeque<f64> = Default::default();
+    for (i, &x) in nll.iter().enumerate() {
+        if !x.is_finite() {
+            continue;
+        }
+        q.push_back(x);
+        sum += x;
+        n += 1;
+        if q.len() > w {
+            sum -= q.pop_front().unwrap_or(0.0);
+            n -= 1;
+        }
+        if q.len() == w || i + 1 == nll.len() {
+            out.push((i as f64, sum / n as f64));
+        }
+    }
+    out
+}
+
+struct PolicyRun {
+    name: String,
+    nll: Vec<f64>,
+    stats: StreamStats,
+    seconds: f64,
+    budget: Option<usize>,
+}
+
+pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
+    if a.policies.is_empty() {
+        bail!("no policy given: name at least one of {}", crate::evict::POLICIES.join(", "));
+    }
+    for p in &a.policies {
+        if p != "full" {
+            check_streaming(p)?;
+        }
+    }
+    if a.tokens < 2 {
+        bail!("--tokens must be at least 2");
+    }
+    if a.chunk == 0 || a.smooth == 0 {
+        bail!("--chunk and --smooth must be at least 1");
+    }
+    if a.budget <= a.policy_args.sinks + a.chunk {
+        bail!("--budget {} leaves no room for chunks of {} after {} sinks: raise --budget", a.budget, a.chunk, a.policy_args.sinks);
+    }
+    let model = common::load_model(&a.model)?;
+    let setup = policy_setup(&model, &a.policy_args, &a.policies)?;
+    let (label, tokens) = stream_tokens(&model, &a.text, a.offset, a.tokens, false)?;
+    let out = OutDir::prepare(&a.out)?;
+    let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
+    let slack = a.slack.unwrap_or_else(|| BoundConfig::default_slack(a.budget));
+    let n_train = model.n_ctx_train();
+    let pb = common::progress_bar((tokens.len() * a.policies.len()) as u64, "eval stream");
+    let mut runs: Vec<PolicyRun> = vec![];
+    for name in &a.policies {
+        pb.set_message(format!("eval stream: {name}"));
+        let (budget, params) = if name == "full" {
+            // the full cache grows with the text; past the trained context it runs on
+            // positions the model never saw (that is the point of the comparison)
+            let n_ctx = tokens.len().div_ceil(256) * 256;
+            let mut e = a.engine.clone();
+            e.ctx = Some(n_ctx as u32);
+            (None, common::context_params(&model, &e, tokens.len(), crate::ffi::FlashAttn::Off)?)
+        } else {
+            (Some(a.budget), stream_params(&model, &a.engine, a.budget)?)
+        };
+        let cfg = BoundConfig { budget, sinks: a.policy_args.sinks, slack, seed: a.policy_args.seed };
+        let mut s = open_stream(&model, &params, &setup, &swa, name, cfg)?;
+        let t0 = Instant::now();
+        let mut nll = Vec::with_capacity(tokens.len());
+        for c in tokens.chunks(a.chunk) {
+            if crate::ffi::interrupted() {
+                bail!("interrupted: nothing was written to {}", a.out.display());
+            }
+            nll.extend(s.feed(c, true)?);
+            pb.inc(c.len() as u64);
+        }
+        runs.push(PolicyRun { name: name.clone(), nll, stats: s.stats.clone(), seconds: t0.elapsed().as_secs_f64(), budget });
+    }
+    pb.finish_and_clear();
+
+    let mut csv = String::from("index,token");
+    for r in &runs {
+        let _ = write!(csv, ",{}", r.name);
+    }
+    csv.push('\n');
+    for (i, &t) in tokens.iter().enumerate() {
+        let _ = write!(csv, "{i},{t}");
+        for r in &runs {
+            let x = r.nll.get(i).copied().unwrap_or(f64::NAN);
+            if x.is_finite() {
+                let _ = write!(csv, ",{x:.5}");
+            } else {
+                csv.push(',');
+            }
+        }
+        csv.push('\n');
+    }
+    let last_k = 1000.min(tokens.len() / 2).max(1);
+    let mut table = String::from("policy,budget,tokens_scored,ppl,ppl_within_trained_context,ppl_past_trained_context,ppl_last_1000,max_cache,evictions,evicted_tokens,evict_share,seconds\n");
+    let mut md = format!(
+        "# Streaming perplexity ({}, budget {} cells, {} sinks, slack {slack}, {} tokens of {label}, {} per decode)\n\n| policy | cache | PPL | PPL last {last_k} | max cache | evictions | eviction share of time |\n|---|---|---|---|---|---|---|\n",
+        model.meta_str("general.name").unwrap_or_default(),
+        a.budget,
+        a.policy_args.sinks,
+        tokens.len(),
+        if a.chunk == 1 { "one token".to_string() } else { format!("{} tokens", a.chunk) }
+    );
+    for r in &runs {
+        let (p, n) = ppl(&r.nll);
+        let cut = n_train.min(r.nll.len());
+        let (p_in, _) = ppl(&r.nll[..cut]);
+        let (p_past, n_past) = ppl(&r.nll[cut..]);
+        let (p_last, _) = ppl(&r.nll[r.nll.len() - last_k..]);
+        let total = r.stats.decode_s + r.stats.evict_s;
+        let share = if total > 0.0 { r.stats.evict_s / total } else { 0.0 };
+        let _ = writeln!(
+            table,
+            "{},{},{n},{p:.4},{p_in:.4},{},{p_last:.4},{},{},{},{share:.5},{:.1}",
+            r.name,
+            r.budget.map_or("none".into(), |b| b.to_string()),
+            if n_past > 0 { format!("{p_past:.4}") } else { String::new() },
+            r.stats.max_cached,
+            r.stats.evictions,
+            r.stats.evicted_tokens,
+            r.seconds
+        );
+        let cache = r.budget.map_or(format!("grows to {}", r.stats.max_cached), |b| format!("<= {b}"));
+        let _ = writeln!(md, "| {} | {cache} | {p:.2} | {p_last:.2} | {} | {} | {:.2}% |", r.name, r.stats.max_cached, r.stats.evictions, share * 100.0);
+    }
+    let _ = writeln!(
+        md,
+        "\nPPL = exp(mean NLL of each next token). Bounded policies keep positions 0..budget (gaps closed after each eviction), so they never leave the model's trained context ({n_train} tokens); `full` holds every token and needs a cache as long as the text{}.",
+        if tokens.len() > n_train {
+            format!(": past {n_train} tokens it runs on positions the model was never trained on (PPL past the trained context in table.csv)")
+        } else {
+            format!(", which stops being possible past {n_train} tokens")
+        }
+    );
+    let fig = Figure::Lines {
+        title: format!("NLL along the stream (moving average over {} tokens), budget {}", a.smooth, a.budget),
+        x_label: "token".into(),
+        y_label: "NLL (nats)".into(),
+        series: runs.iter().map(|r| Series { name: r.name.clone(), points: moving_average(&r.nll, a.smooth) }).collect(),
+        log_x: false,
+        log_y: false,
+    };
+    let meta = json!({
+        "command": "eval stream",
+        "model": {"file": model.path().display().to_string(), "sha256": common::sha256_file(model.path())?, "meta": model.meta(), "sliding_window_layers": swa},
+        "text": label, "offset": a.offset, "tokens": tokens.len(), "chunk": a.chunk, "budget": a.budget, "slack": slack,
+        "sinks": a.policy_args.sinks, "seed": a.policy_args.seed, "policies": a.policies, "smooth": a.smooth,
+        "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),
+        "calibration": setup.calib_file.as_ref().map(|p| p.display().to_string()),
+        "rule": "StreamingLLM protocol: the text is fed in chunks of `chunk` tokens; before a chunk that would overflow the budget the policy keeps budget - chunk - slack cells (sinks first), the rest are removed and the kept ones re-positioned to 0..k; NLL of every token from the previous token's logits; PPL = exp(mean NLL)",
+        "stats": runs.iter().map(|r| json!({"policy": r.name, "stats": r.stats, "seconds": r.seconds})).collect::<Vec<_>>(),
+    });
+    out.write("nll.csv", csv.as_bytes())?;
+    out.write("table.csv", table.as_bytes())?;
+    out.write("table.md", md.as_bytes())?;
+    plot::save(&fig, &out, "nll-curve").map_err(|e| anyhow::anyhow!(e))?;
+    out.write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    print!("{md}");
+    eprintln!("eval stream: wrote {}", a.out.display());
+    Ok(())
+}
+
+/// Resident memory of this process in bytes (Linux; 0 elsewhere).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm").ok().and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok())).map_or(0, |pages| pages * 4096)
+}
+
+pub fn bench(a: BenchStreamArgs) -> anyhow::Result<()> {
+    check_streaming(&a.policy)?;
+    if a.window == 0 || a.tokens < 2 * a.window {
+        bail!("--tokens must be at least twice --window (and --window at least 1)");
+    }
+    let model = common::load_model(&a.model)?;
+    let setup = policy_setup(&model, &a.policy_args, std::slice::from_ref(&a.policy))?;
+    let (label, tokens) = stream_tokens(&model, &a.text, 0, a.tokens, true)?;
+    let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
+    let params = stream_params(&model, &a.engine, a.budget)?;
+    let slack = a.slack.unwrap_or_else(|| BoundConfig::default_slack(a.budget));
+    let cfg = BoundConfig { budget: Some(a.budget), sinks: a.policy_args.sinks, slack, seed: a.policy_args.seed };
+    let mut s = open_stream(&model, &params, &setup, &swa, &a.policy, cfg)?;
+    let pb = common::progress_bar(tokens.len() as u64, "bench stream");
+    let w = a.window;
+    let mut step_s = vec![0f64; tokens.len()];
+    let mut rss_at_1000 = 0;
+    let t_all = Instant::now();
+    for (i, &t) in tokens.iter().enumerate() {
+        if crate::ffi::interrupted() {
+            bail!("interrupted");
+        }
+        let t0 = Instant::now();
+        s.feed(&[t], false)?;
+        step_s[i] = t0.elapsed().as_secs_f64();
+        if i + 1 == 1000.min(tokens.len()) {
+            rss_at_1000 = rss_bytes();
+        }
+        if i % 64 == 0 {
+            pb.set_position(i as u64);
+        }
+    }
+    pb.finish_and_clear();
+    let rss_end = rss_bytes();
+    let total = t_all.elapsed().as_secs_f64();
+    let n = tokens.len();
+    let first: f64 = step_s[..w].iter().sum();
+    let last: f64 = step_s[n - w..].iter().sum();
+    let (rate_first, rate_last) = (w as f64 / first, w as f64 / last);
+    let st = &s.stats;
+    let steps: f64 = step_s.iter().sum();
+    let share = st.evict_s / steps;
+    // decodes right after an eviction also re-rotate the shifted keys: count their surplus
+    let normal = (st.decode_s - st.after_evict_decode_s) / (st.decodes - st.after_evict_decodes).max(1) as f64;
+    let surplus = (st.after_evict_decode_s - normal * st.after_evict_decodes as f64).max(0.0);
+    let share_with_shift = (st.evict_s + surplus) / steps;
+    println!(
+        "bench stream: {} · policy {} · budget {} · slack {slack} · {n} tokens of {label}, one per decode, in {total:.1} s",
+        model.meta_str("general.name").unwrap_or_default(),
+        a.policy,
+        a.budget
+    );
+    println!("  decode tokens/s, first {w} tokens: {rate_first:.1}; last {w} (to token {n}): {rate_last:.1}");
+    println!("  cache at the end {} cells (max {}), {} evictions, {} tokens evicted", s.cached(), st.max_cached, st.evictions, st.evicted_tokens);
+    println!("  eviction (score + choose + seq_rm/seq_add): {:.3} s of {steps:.2} s of steps; key re-rotation surplus of the {} decodes after an eviction: {surplus:.3} s", st.evict_s, st.after_evict_decodes);
+    println!("  resident memory after 1,000 tokens {:.1} MiB, after {n}: {:.1} MiB", rss_at_1000 as f64 / 1048576.0, rss_end as f64 / 1048576.0);
+    println!("speed_late_over_early {:.3}", rate_last / rate_first);
+    println!("evict_share {share:.4}");
+    println!("evict_share_with_key_shift {share_with_shift:.4}");
+    println!("rss_late_over_early {:.4}", rss_end as f64 / rss_at_1000.max(1) as f64);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perplexity_skips_missing_values() {
+        let (p, n) = ppl(&[f64::NAN, 2f64.ln(), 2f64.ln()]);
+        assert_eq!(n, 2);
+        assert!((p - 2.0).abs() < 1e-12);
+        assert!(ppl(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn moving_average_by_hand() {
+        let v = [f64::NAN, 1.0, 2.0, 3.0, 4.0];
+        let m = moving_average(&v, 2);
+        assert_eq!(m, vec![(2.0, 1.5), (3.0, 2.5), (4.0, 3.5)]);
+    }
+}
