@@ -8,6 +8,7 @@ mod eval_dialog;
 mod eval_stream;
 mod eval_long;
 mod prune;
+mod quantize;
 mod freq;
 mod capture;
 pub mod common;
@@ -54,6 +55,8 @@ pub enum Command {
     Calibrate(CalibrateArgs),
     /// Prefill a context, compress the KV cache once with a policy, ask a question.
     Prune(PruneArgs),
+    /// A quantization ladder of one model (llama.cpp's llama_model_quantize), one file per type.
+    Quantize(QuantizeArgs),
     /// Chat with a bounded KV cache (the policy evicts before the cache would overflow).
     Chat(ChatArgs),
     /// Evaluations.
@@ -156,6 +159,21 @@ pub enum EvalCommand {
     Stream(EvalStreamArgs),
     /// Response selection on chit-chat dialogues streamed through a bounded cache (Table 2).
     Dialog(EvalDialogArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Types, highest first (f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l, q3_k_m, q3_k_s, q2_k).
+    #[arg(long, value_delimiter = ',', default_value = "f32,q8_0,q6_k,q4_k_m,q3_k_m,q2_k")]
+    pub types: Vec<String>,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/ladder")]
+    pub out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -582,6 +600,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(EvalCommand::Stream(a)) => eval_stream::run(a),
         Command::Eval(EvalCommand::Dialog(a)) => eval_dialog::run(a),
         Command::Chat(a) => chat::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Bench(BenchCommand::Stream(a)) => eval_stream::bench(a),
     }
 }

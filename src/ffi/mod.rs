@@ -9,6 +9,7 @@ mod batch;
 mod callback;
 mod context;
 mod model;
+mod quantize;
 mod tensor;
 
 pub use backend::{init_backend, last_llama_error, set_verbose};
@@ -16,4 +17,5 @@ pub use batch::{Batch, BatchError};
 pub use callback::{EvalHook, HookError, Hooks, NodeInfo};
 pub use context::{interrupted, request_interrupt, Context, ContextError, ContextParams, DecodeError, FlashAttn, KvType, StateError};
 pub use model::{LoadError, Model, ModelMeta, ModelParams, TemplateError, TokenizeError};
+pub use quantize::{quant_type, quantize, QuantizeError, QUANT_TYPES};
 pub use tensor::{TensorView, ViewError};
