@@ -7,9 +7,8 @@ use attractors::capture::{new_capture, CaptureConfig};
 use attractors::evict::apply::apply_cells;
 use attractors::evict::select::keep_cells;
 use attractors::evict::{by_name, Observation};
-use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, Hooks, KvType, Model, ModelParams};
+use attractors::ffi::{Batch, Context, Hooks};
 use attractors::session::feed;
-use attractors::tiny::{TinyConfig, TinyModel};
 
 const N: usize = 60;
 const M: usize = 6;
@@ -18,9 +17,8 @@ fn toks() -> Vec<i32> {
     (0..N + M).map(|i| 3 + ((i * 53 + 11) % 270) as i32).collect()
 }
 
-fn params() -> ContextParams {
-    ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 }
-}
+mod common;
+use common::{tiny_model, tiny_params as params};
 
 /// Keep set from a real policy (random, seeded) at half the context, last position kept
 /// so the continuation goes at position N.
@@ -44,16 +42,6 @@ fn decode_rest(ctx: &mut Context, t: &[i32]) -> Vec<Vec<f32>> {
     }
     ctx.decode(&b).unwrap();
     (0..t.len()).map(|k| ctx.logits(k as i32).unwrap().to_vec()).collect()
-}
-
-/// The tiny model written to a temp dir (kept alive by the returned guard) and loaded.
-fn tiny_model() -> (tempfile::TempDir, TinyModel, Model) {
-    let d = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinyConfig::default());
-    let p = d.path().join("tiny.gguf");
-    tiny.write_gguf(&p).unwrap();
-    let model = Model::load(&p, &ModelParams::default()).unwrap();
-    (d, tiny, model)
 }
 
 #[test]

@@ -2,8 +2,7 @@
 //! sliding window), over the built-in passage of more than 1,000 tokens. The models are
 //! fetched by `models/fetch.sh` (CI does it in setup).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use attractors::capture::split_node_name;
@@ -11,18 +10,8 @@ use attractors::cli::DEFAULT_TEXT;
 use attractors::ffi::{Context, ContextParams, EvalHook, FlashAttn, HookError, Model, ModelParams, NodeInfo, TensorView};
 use attractors::session::feed;
 
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
-
-fn model_path(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name);
-    assert!(p.exists(), "{} is missing: run models/fetch.sh first", p.display());
-    p
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_attractors"))
-}
+mod common;
+use common::{bin, model_path, GEMMA, SMOL};
 
 /// Checks every attention row of every layer as llama.cpp computes it.
 #[derive(Default)]

@@ -3,21 +3,10 @@
 //! and `eval stream` / `eval dialog` end to end.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
-
-fn model_path(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name);
-    assert!(p.exists(), "{} is missing: run models/fetch.sh first", p.display());
-    p
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_attractors"))
-}
+mod common;
+use common::{bin, model_path, GEMMA, SMOL};
 
 /// One model run at a time: llama.cpp's threads spin while they wait, so two runs sharing
 /// this machine's cores slow each other down many times over.

@@ -4,35 +4,29 @@
 //! (evictions remove keys, gap closing re-positions them and llama.cpp re-rotates them).
 
 use attractors::evict::by_name;
-use attractors::ffi::{ContextParams, FlashAttn, KvType, Model, ModelParams};
+use attractors::ffi::Model;
 use attractors::session::nll_of;
 use attractors::stream::{BoundConfig, Bounded, PolicyInputs};
-use attractors::tiny::{TinyConfig, TinyModel};
 
 fn toks(n: usize) -> Vec<i32> {
     (0..n).map(|i| 3 + ((i * 53 + 11) % 270) as i32).collect()
 }
 
-fn params() -> ContextParams {
-    ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 }
-}
+mod common;
+use common::tiny_model;
 
-fn tiny_model() -> (tempfile::TempDir, TinyModel, Model) {
-    let d = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinyConfig::default());
-    let p = d.path().join("tiny.gguf");
-    tiny.write_gguf(&p).unwrap();
-    let model = Model::load(&p, &ModelParams::default()).unwrap();
-    (d, tiny, model)
+/// A stream on the tiny model with `policy` (frequent list: every third token id).
+fn open<'m>(model: &'m Model, policy: &str, budget: Option<usize>, slack: usize, seed: u64) -> anyhow::Result<Bounded<'m>> {
+    let frequent: Vec<i32> = (3..280).step_by(3).collect();
+    let p = by_name(policy, &frequent).unwrap();
+    Bounded::new(model, &common::tiny_params(), PolicyInputs { policy: p, calib: None, keys_node: "Kcur", swa: &[] }, BoundConfig { budget, sinks: 4, slack, seed })
 }
 
 /// Stream `n` tokens in chunks of `chunk` through a cache of `budget`; compare every NLL
 /// with the reference built from the cache's own snapshots.
 fn check(policy: &str, budget: usize, slack: usize, n: usize, chunk: usize) {
     let (_d, tiny, model) = tiny_model();
-    let frequent: Vec<i32> = (3..280).step_by(3).collect();
-    let p = by_name(policy, &frequent).unwrap();
-    let mut s = Bounded::new(&model, &params(), PolicyInputs { policy: p, calib: None, keys_node: "Kcur", swa: &[] }, BoundConfig { budget: Some(budget), sinks: 4, slack, seed: 11 }).unwrap();
+    let mut s = open(&model, policy, Some(budget), slack, 11).unwrap();
     let t = toks(n);
     let mut nll = vec![];
     // snapshot[i]: stream indices cached while token i was decoded (slot = position)
@@ -96,7 +90,7 @@ fn chunked_feeding_equals_reference() {
 #[test]
 fn unbounded_stream_is_the_plain_forward_pass() {
     let (_d, tiny, model) = tiny_model();
-    let mut s = Bounded::new(&model, &params(), PolicyInputs { policy: by_name("full", &[]).unwrap(), calib: None, keys_node: "Kcur", swa: &[] }, BoundConfig { budget: None, sinks: 4, slack: 0, seed: 0 }).unwrap();
+    let mut s = open(&model, "full", None, 0, 0).unwrap();
     let t = toks(60);
     let nll = s.feed(&t, true).unwrap();
     let r = tiny.forward(&t);
@@ -111,7 +105,7 @@ fn unbounded_stream_is_the_plain_forward_pass() {
 #[test]
 fn impossible_budgets_are_errors() {
     let (_d, _tiny, model) = tiny_model();
-    let mk = |policy: &str, budget| Bounded::new(&model, &params(), PolicyInputs { policy: by_name(policy, &[]).unwrap(), calib: None, keys_node: "Kcur", swa: &[] }, BoundConfig { budget: Some(budget), sinks: 4, slack: 1, seed: 0 });
+    let mk = |policy: &str, budget| open(&model, policy, Some(budget), 1, 0);
     assert!(mk("streaming", 5).is_err(), "budget must leave room after the sinks");
     assert!(mk("streaming", 1000).is_err(), "budget larger than the context");
     assert!(mk("snapkv", 64).is_err(), "compress-once policies cannot bound a stream");

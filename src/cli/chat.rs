@@ -34,6 +34,26 @@ pub fn check_streaming(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Check the policies of an evaluation: at least one, each `full` or streaming-capable.
+pub fn check_stream_policies(names: &[String]) -> anyhow::Result<()> {
+    if names.is_empty() {
+        bail!("no policy given: name at least one of {}", crate::evict::POLICIES.join(", "));
+    }
+    names.iter().filter(|p| *p != "full").try_for_each(|p| check_streaming(p))
+}
+
+/// Context for one policy of an evaluation: `full` gets an unbounded cache of `full_ctx`
+/// cells (the reference), every other policy one sized to the budget. Returns whether the
+/// stream is bounded, and the parameters.
+pub fn eval_context(model: &Model, e: &super::EngineArgs, name: &str, budget: usize, full_ctx: usize) -> anyhow::Result<(bool, ContextParams)> {
+    if name == "full" {
+        let mut e = e.clone();
+        e.ctx = Some(full_ctx.div_ceil(256) as u32 * 256);
+        return Ok((false, common::context_params(model, &e, full_ctx, FlashAttn::Off)?));
+    }
+    Ok((true, stream_params(model, e, budget)?))
+}
+
 /// Context size for a budget: the budget rounded up to llama.cpp's 256.
 pub fn stream_params(model: &Model, e: &super::EngineArgs, budget: usize) -> anyhow::Result<ContextParams> {
     let mut engine = e.clone();
@@ -68,19 +88,19 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 pub fn run(a: ChatArgs) -> anyhow::Result<()> {
     check_streaming(&a.policy)?;
-    if a.budget <= a.policy_args.sinks + 1 {
-        bail!("--budget {} leaves no room after {} sinks: use at least {}", a.budget, a.policy_args.sinks, a.policy_args.sinks + 2);
+    let budget = a.bound.budget;
+    if budget <= a.policy_args.sinks + 1 {
+        bail!("--budget {budget} leaves no room after {} sinks: use at least {}", a.policy_args.sinks, a.policy_args.sinks + 2);
     }
     if a.max_reply == 0 {
         bail!("--max-reply must be at least 1");
     }
     let model = common::load_model(&a.model)?;
-    let params = stream_params(&model, &a.engine, a.budget)?;
+    let params = stream_params(&model, &a.engine, budget)?;
     let names: Vec<String> = vec![a.policy.clone()];
     let setup = policy_setup(&model, &a.policy_args, &names)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
-    let cfg = BoundConfig { budget: Some(a.budget), sinks: a.policy_args.sinks, slack: a.slack.unwrap_or_else(|| BoundConfig::default_slack(a.budget)), seed: a.policy_args.seed };
-    let stream = open_stream(&model, &params, &setup, &swa, &a.policy, cfg)?;
+    let stream = open_stream(&model, &params, &setup, &swa, &a.policy, a.bound.config(&a.policy_args, true))?;
     let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
     let mut chat = Chat {
         model: &model,
@@ -99,7 +119,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
     chat.start()?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("chat with {} · policy {} · budget {} cells · /stats /policy NAME /reset /quit · Ctrl-C stops a reply", model.meta_str("general.name").unwrap_or_default(), a.policy, a.budget);
+        eprintln!("chat with {} · policy {} · budget {} cells · /stats /policy NAME /reset /quit · Ctrl-C stops a reply", model.meta_str("general.name").unwrap_or_default(), a.policy, budget);
     }
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
@@ -145,7 +165,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         STOP.store(false, Ordering::SeqCst);
         let n = chat.turn(text, &mut out)?;
         if a.show_cache {
-            eprintln!("[cache {}/{} · max {} · evictions {} · reply {n} tokens]", chat.stream.cached(), a.budget, chat.stream.stats.max_cached, chat.stream.stats.evictions);
+            eprintln!("[cache {}/{budget} · max {} · evictions {} · reply {n} tokens]", chat.stream.cached(), chat.stream.stats.max_cached, chat.stream.stats.evictions);
         }
     }
     Ok(())
@@ -170,18 +190,13 @@ impl<'m> Chat<'m> {
     /// Switch policy: a new stream re-encodes what the cache holds now.
     fn switch(&mut self, name: &str) -> anyhow::Result<()> {
         check_streaming(name)?;
-        let mut setup = policy_setup(self.model, &super::PolicyArgs { sinks: self.stream.config().sinks, freq: self.setup.freq_file.clone(), calibration: self.setup.calib_file.clone(), keys_node: Some(self.setup.keys_node.clone()), seed: self.stream.config().seed }, &[name.to_string()])?;
-        std::mem::swap(&mut setup, &mut self.setup);
-        let mut next = match open_stream(self.model, &self.params, &self.setup, &self.swa, name, self.stream.config().clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                std::mem::swap(&mut setup, &mut self.setup);
-                return Err(e);
-            }
-        };
-        let toks = self.stream.cached_tokens().to_vec();
-        next.feed(&toks, false)?;
+        let cfg = self.stream.config().clone();
+        let args = super::PolicyArgs { sinks: cfg.sinks, freq: self.setup.freq_file.clone(), calibration: self.setup.calib_file.clone(), keys_node: Some(self.setup.keys_node.clone()), seed: cfg.seed };
+        let setup = policy_setup(self.model, &args, &[name.to_string()])?;
+        let mut next = open_stream(self.model, &self.params, &setup, &self.swa, name, cfg)?;
+        next.feed(self.stream.cached_tokens(), false)?;
         let old = std::mem::replace(&mut self.stream, next);
+        self.setup = setup;
         // counters carry over: the chat's evictions so far
         let s = &mut self.stream.stats;
         s.evictions += old.stats.evictions;

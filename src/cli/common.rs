@@ -99,6 +99,11 @@ pub fn context_params(model: &Model, e: &EngineArgs, n_tokens: usize, flash: Fla
     Ok(p)
 }
 
+/// The `model` entry of an evaluation's `meta.json`.
+pub fn model_json(model: &Model, swa: &[usize]) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::json!({"file": model.path().display().to_string(), "sha256": sha256_file(model.path())?, "meta": model.meta(), "sliding_window_layers": swa}))
+}
+
 /// SHA-256 of a file, hex.
 pub fn sha256_file(p: &Path) -> anyhow::Result<String> {
     use sha2::{Digest, Sha256};

@@ -11,14 +11,13 @@ use anyhow::bail;
 use serde_json::json;
 
 use super::analyze::data_dir;
-use super::chat::{check_streaming, open_stream, stream_params};
+use super::chat::{check_stream_policies, eval_context, open_stream};
 use super::prune::policy_setup;
 use super::{common, EvalDialogArgs};
 use crate::capture::sliding_window_layers;
 use crate::output::{csv_field, OutDir};
 use crate::stream::dialog::{build, parse_chitchat, DialogSpec, Question};
 use crate::stream::turns::Conversation;
-use crate::stream::BoundConfig;
 
 struct Answer {
     policy: String,
@@ -31,14 +30,7 @@ struct Answer {
 }
 
 pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
-    if a.policies.is_empty() {
-        bail!("no policy given: name at least one of {}", crate::evict::POLICIES.join(", "));
-    }
-    for p in &a.policies {
-        if p != "full" {
-            check_streaming(p)?;
-        }
-    }
+    check_stream_policies(&a.policies)?;
     if a.questions == 0 {
         bail!("--questions must be at least 1");
     }
@@ -68,22 +60,16 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
     let setup = policy_setup(&model, &a.policy_args, &a.policies)?;
     let out = OutDir::prepare(&a.out)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
-    let slack = a.slack.unwrap_or_else(|| BoundConfig::default_slack(a.budget));
+    let (budget, slack) = (a.bound.budget, a.bound.slack());
     let pb = indicatif::ProgressBar::with_draw_target(Some((questions.len() * a.policies.len()) as u64), indicatif::ProgressDrawTarget::stderr());
     pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} questions ({elapsed}, eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()).progress_chars("=> "));
     let mut answers: Vec<Answer> = vec![];
     let t0 = std::time::Instant::now();
     for name in &a.policies {
         pb.set_message(format!("eval dialog: {name}"));
-        let (budget, params) = if name == "full" {
-            let mut e = a.engine.clone();
-            let n_ctx = model.n_ctx_train().clamp(256, 4096);
-            e.ctx = Some(n_ctx as u32);
-            (None, common::context_params(&model, &e, n_ctx, crate::ffi::FlashAttn::Off)?)
-        } else {
-            (Some(a.budget), stream_params(&model, &a.engine, a.budget)?)
-        };
-        let cfg = BoundConfig { budget, sinks: a.policy_args.sinks, slack, seed: a.policy_args.seed };
+        // `full`: the whole dialogue in the cache (dialogues are capped to fit 4,096 cells)
+        let (bounded, params) = eval_context(&model, &a.engine, name, budget, model.n_ctx_train().clamp(256, 4096))?;
+        let cfg = a.bound.config(&a.policy_args, bounded);
         let mut s = open_stream(&model, &params, &setup, &swa, name, cfg)?;
         let mut qi = 0;
         for &d in &chosen {
@@ -122,7 +108,7 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
                 pb.inc(1);
                 qi += 1;
                 conv.push(role, utter);
-                let rest = conv_tokens(&model, &truth.rest)?;
+                let rest = conv.tokenize(&truth.rest)?;
                 s.feed(&rest, false)?;
             }
         }
@@ -143,7 +129,7 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
     let mut md = format!(
         "# Dialogue response selection ({}, budget {} cells, {} sinks, slack {slack})\n\n{} questions from {} chit-chat dialogues (>= {} turns); four candidates each (the true next utterance and three from other dialogues), chosen by mean log-likelihood.\n\n| policy | cache | accuracy (%) | correct / n | asked after an eviction |\n|---|---|---|---|---|\n",
         model.meta_str("general.name").unwrap_or_default(),
-        a.budget,
+        budget,
         a.policy_args.sinks,
         questions.len(),
         chosen.len(),
@@ -154,16 +140,16 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
         let c = rs.iter().filter(|r| r.correct).count();
         let ev = rs.iter().filter(|r| r.evicted_before).count();
         let n = rs.len().max(1);
-        let cache = if p == "full" { "whole dialogue".to_string() } else { format!("<= {}", a.budget) };
-        let _ = writeln!(table, "{p},{},{:.4},{c},{},{:.4}", if p == "full" { "none".into() } else { a.budget.to_string() }, c as f64 / n as f64, rs.len(), ev as f64 / n as f64);
+        let cache = if p == "full" { "whole dialogue".to_string() } else { format!("<= {budget}") };
+        let _ = writeln!(table, "{p},{},{:.4},{c},{},{:.4}", if p == "full" { "none".into() } else { budget.to_string() }, c as f64 / n as f64, rs.len(), ev as f64 / n as f64);
         let _ = writeln!(md, "| {p} | {cache} | {:.1} | {c} / {} | {:.0}% |", c as f64 / n as f64 * 100.0, rs.len(), ev as f64 / n as f64 * 100.0);
     }
     let _ = writeln!(md, "| chance | | 25.0 | | |\n\nDialogues: chit-chat-dataset 0.9.0 (MIT, BYU PCC lab). `sirllm` decays its scores by 0.7 per turn of age.");
     let meta = json!({
         "command": "eval dialog",
-        "model": {"file": model.path().display().to_string(), "sha256": common::sha256_file(model.path())?, "meta": model.meta(), "sliding_window_layers": swa},
+        "model": common::model_json(&model, &swa)?,
         "data": path.display().to_string(), "spec": spec, "dialogues": chosen.iter().map(|&d| all[d].id.clone()).collect::<Vec<_>>(),
-        "policies": a.policies, "budget": a.budget, "slack": slack, "sinks": a.policy_args.sinks, "seed": a.policy_args.seed,
+        "policies": a.policies, "budget": budget, "slack": slack, "sinks": a.policy_args.sinks, "seed": a.policy_args.seed,
         "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),
         "rule": "each dialogue starts from an empty cache and streams turn by turn (speaker 1 = user, speaker 2 = assistant, the model's chat template); before any decode that would overflow the budget the policy keeps budget - need - slack cells; at a question the turn header is fed, room is made for the longest candidate, each candidate is decoded, scored by its mean NLL and removed again; lowest mean NLL is the choice; then the true utterance is fed",
         "seconds": secs,
@@ -175,8 +161,4 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
     print!("{md}");
     eprintln!("eval dialog: {} answers in {secs:.0} s; wrote {}", answers.len(), a.out.display());
     Ok(())
-}
-
-fn conv_tokens(model: &crate::ffi::Model, text: &str) -> anyhow::Result<Vec<i32>> {
-    Ok(model.tokenize(text, false, true)?)
 }

@@ -191,7 +191,7 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
     );
     let meta = json!({
         "command": "eval long",
-        "model": {"file": model.path().display().to_string(), "sha256": common::sha256_file(model.path())?, "meta": model.meta(), "sliding_window_layers": swa},
+        "model": common::model_json(&model, &swa)?,
         "tasks": a.task, "policies": a.policies, "ratio": a.ratio, "n": a.n, "length": a.length, "mode": mode.name(),
         "max_new": a.max_new, "sinks": setup.sinks, "seed": setup.seed,
         "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),

@@ -10,14 +10,14 @@ use anyhow::bail;
 use serde_json::json;
 
 use super::analyze::default_corpus;
-use super::chat::{check_streaming, open_stream, stream_params};
+use super::chat::{check_stream_policies, check_streaming, eval_context, open_stream, stream_params};
 use super::prune::policy_setup;
 use super::{common, BenchStreamArgs, EvalStreamArgs};
 use crate::capture::sliding_window_layers;
 use crate::ffi::Model;
 use crate::output::OutDir;
 use crate::plot::{self, Figure, Series};
-use crate::stream::{BoundConfig, StreamStats};
+use crate::stream::StreamStats;
 
 /// `tokens` tokens of the text from character `offset` (BOS first when the model wants
 /// one); `repeat`: cycle the text when it is too short.
@@ -100,46 +100,32 @@ struct PolicyRun {
 }
 
 pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
-    if a.policies.is_empty() {
-        bail!("no policy given: name at least one of {}", crate::evict::POLICIES.join(", "));
-    }
-    for p in &a.policies {
-        if p != "full" {
-            check_streaming(p)?;
-        }
-    }
+    check_stream_policies(&a.policies)?;
     if a.tokens < 2 {
         bail!("--tokens must be at least 2");
     }
     if a.chunk == 0 || a.smooth == 0 {
         bail!("--chunk and --smooth must be at least 1");
     }
-    if a.budget <= a.policy_args.sinks + a.chunk {
-        bail!("--budget {} leaves no room for chunks of {} after {} sinks: raise --budget", a.budget, a.chunk, a.policy_args.sinks);
+    let (budget, slack) = (a.bound.budget, a.bound.slack());
+    if budget <= a.policy_args.sinks + a.chunk {
+        bail!("--budget {budget} leaves no room for chunks of {} after {} sinks: raise --budget", a.chunk, a.policy_args.sinks);
     }
     let model = common::load_model(&a.model)?;
     let setup = policy_setup(&model, &a.policy_args, &a.policies)?;
     let (label, tokens) = stream_tokens(&model, &a.text, a.offset, a.tokens, false)?;
     let out = OutDir::prepare(&a.out)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
-    let slack = a.slack.unwrap_or_else(|| BoundConfig::default_slack(a.budget));
     let n_train = model.n_ctx_train();
     let pb = common::progress_bar((tokens.len() * a.policies.len()) as u64, "eval stream");
     let mut runs: Vec<PolicyRun> = vec![];
     for name in &a.policies {
         pb.set_message(format!("eval stream: {name}"));
-        let (budget, params) = if name == "full" {
-            // the full cache grows with the text; past the trained context it runs on
-            // positions the model never saw (that is the point of the comparison)
-            let n_ctx = tokens.len().div_ceil(256) * 256;
-            let mut e = a.engine.clone();
-            e.ctx = Some(n_ctx as u32);
-            (None, common::context_params(&model, &e, tokens.len(), crate::ffi::FlashAttn::Off)?)
-        } else {
-            (Some(a.budget), stream_params(&model, &a.engine, a.budget)?)
-        };
-        let cfg = BoundConfig { budget, sinks: a.policy_args.sinks, slack, seed: a.policy_args.seed };
-        let mut s = open_stream(&model, &params, &setup, &swa, name, cfg)?;
+        // the full cache grows with the text; past the trained context it runs on positions
+        // the model never saw (that is the point of the comparison)
+        let (bounded, params) = eval_context(&model, &a.engine, name, budget, tokens.len())?;
+        let cfg = a.bound.config(&a.policy_args, bounded);
+        let mut s = open_stream(&model, &params, &setup, &swa, name, cfg.clone())?;
         let t0 = Instant::now();
         let mut nll = Vec::with_capacity(tokens.len());
         for c in tokens.chunks(a.chunk) {
@@ -149,7 +135,7 @@ pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
             nll.extend(s.feed(c, true)?);
             pb.inc(c.len() as u64);
         }
-        runs.push(PolicyRun { name: name.clone(), nll, stats: s.stats.clone(), seconds: t0.elapsed().as_secs_f64(), budget });
+        runs.push(PolicyRun { name: name.clone(), nll, stats: s.stats.clone(), seconds: t0.elapsed().as_secs_f64(), budget: cfg.budget });
     }
     pb.finish_and_clear();
 
@@ -175,7 +161,7 @@ pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
     let mut md = format!(
         "# Streaming perplexity ({}, budget {} cells, {} sinks, slack {slack}, {} tokens of {label}, {} per decode)\n\n| policy | cache | PPL | PPL last {last_k} | max cache | evictions | eviction share of time |\n|---|---|---|---|---|---|---|\n",
         model.meta_str("general.name").unwrap_or_default(),
-        a.budget,
+        budget,
         a.policy_args.sinks,
         tokens.len(),
         if a.chunk == 1 { "one token".to_string() } else { format!("{} tokens", a.chunk) }
@@ -212,7 +198,7 @@ pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
         }
     );
     let fig = Figure::Lines {
-        title: format!("NLL along the stream (moving average over {} tokens), budget {}", a.smooth, a.budget),
+        title: format!("NLL along the stream (moving average over {} tokens), budget {budget}", a.smooth),
         x_label: "token".into(),
         y_label: "NLL (nats)".into(),
         series: runs.iter().map(|r| Series { name: r.name.clone(), points: moving_average(&r.nll, a.smooth) }).collect(),
@@ -221,8 +207,8 @@ pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
     };
     let meta = json!({
         "command": "eval stream",
-        "model": {"file": model.path().display().to_string(), "sha256": common::sha256_file(model.path())?, "meta": model.meta(), "sliding_window_layers": swa},
-        "text": label, "offset": a.offset, "tokens": tokens.len(), "chunk": a.chunk, "budget": a.budget, "slack": slack,
+        "model": common::model_json(&model, &swa)?,
+        "text": label, "offset": a.offset, "tokens": tokens.len(), "chunk": a.chunk, "budget": budget, "slack": slack,
         "sinks": a.policy_args.sinks, "seed": a.policy_args.seed, "policies": a.policies, "smooth": a.smooth,
         "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),
         "calibration": setup.calib_file.as_ref().map(|p| p.display().to_string()),
@@ -253,10 +239,9 @@ pub fn bench(a: BenchStreamArgs) -> anyhow::Result<()> {
     let setup = policy_setup(&model, &a.policy_args, std::slice::from_ref(&a.policy))?;
     let (label, tokens) = stream_tokens(&model, &a.text, 0, a.tokens, true)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
-    let params = stream_params(&model, &a.engine, a.budget)?;
-    let slack = a.slack.unwrap_or_else(|| BoundConfig::default_slack(a.budget));
-    let cfg = BoundConfig { budget: Some(a.budget), sinks: a.policy_args.sinks, slack, seed: a.policy_args.seed };
-    let mut s = open_stream(&model, &params, &setup, &swa, &a.policy, cfg)?;
+    let (budget, slack) = (a.bound.budget, a.bound.slack());
+    let params = stream_params(&model, &a.engine, budget)?;
+    let mut s = open_stream(&model, &params, &setup, &swa, &a.policy, a.bound.config(&a.policy_args, true))?;
     let pb = common::progress_bar(tokens.len() as u64, "bench stream");
     let w = a.window;
     let mut step_s = vec![0f64; tokens.len()];
@@ -294,7 +279,7 @@ pub fn bench(a: BenchStreamArgs) -> anyhow::Result<()> {
         "bench stream: {} · policy {} · budget {} · slack {slack} · {n} tokens of {label}, one per decode, in {total:.1} s",
         model.meta_str("general.name").unwrap_or_default(),
         a.policy,
-        a.budget
+        budget
     );
     println!("  decode tokens/s, first {w} tokens: {rate_first:.1}; last {w} (to token {n}): {rate_last:.1}");
     println!("  cache at the end {} cells (max {}), {} evictions, {} tokens evicted", s.cached(), st.max_cached, st.evictions, st.evicted_tokens);

@@ -161,6 +161,28 @@ pub enum EvalCommand {
     Dialog(EvalDialogArgs),
 }
 
+/// The bounded cache of `chat`, `eval stream`, `eval dialog` and `bench stream`.
+#[derive(Args, Debug, Clone)]
+pub struct BoundArgs {
+    /// Most cells the KV cache may hold.
+    #[arg(long, default_value_t = 512)]
+    pub budget: usize,
+    /// Extra cells freed at each eviction (default: budget / 16).
+    #[arg(long)]
+    pub slack: Option<usize>,
+}
+
+impl BoundArgs {
+    pub fn slack(&self) -> usize {
+        self.slack.unwrap_or_else(|| crate::stream::BoundConfig::default_slack(self.budget))
+    }
+
+    /// The stream's configuration; `bounded` false gives the unbounded full-cache reference.
+    pub fn config(&self, p: &PolicyArgs, bounded: bool) -> crate::stream::BoundConfig {
+        crate::stream::BoundConfig { budget: bounded.then_some(self.budget), sinks: p.sinks, slack: self.slack(), seed: p.seed }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
     #[command(flatten)]
@@ -183,12 +205,8 @@ pub struct ChatArgs {
     /// Eviction policy (a streaming one: frequency, streaming, sirllm, h2o, tova, l2norm, activation, random).
     #[arg(long, default_value = "frequency")]
     pub policy: String,
-    /// Most cells the KV cache may hold.
-    #[arg(long, default_value_t = 512)]
-    pub budget: usize,
-    /// Extra cells freed at each eviction (default: budget / 16).
-    #[arg(long)]
-    pub slack: Option<usize>,
+    #[command(flatten)]
+    pub bound: BoundArgs,
     /// System prompt.
     #[arg(long)]
     pub system: Option<String>,
@@ -214,12 +232,8 @@ pub struct EvalStreamArgs {
     /// Policies (`full` is the reference while the text fits the model's context).
     #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,sirllm,h2o,random")]
     pub policies: Vec<String>,
-    /// Most cells the KV cache may hold.
-    #[arg(long, default_value_t = 512)]
-    pub budget: usize,
-    /// Extra cells freed at each eviction (default: budget / 16).
-    #[arg(long)]
-    pub slack: Option<usize>,
+    #[command(flatten)]
+    pub bound: BoundArgs,
     /// Plain-text file (default: Moby-Dick).
     #[arg(long, short)]
     pub text: Option<PathBuf>,
@@ -251,12 +265,8 @@ pub struct EvalDialogArgs {
     /// Policies (`full`: the whole dialogue in the cache, the ceiling).
     #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,sirllm,h2o,random")]
     pub policies: Vec<String>,
-    /// Most cells the KV cache may hold.
-    #[arg(long, default_value_t = 512)]
-    pub budget: usize,
-    /// Extra cells freed at each eviction (default: budget / 16).
-    #[arg(long)]
-    pub slack: Option<usize>,
+    #[command(flatten)]
+    pub bound: BoundArgs,
     /// Questions (dialogues are added until there are this many).
     #[arg(long, default_value_t = 200)]
     pub questions: usize,
@@ -540,11 +550,8 @@ pub struct BenchStreamArgs {
     pub model: ModelArgs,
     #[arg(long, default_value = "frequency")]
     pub policy: String,
-    #[arg(long, default_value_t = 512)]
-    pub budget: usize,
-    /// Extra cells freed at each eviction (default: budget / 16).
-    #[arg(long)]
-    pub slack: Option<usize>,
+    #[command(flatten)]
+    pub bound: BoundArgs,
     /// Tokens to stream, one per decode (as in generation).
     #[arg(long, default_value_t = 16000)]
     pub tokens: usize,
