@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 pub enum OutputError {
     #[error("cannot write to output directory {dir}: {source}; choose a writable --out")]
     Unwritable { dir: PathBuf, source: std::io::Error },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {source}; free space or choose another --out")]
     Write { path: PathBuf, source: std::io::Error },
 }
 
@@ -35,6 +35,66 @@ impl OutDir {
     /// Write `name` atomically (temp file + rename).
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, OutputError> {
         write_atomic(&self.dir.join(name), bytes)
+    }
+}
+
+/// A set of outputs that appears whole or not at all: files are written into a hidden
+/// staging folder inside the output directory and renamed into place by [`Staged::commit`]
+/// (renames need no space, so a full disk fails while staging, before anything is placed).
+/// Dropped without a commit (an error, an interrupt), the staging folder is removed.
+pub struct Staged {
+    out: OutDir,
+    dest: PathBuf,
+    created: bool,
+    committed: bool,
+}
+
+impl Staged {
+    pub fn new(dir: &Path) -> Result<Staged, OutputError> {
+        let created = !dir.exists();
+        OutDir::prepare(dir)?;
+        let tmp = dir.join(format!(".attractors-staging-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let out = OutDir::prepare(&tmp).map_err(|e| match e {
+            OutputError::Unwritable { source, .. } => OutputError::Unwritable { dir: dir.to_path_buf(), source },
+            e => e,
+        })?;
+        Ok(Staged { out, dest: dir.to_path_buf(), created, committed: false })
+    }
+
+    /// Where to write (the staging folder).
+    pub fn out(&self) -> &OutDir {
+        &self.out
+    }
+
+    /// Move every staged file into the output directory; returns the final paths.
+    pub fn commit(mut self) -> Result<Vec<PathBuf>, OutputError> {
+        let tmp = self.out.dir.clone();
+        let err = |path: &Path, source| OutputError::Write { path: path.to_path_buf(), source };
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&tmp).map_err(|e| err(&tmp, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        names.sort();
+        let mut placed = vec![];
+        for p in names {
+            let Some(name) = p.file_name() else { continue };
+            let dest = self.dest.join(name);
+            std::fs::rename(&p, &dest).map_err(|e| err(&dest, e))?;
+            placed.push(dest);
+        }
+        self.committed = true;
+        let _ = std::fs::remove_dir_all(&tmp);
+        Ok(placed)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.out.dir);
+            if self.created {
+                // only succeeds when empty: a folder this run made and never filled
+                let _ = std::fs::remove_dir(&self.dest);
+            }
+        }
     }
 }
 
@@ -88,5 +148,39 @@ mod tests {
         out.write("x.csv", b"a,b\n").unwrap();
         let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.csv")]);
+    }
+
+    fn listing(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn staged_outputs_appear_only_on_commit() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("old.txt"), b"kept").unwrap();
+        let s = Staged::new(d.path()).unwrap();
+        s.out().write("a.csv", b"1\n").unwrap();
+        s.out().write("b.json", b"{}").unwrap();
+        // nothing visible yet besides the hidden staging folder
+        assert_eq!(listing(d.path()).into_iter().filter(|n| !n.starts_with('.')).collect::<Vec<_>>(), vec!["old.txt"]);
+        let placed = s.commit().unwrap();
+        assert_eq!(placed.len(), 2);
+        assert_eq!(listing(d.path()), vec!["a.csv", "b.json", "old.txt"]);
+    }
+
+    #[test]
+    fn dropped_staging_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = Staged::new(d.path()).unwrap();
+            s.out().write("a.csv", b"1\n").unwrap();
+        }
+        assert!(listing(d.path()).is_empty());
+        // a folder the run created is removed again
+        let fresh = d.path().join("new");
+        drop(Staged::new(&fresh).unwrap());
+        assert!(!fresh.exists());
     }
 }

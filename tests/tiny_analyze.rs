@@ -3,8 +3,6 @@
 //! attention, value norms and activations; an intervention changes the logits exactly as
 //! the same edit does in the reference.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::process::Command;
 
 use attractors::analysis::attractors::{attractor_flags, AttractorRule};
@@ -13,19 +11,11 @@ use attractors::capture::intervene::{Edit, EditHook, LayerEdit};
 use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, Model, ModelParams};
 use attractors::tiny::{Reference, TinyConfig, TinyModel};
 
+mod common;
+use common::{num, read_csv};
+
 fn close(got: f64, want: f64, tol: f64, what: &str) {
     assert!((got - want).abs() <= tol * want.abs() + 1e-7, "{what}: got {got}, reference {want}");
-}
-
-fn read_csv(p: &Path) -> Vec<HashMap<String, String>> {
-    let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    let mut lines = s.lines();
-    let head: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
-    lines.map(|l| head.iter().cloned().zip(l.split(',').map(String::from)).collect()).collect()
-}
-
-fn num(r: &HashMap<String, String>, k: &str) -> f64 {
-    r[k].parse().unwrap_or_else(|_| panic!("{k} = {:?}", r[k]))
 }
 
 const TEXT: &str = "The whale and the sea. Of the ship, a man; the rope and the sail. \

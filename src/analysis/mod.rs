@@ -2,6 +2,7 @@
 
 pub mod attractors;
 pub mod claims;
+pub mod compare;
 pub mod corpus;
 pub mod correlation;
 pub mod distance;

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context as _};
 
-use super::{common, BenchCaptureArgs};
+use super::{common, BenchCaptureArgs, BenchCompareArgs};
 use crate::capture::{new_capture, sliding_window_layers, CaptureConfig};
 use crate::ffi::{Context, ContextParams, EvalHook, FlashAttn, KvType};
 use crate::session::feed;
@@ -89,5 +89,82 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
         c["peak_mb"].as_f64().unwrap_or(f64::NAN),
         p["peak_mb"].as_f64().unwrap_or(f64::NAN)
     );
+    Ok(())
+}
+
+/// A scratch folder under the system temp dir, removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new() -> anyhow::Result<Scratch> {
+        let p = std::env::temp_dir().join(format!("attractors-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(Scratch(p))
+    }
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Run `attractors <args>` as a child and return its wall time; its output goes nowhere.
+fn timed_child(exe: &std::path::Path, args: &[std::ffi::OsString]) -> anyhow::Result<f64> {
+    let t0 = std::time::Instant::now();
+    let out = std::process::Command::new(exe).args(args).output().context("running a benchmark child")?;
+    let secs = t0.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("benchmark child `attractors {}` failed: {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(secs)
+}
+
+pub fn run_compare(a: BenchCompareArgs) -> anyhow::Result<()> {
+    let models = if a.models.is_empty() {
+        let p = common::load_model(&super::ModelArgs { model: None, gpu_layers: None })?.path().to_path_buf();
+        vec![p.clone(), p]
+    } else {
+        a.models.clone()
+    };
+    if models.len() < 2 {
+        bail!("bench compare needs at least two models: repeat --model");
+    }
+    let corpus = if a.set.corpus.is_empty() { vec![super::analyze::default_corpus()?] } else { a.set.corpus.clone() };
+    let exe = std::env::current_exe().context("locating the attractors binary")?;
+    let tmp = Scratch::new()?;
+    let common_args = |v: &mut Vec<std::ffi::OsString>| {
+        v.push("--corpus".into());
+        v.extend(corpus.iter().map(|c| c.clone().into_os_string()));
+        v.extend(["--docs".into(), a.set.docs.to_string().into(), "--max-tokens".into(), a.set.max_tokens.to_string().into()]);
+        if let Some(t) = a.threads {
+            v.extend(["--threads".into(), t.to_string().into()]);
+        }
+    };
+    let mut analyze_s = vec![];
+    for (i, m) in models.iter().enumerate() {
+        eprintln!("bench compare: analyze {} ({} documents x {} tokens)", m.display(), a.set.docs, a.set.max_tokens);
+        let mut v: Vec<std::ffi::OsString> = vec!["analyze".into(), "--model".into(), m.clone().into_os_string()];
+        common_args(&mut v);
+        v.extend(["--out".into(), tmp.path().join(format!("analyze{i}")).into_os_string()]);
+        analyze_s.push(timed_child(&exe, &v)?);
+    }
+    eprintln!("bench compare: compare of {} models", models.len());
+    let mut v: Vec<std::ffi::OsString> = vec!["compare".into()];
+    for m in &models {
+        v.extend(["--model".into(), m.clone().into_os_string()]);
+    }
+    common_args(&mut v);
+    v.extend(["--out".into(), tmp.path().join("compare").into_os_string()]);
+    let compare_s = timed_child(&exe, &v)?;
+    let sum: f64 = analyze_s.iter().sum();
+    for (m, s) in models.iter().zip(&analyze_s) {
+        println!("analyze {:<60} {s:.2} s", m.display());
+    }
+    println!("compare of {} models {compare_s:.2} s", models.len());
+    println!("compare_s {compare_s:.2} analyze_sum_s {sum:.2} compare_over_analyzes {:.3} docs {} max_tokens {}", compare_s / sum, a.set.docs, a.set.max_tokens);
     Ok(())
 }

@@ -35,7 +35,7 @@ pub fn load_model(a: &ModelArgs) -> anyhow::Result<Model> {
             p
         }
     };
-    let model = Model::load(&path, &ModelParams { gpu_layers: a.gpu_layers })?;
+    let model = Model::load(&path, &ModelParams { gpu_layers: a.gpu_layers, ..Default::default() })?;
     Ok(model)
 }
 

@@ -4,6 +4,7 @@ mod analyze;
 mod bench;
 mod calibrate;
 mod chat;
+mod compare;
 mod eval_dialog;
 mod eval_stream;
 mod eval_long;
@@ -57,6 +58,10 @@ pub enum Command {
     Prune(PruneArgs),
     /// A quantization ladder of one model (llama.cpp's llama_model_quantize), one file per type.
     Quantize(QuantizeArgs),
+    /// The same documents through several models of one vocabulary (e.g. a quantization
+    /// ladder): per layer and pair, agreement of attractors, attention, sinks, correlated
+    /// dimensions, pruning choices, and perplexity.
+    Compare(CompareArgs),
     /// Chat with a bounded KV cache (the policy evicts before the cache would overflow).
     Chat(ChatArgs),
     /// Evaluations.
@@ -181,6 +186,56 @@ impl BoundArgs {
     pub fn config(&self, p: &PolicyArgs, bounded: bool) -> crate::stream::BoundConfig {
         crate::stream::BoundConfig { budget: bounded.then_some(self.budget), sinks: p.sinks, slack: self.slack(), seed: p.seed }
     }
+}
+
+/// The documents `compare` (and its benchmark) runs through every model.
+#[derive(Args, Debug, Clone)]
+pub struct DocSet {
+    /// Plain-text files or directories of them (default: Moby-Dick, data/moby-dick.txt).
+    #[arg(long, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// Number of documents.
+    #[arg(long, default_value_t = 20)]
+    pub docs: usize,
+    /// Tokens per document.
+    #[arg(long, default_value_t = 1024)]
+    pub max_tokens: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// GGUF files to compare, repeated (`--model A --model B ...`); the first is the reference.
+    #[arg(long = "model", short = 'm', required = true)]
+    pub models: Vec<PathBuf>,
+    /// Layers to offload to a GPU (default: llama.cpp's).
+    #[arg(long)]
+    pub gpu_layers: Option<i32>,
+    #[command(flatten)]
+    pub set: DocSet,
+    /// Documents shorter than this many tokens are skipped.
+    #[arg(long, default_value_t = 128)]
+    pub min_tokens: usize,
+    /// One document per file (its first tokens) instead of consecutive pieces.
+    #[arg(long)]
+    pub truncate: bool,
+    /// Policies whose kept sets are compared.
+    #[arg(long, value_delimiter = ',', default_value = "frequency,l2norm,activation,h2o,tova,snapkv,streaming,sirllm,random")]
+    pub policies: Vec<String>,
+    /// Kept fraction of each document for the policies.
+    #[arg(long, default_value_t = 0.5)]
+    pub ratio: f64,
+    /// Activation node correlated with received attention (and read by `activation`).
+    #[arg(long, default_value = "attn_norm")]
+    pub activation: String,
+    #[command(flatten)]
+    pub policy_args: PolicyArgs,
+    #[command(flatten)]
+    pub rule: RuleArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/compare")]
+    pub out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -542,6 +597,20 @@ pub enum BenchCommand {
     /// A long stream through a bounded cache: decode speed late vs early, the share of step
     /// time spent on evictions, resident memory late vs early.
     Stream(BenchStreamArgs),
+    /// `compare` of the given models against one plain `analyze` run per model over the
+    /// same documents (each in a child process): wall time of compare / sum of the analyze runs.
+    Compare(BenchCompareArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCompareArgs {
+    /// GGUF files (at least two; the default is the SmolLM2 model twice).
+    #[arg(long = "model", short = 'm')]
+    pub models: Vec<PathBuf>,
+    #[command(flatten)]
+    pub set: DocSet,
+    #[arg(long)]
+    pub threads: Option<i32>,
 }
 
 #[derive(Args, Debug)]
@@ -608,6 +677,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(EvalCommand::Dialog(a)) => eval_dialog::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Compare(a) => compare::run(a),
         Command::Bench(BenchCommand::Stream(a)) => eval_stream::bench(a),
+        Command::Bench(BenchCommand::Compare(a)) => bench::run_compare(a),
     }
 }

@@ -29,19 +29,12 @@ pub fn base_stem(p: &Path) -> String {
     stem
 }
 
-pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
-    if a.types.is_empty() {
-        bail!("no --types given: name at least one of {}", QUANT_TYPES.iter().map(|t| t.0).collect::<Vec<_>>().join(", "));
-    }
-    for t in &a.types {
-        quant_type(t)?;
-    }
-    let model = common::load_model(&a.model)?;
-    let src = model.path().to_path_buf();
-    let src_type = model.meta_str("general.file_type").and_then(|s| s.parse::<i64>().ok());
-    // files without general.file_type: llama.cpp guesses it from the tensors ("... all F32")
+/// The model's weight type: `general.file_type`, or llama.cpp's guess from the tensors
+/// ("... all F32") for files without it.
+pub fn model_type_name(model: &crate::ffi::Model) -> String {
+    let ft = model.meta_str("general.file_type").and_then(|s| s.parse::<i64>().ok());
     let desc = model.description();
-    let src_name = src_type.map(file_type_name).unwrap_or_else(|| {
+    ft.map(file_type_name).unwrap_or_else(|| {
         let d = desc.to_ascii_uppercase();
         if d.ends_with("ALL F32") {
             "f32".into()
@@ -52,7 +45,19 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         } else {
             format!("unknown ({desc})")
         }
-    });
+    })
+}
+
+pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
+    if a.types.is_empty() {
+        bail!("no --types given: name at least one of {}", QUANT_TYPES.iter().map(|t| t.0).collect::<Vec<_>>().join(", "));
+    }
+    for t in &a.types {
+        quant_type(t)?;
+    }
+    let model = common::load_model(&a.model)?;
+    let src = model.path().to_path_buf();
+    let src_name = model_type_name(&model);
     let float_source = matches!(src_name.as_str(), "f32" | "f16" | "bf16");
     drop(model);
     let note = if float_source {

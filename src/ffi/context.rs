@@ -64,6 +64,8 @@ impl Default for ContextParams {
 pub enum ContextError {
     #[error("llama.cpp could not create a context (n_ctx {n_ctx}): {reason}")]
     Create { n_ctx: u32, reason: String },
+    #[error("{0} was loaded without weights (vocabulary only): load it in full to run it")]
+    VocabOnly(std::path::PathBuf),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,9 @@ impl<'m> Context<'m> {
     /// Create a context. With a hook, llama.cpp's eval callback is installed and routed
     /// to it; without one, no callback is installed at all.
     pub fn new(model: &'m Model, params: &ContextParams, hook: Option<Box<dyn EvalHook>>) -> Result<Context<'m>, ContextError> {
+        if model.is_vocab_only() {
+            return Err(ContextError::VocabOnly(model.path().to_path_buf()));
+        }
         clear_last_error();
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };

@@ -49,12 +49,18 @@ pub enum TokenizeError {
 pub struct ModelParams {
     /// Layers to offload to a GPU; `None` = llama.cpp's default (all when a GPU is present).
     pub gpu_layers: Option<i32>,
+    /// Load only the metadata and vocabulary (no weights): tokenize, compare vocabularies,
+    /// read hyperparameters; such a model cannot make a context.
+    pub vocab_only: bool,
 }
 
 /// A loaded GGUF model. Read-only after loading, so it may be shared between threads.
 pub struct Model {
     ptr: NonNull<sys::llama_model>,
     path: PathBuf,
+    /// Loaded with `vocab_only`: llama.cpp has no hyperparameters for it (its per-layer
+    /// getters abort), so the shape comes from the GGUF metadata and no context can be made.
+    vocab_only: bool,
 }
 
 // SAFETY: a loaded llama_model is immutable; llama.cpp allows concurrent contexts on one model.
@@ -105,10 +111,11 @@ impl Model {
         if let Some(n) = params.gpu_layers {
             mp.n_gpu_layers = n;
         }
+        mp.vocab_only = params.vocab_only;
         // SAFETY: `c_path` is a valid NUL-terminated string for the call; `mp` is initialised.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
         match NonNull::new(raw) {
-            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf() }),
+            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only }),
             None => Err(LoadError::Llama {
                 path: path.to_path_buf(),
                 reason: last_llama_error().unwrap_or_else(|| "unknown error".into()),
@@ -129,28 +136,57 @@ impl Model {
         &self.path
     }
 
+    /// Loaded without weights (`ModelParams::vocab_only`).
+    pub fn is_vocab_only(&self) -> bool {
+        self.vocab_only
+    }
+
+    /// `<architecture>.<key>` from the metadata, as a number.
+    fn arch_usize(&self, key: &str) -> Option<usize> {
+        let arch = self.meta_str("general.architecture")?;
+        self.meta_str(&format!("{arch}.{key}"))?.trim().parse().ok()
+    }
+
     pub fn n_layer(&self) -> usize {
-        // SAFETY: valid model pointer.
+        if self.vocab_only {
+            return self.arch_usize("block_count").unwrap_or(0);
+        }
+        // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_layer(self.ptr.as_ptr()) as usize }
     }
     pub fn n_head(&self) -> usize {
-        // SAFETY: valid model pointer.
+        if self.vocab_only {
+            return self.arch_usize("attention.head_count").unwrap_or(0);
+        }
+        // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_head(self.ptr.as_ptr()) as usize }
     }
     pub fn n_head_kv(&self) -> usize {
-        // SAFETY: valid model pointer.
+        if self.vocab_only {
+            return self.arch_usize("attention.head_count_kv").unwrap_or_else(|| self.n_head());
+        }
+        // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_head_kv(self.ptr.as_ptr()) as usize }
     }
     pub fn n_embd(&self) -> usize {
-        // SAFETY: valid model pointer.
+        if self.vocab_only {
+            return self.arch_usize("embedding_length").unwrap_or(0);
+        }
+        // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_embd(self.ptr.as_ptr()) as usize }
     }
     pub fn n_ctx_train(&self) -> usize {
-        // SAFETY: valid model pointer.
+        if self.vocab_only {
+            return self.arch_usize("context_length").unwrap_or(0);
+        }
+        // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_ctx_train(self.ptr.as_ptr()).max(0) as usize }
     }
     pub fn n_swa(&self) -> usize {
-        // SAFETY: valid model pointer.
+        if self.vocab_only {
+            return self.arch_usize("attention.sliding_window").unwrap_or(0);
+        }
+        // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()).max(0) as usize }
     }
     pub fn n_vocab(&self) -> usize {

@@ -216,10 +216,15 @@ fn draw_heatmap<DB: DrawingBackend>(
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d(0..cols.max(1), 0..rows.max(1))
+        .build_cartesian_2d((0..cols.max(1) - 1).into_segmented(), (0..rows.max(1) - 1).into_segmented())
         .map_err(err)?;
     let xt = x_ticks.to_vec();
     let yt = y_ticks.to_vec();
+    // labels sit at the centre of their cell
+    let name = |t: &[String], v: &SegmentValue<usize>| match v {
+        SegmentValue::CenterOf(i) => t.get(*i).cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
     chart
         .configure_mesh()
         .disable_mesh()
@@ -227,8 +232,8 @@ fn draw_heatmap<DB: DrawingBackend>(
         .y_desc(yl)
         .x_labels(cols.min(16))
         .y_labels(rows.min(16))
-        .x_label_formatter(&|v| xt.get(*v).cloned().unwrap_or_default())
-        .y_label_formatter(&|v| yt.get(*v).cloned().unwrap_or_default())
+        .x_label_formatter(&|v| name(&xt, v))
+        .y_label_formatter(&|v| name(&yt, v))
         .label_style(("sans-serif", 13))
         .draw()
         .map_err(err)?;
@@ -236,7 +241,7 @@ fn draw_heatmap<DB: DrawingBackend>(
         .draw_series(m.iter().enumerate().flat_map(|(r, row)| {
             row.iter().enumerate().map(move |(c, &v)| {
                 let color = if v.is_finite() { ramp((v - lo) / (hi - lo)) } else { RGBColor(220, 220, 220) };
-                Rectangle::new([(c, r), (c + 1, r + 1)], color.filled())
+                Rectangle::new([(SegmentValue::Exact(c), SegmentValue::Exact(r)), (SegmentValue::Exact(c + 1), SegmentValue::Exact(r + 1))], color.filled())
             })
         }))
         .map_err(err)?;

@@ -36,3 +36,16 @@ pub fn tiny_model() -> (tempfile::TempDir, TinyModel, Model) {
 pub fn tiny_params() -> ContextParams {
     ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 }
 }
+
+/// A CSV file (no quoted commas) as rows of column -> value.
+pub fn read_csv(p: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut lines = s.lines();
+    let head: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    lines.map(|l| head.iter().cloned().zip(l.split(',').map(String::from)).collect()).collect()
+}
+
+/// A numeric CSV field.
+pub fn num(r: &std::collections::HashMap<String, String>, k: &str) -> f64 {
+    r[k].parse().unwrap_or_else(|_| panic!("{k} = {:?}", r[k]))
+}
