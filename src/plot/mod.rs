@@ -215,7 +215,7 @@ fn draw_heatmap<DB: DrawingBackend>(
         .caption(title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(45)
-        .y_label_area_size(60)
+        .y_label_area_size((y_ticks.iter().map(|t| t.chars().count()).max().unwrap_or(0) as u32 * 8 + 30).clamp(60, 240))
         .build_cartesian_2d((0..cols.max(1) - 1).into_segmented(), (0..rows.max(1) - 1).into_segmented())
         .map_err(err)?;
     let xt = x_ticks.to_vec();
