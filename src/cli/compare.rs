@@ -100,12 +100,8 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
     }
     Budget::Ratio(a.ratio).resolve(1).map_err(|e| anyhow::anyhow!("--ratio: {e}"))?;
     // Every model is checked before any work: loadable, same vocabulary, same shape.
-    let mut types = vec![];
-    let (fp0, shape0, n_ctx_train) = {
-        let m = load_vocab(&a.models[0])?;
-        types.push(model_type_name(&m));
-        (common::vocab_fingerprint(&m), (m.n_layer(), m.n_head(), m.n_head_kv()), m.n_ctx_train())
-    };
+    let reference = load_vocab(&a.models[0])?;
+    let (fp0, shape0, n_ctx_train) = (common::vocab_fingerprint(&reference), (reference.n_layer(), reference.n_head(), reference.n_head_kv()), reference.n_ctx_train());
     for p in &a.models[1..] {
         let m = load_vocab(p)?;
         let fp = common::vocab_fingerprint(&m);
@@ -120,13 +116,10 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         if shape != shape0 {
             bail!("{} has {} layers and {}/{} heads, {} has {} and {}/{}: compare needs models of the same architecture", p.display(), shape.0, shape.1, shape.2, a.models[0].display(), shape0.0, shape0.1, shape0.2);
         }
-        types.push(model_type_name(&m));
     }
     if a.set.max_tokens > n_ctx_train {
         bail!("--max-tokens {} exceeds the models' trained context of {n_ctx_train}: pass --max-tokens {n_ctx_train} or less", a.set.max_tokens);
     }
-    let labels = labels_for(&a.models, &types);
-    let reference = load_vocab(&a.models[0])?;
     let setup = policy_setup(&reference, &a.policy_args, &a.policies)?;
     if let Some(c) = &setup.calib {
         if c.node != a.activation {
@@ -141,7 +134,6 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         bail!("the corpus has no document of at least {min} tokens ({} pieces were shorter): add text or lower --min-tokens", cut.skipped_short);
     }
     let (n_layer, n_head, n_head_kv) = shape0;
-    drop(reference);
     let staged = Staged::new(&a.out)?;
     let out = staged.out();
     let longest = docs.iter().map(|d| d.tokens.len()).max().unwrap_or(a.set.max_tokens);
@@ -158,15 +150,20 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let mut runs: Vec<ModelRun> = vec![];
     let mut ctx_params = None;
-    for (mi, path) in a.models.iter().enumerate() {
-        pb.set_message(labels[mi].clone());
+    // token strings for the analyses, the same for every model (one vocabulary)
+    let doc_strings: Vec<Vec<String>> = docs.iter().map(|d| d.tokens.iter().map(|&t| reference.token_str(t)).collect()).collect();
+    let budgets: Vec<usize> = docs.iter().map(|d| Budget::Ratio(a.ratio).resolve(d.tokens.len())).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!(e))?;
+    drop(reference);
+    for path in &a.models {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        pb.set_message(name.clone());
         let tm = std::time::Instant::now();
         let model = load(path, a.gpu_layers)?;
         let params = common::context_params(&model, &engine, longest, FlashAttn::Off)?;
         let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
         let cfg = CaptureConfig {
             attention: true,
-            include_self: rule_include_self(&a),
+            include_self: a.rule.include_self,
             distance: false,
             activation: Some(a.activation.clone()),
             dims: vec![],
@@ -183,23 +180,20 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         let mut acc = CorpusAcc::new(rule, SINK_EPS, n_layer, n_head, n_head_kv);
         let (mut nll_sum, mut nll_n) = (0.0, 0);
         let mut records = vec![];
-        for d in &docs {
+        for ((d, strings), &budget) in docs.iter().zip(&doc_strings).zip(&budgets) {
             let n = d.tokens.len();
             ctx.clear();
             handle.reset();
             handle.set_observation_window(n.saturating_sub(WINDOW), n - 1);
-            let nll = feed(&mut ctx, &d.tokens, true, |_| {}).with_context(|| format!("{}: document from {} at token {}", labels[mi], d.source, d.first_token))?;
+            let nll = feed(&mut ctx, &d.tokens, true, |_| {}).with_context(|| format!("{name}: document from {} at token {}", d.source, d.first_token))?;
             nll_sum += nll.iter().sum::<f64>();
             nll_n += nll.len();
             let mut s = handle.take_summary();
-            let mut inputs = Inputs::from_summary(Some(&s), n, setup.calib.as_ref(), Some(&nll)).map_err(|e| anyhow::anyhow!(e))?;
+            let inputs = Inputs::from_summary(Some(&s), n, setup.calib.as_ref(), Some(&nll)).map_err(|e| anyhow::anyhow!(e))?;
             // keys were captured for `l2norm` only: no per-head key correlations here
             s.keys = None;
-            let strings: Vec<String> = d.tokens.iter().map(|&t| model.token_str(t)).collect();
-            acc.add_document(&s, &strings).map_err(|e| anyhow::anyhow!(e))?;
+            acc.add_document(&s, strings).map_err(|e| anyhow::anyhow!(e))?;
             let att = s.attention.as_ref().ok_or_else(|| anyhow::anyhow!("no attention was captured"))?;
-            h2o_with_self(&mut inputs, att);
-            let budget = Budget::Ratio(a.ratio).resolve(n).map_err(|e| anyhow::anyhow!(e))?;
             let mut kept = vec![];
             for p in &setup.policies {
                 match choose(p.as_ref(), &inputs, &d.tokens, budget, setup.sinks, setup.seed, Mode::Cells { close_gaps: false }, n_layer).map_err(|e| anyhow::anyhow!(e))? {
@@ -218,7 +212,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         // files without general.file_type: llama.cpp guesses the type from the tensors,
         // which a vocabulary-only load does not read
         let type_name = model_type_name(&model);
-        runs.push(ModelRun { label: labels[mi].clone(), file: path.clone(), type_name, bytes, meta, acc, best, nll_sum, nll_n, docs: records, seconds: tm.elapsed().as_secs_f64() });
+        runs.push(ModelRun { label: String::new(), file: path.clone(), type_name, bytes, meta, acc, best, nll_sum, nll_n, docs: records, seconds: tm.elapsed().as_secs_f64() });
     }
     pb.finish_and_clear();
     let types: Vec<String> = runs.iter().map(|r| r.type_name.clone()).collect();
@@ -250,12 +244,12 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         "parameters": {
             "context": ctx_params,
             "flash_attention": "off (forced: attention weights are only visible without it)",
-            "include_self": rule_include_self(&a),
+            "include_self": a.rule.include_self,
             "activation_node": a.activation,
             "keys_node": setup.needs.keys.then(|| setup.keys_node.clone()),
             "policies": policy_names,
             "ratio": a.ratio,
-            "budgets": docs.iter().map(|d| Budget::Ratio(a.ratio).resolve(d.tokens.len()).unwrap_or(0)).collect::<Vec<_>>(),
+            "budgets": budgets,
             "mode": "cells (one kept set per document)",
             "sinks": setup.sinks,
             "seed": setup.seed,
@@ -282,22 +276,6 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn rule_include_self(a: &CompareArgs) -> bool {
-    a.rule.include_self
-}
-
-/// H2O accumulates every query's attention, its own included; the capture counts received
-/// attention by the analysis rule. `alpha * (T - j)` is the sum with the diagonal.
-fn h2o_with_self(inputs: &mut Inputs, att: &crate::capture::attention::AttentionSummary) {
-    if att.include_self {
-        return;
-    }
-    if let Some(st) = inputs.attention.as_mut() {
-        let n = att.n_pos;
-        st.accumulated = att.alpha.iter().map(|heads| heads.iter().map(|row| row.iter().enumerate().map(|(j, &x)| x * (n - j) as f64).collect()).collect()).collect();
-    }
 }
 
 const DEFINITIONS: &[(&str, &str)] = &[

@@ -58,7 +58,14 @@ impl Inputs {
             if a.n_pos < n {
                 return Err(format!("attention captured for {} positions, the context has {n}", a.n_pos));
             }
-            out.attention = Some(AttentionStats { accumulated: a.received_head.clone(), last: a.last_head.clone(), window: a.window_head.clone() });
+            // H2O accumulates every query's attention, its own included: a capture that
+            // counted received attention without the diagonal has it in `alpha * (T - j)`
+            let accumulated = if a.include_self {
+                a.received_head.clone()
+            } else {
+                a.alpha.iter().map(|heads| heads.iter().map(|row| row.iter().enumerate().map(|(j, &x)| x * (a.n_pos - j) as f64).collect()).collect()).collect()
+            };
+            out.attention = Some(AttentionStats { accumulated, last: a.last_head.clone(), window: a.window_head.clone() });
         }
         if let Some(k) = s.and_then(|s| s.keys.as_ref()) {
             let g = k.heads.unwrap_or(1);
