@@ -2,8 +2,8 @@
 //! reference forward pass with those keys hidden from later queries; closing gaps keeps
 //! llama.cpp's positions and the capture's cell map consistent.
 
-use attractors::capture::mask::{new_mask, plan_from_keep};
-use attractors::capture::{new_capture, CaptureConfig};
+use attractors::capture::mask::{new_mask_with, plan_from_keep, MaskHandle};
+use attractors::capture::{new_capture, CaptureConfig, Reduce};
 use attractors::evict::apply::apply_cells;
 use attractors::evict::select::keep_cells;
 use attractors::evict::{by_name, Observation};
@@ -100,14 +100,31 @@ fn gap_closing_keeps_positions_and_cell_map_consistent() {
     }
 }
 
+/// The mask hook wrote every `kq` node the way it was told: by a device graph (here on the
+/// CPU backend, the path a GPU takes), or in host memory.
+fn check_mask_path(handle: &MaskHandle, reduce: Reduce) {
+    let ([device, host, copied], _) = handle.transfers();
+    assert_eq!(copied, 0);
+    match reduce {
+        Reduce::Device => assert!(device > 0 && host == 0, "device {device} host {host}"),
+        _ => assert!(device == 0 && host > 0, "device {device} host {host}"),
+    }
+}
+
 /// `mask` mode with the same choice in every layer and head hides exactly what `cells`
-/// mode removes: the same logits as the reference (and as `cells`) within 1e-4.
+/// mode removes: the same logits as the reference (and as `cells`) within 1e-4; written in
+/// host memory and by the device graph.
 #[test]
 fn mask_with_one_choice_equals_cells_without_gap_closing() {
+    mask_one_choice(Reduce::Host);
+    mask_one_choice(Reduce::Device);
+}
+
+fn mask_one_choice(reduce: Reduce) {
     let (_d, tiny, model) = tiny_model();
     let t = toks();
     let keep = choice();
-    let (hook, handle) = new_mask(&model, &[]);
+    let (hook, handle) = new_mask_with(&model, &[], reduce);
     let mut ctx = Context::new(&model, &params(), Some(Box::new(hook))).unwrap();
     feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
     let positions: Vec<i32> = (0..N as i32).collect();
@@ -115,6 +132,7 @@ fn mask_with_one_choice_equals_cells_without_gap_closing() {
     handle.set_plan(plan_from_keep(&per_layer, &positions)).unwrap();
     let got = decode_rest(&mut ctx, &t[N..]);
     assert!(handle.written() > 0);
+    check_mask_path(&handle, reduce);
     let mut cells_ctx = Context::new(&model, &params(), None).unwrap();
     feed(&mut cells_ctx, &t[..N], false, |_| {}).unwrap();
     apply_cells(&mut cells_ctx, &positions, &keep, false).unwrap();
@@ -130,9 +148,15 @@ fn mask_with_one_choice_equals_cells_without_gap_closing() {
 }
 
 /// Different choices per layer and KV head: the logits follow the reference with exactly
-/// those (layer, head, key) triples hidden; attention is zero there and only there.
+/// those (layer, head, key) triples hidden; attention is zero there and only there. Host
+/// and device paths, for the mask and the capture alike.
 #[test]
 fn mask_per_layer_and_head_hides_only_where_told() {
+    mask_per_layer_and_head(Reduce::Host);
+    mask_per_layer_and_head(Reduce::Device);
+}
+
+fn mask_per_layer_and_head(reduce: Reduce) {
     let (_d, tiny, model) = tiny_model();
     let t = toks();
     let keep_a = choice();
@@ -140,9 +164,9 @@ fn mask_per_layer_and_head_hides_only_where_told() {
     let keep_b: Vec<bool> = (0..N).map(|j| j < 4 || j % 2 == 0).collect();
     let group = tiny.cfg.n_head / tiny.cfg.n_head_kv;
     let keep: Vec<Option<Vec<Vec<bool>>>> = vec![None, Some(vec![keep_a.clone(), vec![true; N]]), Some(vec![keep_b.clone()])];
-    let cfg = CaptureConfig { activation: None, distance: false, ..CaptureConfig::default() };
+    let cfg = CaptureConfig { activation: None, distance: false, reduce, ..CaptureConfig::default() };
     let (cap, cap_handle) = new_capture(&model, &cfg, &[], 256).unwrap();
-    let (mask, handle) = new_mask(&model, &[]);
+    let (mask, handle) = new_mask_with(&model, &[], reduce);
     let mut ctx = Context::new(&model, &params(), Some(Box::new(Hooks::new(vec![Box::new(cap), Box::new(mask)])))).unwrap();
     feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
     let positions: Vec<i32> = (0..N as i32).collect();
@@ -185,6 +209,8 @@ fn mask_per_layer_and_head_hides_only_where_told() {
         let hidden_somewhere = (0..tiny.cfg.n_head).any(|h| (0..N).any(|j| !visible(l, h, N, j)));
         assert_eq!(hidden_somewhere, l > 0);
     }
+    check_mask_path(&handle, reduce);
+    assert_eq!(cap_handle.transfers().nodes_device > 0, reduce == Reduce::Device);
     // Head group 1 of layer 1 still attends to keys that group 0 hides.
     assert!((0..N).any(|j| !keep_a[j] && att.received_head[1][group][j] > 1e-6));
 }

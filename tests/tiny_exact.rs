@@ -1,9 +1,11 @@
 //! Exact capture on a tiny seeded llama model: every captured summary equals the plain Rust
 //! reference forward pass within 1e-4 (relative, with a 1e-6 absolute floor near zero), for
-//! several micro-batch sizes, and after cells were removed and refilled.
+//! several micro-batch sizes, and after cells were removed and refilled. Every check runs
+//! twice: reduced on the host and reduced by the device graphs (`Reduce::Device`, here on
+//! the CPU backend), the path a GPU takes.
 
 use attractors::capture::attention::distance_bucket;
-use attractors::capture::{new_capture, CaptureConfig, CaptureSummary};
+use attractors::capture::{new_capture, CaptureConfig, CaptureHandle, CaptureSummary, Reduce};
 use attractors::ffi::{Context, ContextParams, FlashAttn, KvType, Model, ModelParams};
 use attractors::session::feed;
 use attractors::tiny::{Reference, TinyConfig, TinyModel};
@@ -44,8 +46,20 @@ fn params(n_batch: u32, n_ubatch: u32) -> ContextParams {
     ContextParams { n_ctx: 512, n_batch, n_ubatch, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 }
 }
 
-fn cfg() -> CaptureConfig {
-    CaptureConfig { dims: vec![0, 5, 63], ..CaptureConfig::default() }
+fn cfg(reduce: Reduce) -> CaptureConfig {
+    CaptureConfig { dims: vec![0, 5, 63], reduce, ..CaptureConfig::default() }
+}
+
+const PATHS: [Reduce; 2] = [Reduce::Host, Reduce::Device];
+
+/// The capture took the path it was told to: every attention node on the device, or none.
+fn check_path(handle: &CaptureHandle, reduce: Reduce) {
+    let t = handle.transfers();
+    assert!(t.fallback.is_none(), "device path turned off: {:?}", t.fallback);
+    match reduce {
+        Reduce::Device => assert!(t.nodes_device > 0 && t.nodes_in_place == 0 && t.nodes_copied == 0, "{t:?}"),
+        _ => assert!(t.nodes_device == 0 && t.nodes_in_place > 0, "{t:?}"),
+    }
 }
 
 /// Compare a capture with the reference, `visible` as in the forward pass.
@@ -106,11 +120,14 @@ fn capture_matches_reference_for_several_ubatch_sizes() {
     let toks = tokens(N, s.tiny.n_vocab);
     let r = s.tiny.forward(&toks);
     // (n_batch, n_ubatch): one micro-batch, several inside one decode, several decodes.
-    for (nb, nu) in [(512, 512), (512, 37), (64, 64), (16, 8)] {
-        let (hook, handle) = new_capture(&s.model, &cfg(), &[], 512).unwrap();
-        let mut ctx = Context::new(&s.model, &params(nb, nu), Some(Box::new(hook))).unwrap();
-        feed(&mut ctx, &toks, false, |_| {}).unwrap();
-        check(&handle.summary(), &r, N, s.tiny.cfg.n_head);
+    for reduce in PATHS {
+        for (nb, nu) in [(512, 512), (512, 37), (64, 64), (16, 8)] {
+            let (hook, handle) = new_capture(&s.model, &cfg(reduce), &[], 512).unwrap();
+            let mut ctx = Context::new(&s.model, &params(nb, nu), Some(Box::new(hook))).unwrap();
+            feed(&mut ctx, &toks, false, |_| {}).unwrap();
+            check(&handle.summary(), &r, N, s.tiny.cfg.n_head);
+            check_path(&handle, reduce);
+        }
     }
 }
 
@@ -122,8 +139,8 @@ fn capture_matches_reference_after_removing_cells() {
     let removed: Vec<usize> = (20..30).chain([50, 77]).collect();
     let vis = |i: usize, j: usize| !(i >= first && removed.contains(&j));
     let r = s.tiny.forward_masked(&toks, &vis);
-    for (nb, nu) in [(512, 512), (512, 7)] {
-        let (hook, handle) = new_capture(&s.model, &cfg(), &[], 512).unwrap();
+    for (reduce, (nb, nu)) in PATHS.into_iter().flat_map(|r| [(r, (512, 512)), (r, (512, 7))]) {
+        let (hook, handle) = new_capture(&s.model, &cfg(reduce), &[], 512).unwrap();
         let mut ctx = Context::new(&s.model, &params(nb, nu), Some(Box::new(hook))).unwrap();
         feed(&mut ctx, &toks[..first], false, |_| {}).unwrap();
         assert!(ctx.seq_rm(20, 30));
@@ -132,6 +149,7 @@ fn capture_matches_reference_after_removing_cells() {
         feed(&mut ctx, &toks[first..], false, |_| {}).unwrap();
         assert_eq!(ctx.pos_max(), N as i32 - 1);
         check(&handle.summary(), &r, N, s.tiny.cfg.n_head);
+        check_path(&handle, reduce);
     }
 }
 

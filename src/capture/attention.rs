@@ -150,25 +150,13 @@ impl AttentionAcc {
     pub fn add(&mut self, layer: usize, probs: &[f32], n_kv: usize, queries: &[i32], cells: &[CellPos], vnorm: Option<&[f32]>) {
         let n_tok = queries.len();
         let max_q = queries.iter().copied().max().unwrap_or(0).max(0) as usize;
-        if self.layers[layer].is_none() {
-            let cap = self.cap;
-            self.layers[layer] = Some(LayerAttention {
-                received: vec![0.0; self.n_head * cap],
-                self_attn: vec![0.0; self.n_head * cap],
-                distance: if self.distance { vec![0.0; cap * self.n_buckets] } else { Vec::new() },
-                window: if self.obs.is_some() { vec![0.0; self.n_head * cap] } else { Vec::new() },
-                last: if self.obs.is_some() { vec![0.0; self.n_head * cap] } else { Vec::new() },
-                ..Default::default()
-            });
-        }
-        self.grow(max_q + 1);
+        self.prepare(layer, max_q);
         let cap = self.cap;
         let nb = self.n_buckets;
         let n_head = self.n_head;
         let inv_h = 1.0 / n_head as f32;
         let distance = self.distance;
-        let la = self.layers[layer].as_mut().expect("layer allocated above");
-        la.n_pos = la.n_pos.max(max_q + 1);
+        let la = self.layers[layer].as_mut().expect("layer allocated by prepare");
         let obs = self.obs;
         let fl = match (self.flow, vnorm) {
             (Some((start, n_kv_head)), Some(vn)) => Some((start, n_kv_head, (n_head / n_kv_head).max(1), vn)),
@@ -236,6 +224,104 @@ impl AttentionAcc {
                 }
             }
         }
+    }
+
+    /// The observation window `(first query, last query)`, when on.
+    pub fn observation_window(&self) -> Option<(usize, usize)> {
+        self.obs
+    }
+
+    /// `(first prediction position, KV heads)` of the information flow, when on.
+    pub fn flow(&self) -> Option<(usize, usize)> {
+        self.flow
+    }
+
+    /// Add one micro-batch of one layer reduced on the device ([`crate::ffi::AttnPlan`] as
+    /// built by the capture): the same accumulators as [`AttentionAcc::add`] from column
+    /// sums, the diagonal, per-query distance sums and flow rows. Queries are consecutive
+    /// positions; `cols` holds one weight row (all queries), or three with the observation
+    /// window (all, window, last query); `vscale[h * n_kv + c]` is the flow's value-norm
+    /// factor (`||v|| / n_head`) that the device multiplied in.
+    pub fn add_reduced(&mut self, layer: usize, r: &crate::ffi::AttnOut, n_kv: usize, queries: &[i32], cells: &[CellPos], vscale: Option<&[f32]>) {
+        let n_tok = queries.len();
+        let q0 = queries[0].max(0) as usize;
+        let max_q = q0 + n_tok - 1;
+        self.prepare(layer, max_q);
+        let (cap, nb, n_head, obs) = (self.cap, self.n_buckets, self.n_head, self.obs);
+        let n_w = if obs.is_some() { 3 } else { 1 };
+        let la = self.layers[layer].as_mut().expect("layer allocated by prepare");
+        // The query at a position of this micro-batch, if any.
+        let query_of = |pos: usize| (pos >= q0 && pos <= max_q).then(|| pos - q0);
+        for h in 0..n_head {
+            for cp in cells.iter().take_while(|cp| cp.pos <= max_q) {
+                let col = |w: usize| r.cols[w + n_w * (cp.cell + n_kv * h)] as f64;
+                let own = query_of(cp.pos).map_or(0.0, |i| r.gathered[h * n_tok + i] as f64);
+                let k = h * cap + cp.pos;
+                la.received[k] += col(0) - own;
+                if query_of(cp.pos).is_some() {
+                    la.self_attn[k] += own;
+                }
+                if cp.pos == 0 {
+                    la.first_sum += col(0) - own;
+                }
+                if let Some((_, last)) = obs {
+                    la.window[k] += col(1);
+                    let v = col(2);
+                    if query_of(last).is_some() && cp.pos <= last && v != 0.0 {
+                        la.last[k] = v;
+                    }
+                }
+            }
+        }
+        if !r.distance.is_empty() {
+            for i in 0..n_tok {
+                let q = q0 + i;
+                for (d, v) in la.distance[q * nb..(q + 1) * nb].iter_mut().zip(&r.distance[i * nb..(i + 1) * nb]) {
+                    *d += v;
+                }
+            }
+        }
+        if let (Some((start, _)), Some(vs)) = (self.flow, vscale) {
+            if la.flow_row.len() < max_q + 1 {
+                la.flow_row.resize(max_q + 1, 0.0);
+            }
+            let cell_of = |pos: usize| cells.binary_search_by_key(&pos, |c| c.pos).ok().map(|k| cells[k].cell);
+            for i in 0..n_tok {
+                let q = q0 + i;
+                // The device's row sum includes the query's own cell: take it out.
+                let own: f64 = cell_of(q).map_or(0.0, |c| (0..n_head).map(|h| r.gathered[h * n_tok + i] as f64 * vs[h * n_kv + c] as f64).sum());
+                la.flow_row[q] = r.flow_rows[i] as f64 - own;
+                if q >= start {
+                    let row = &r.flow_pred[n_kv * (i - start.saturating_sub(q0))..][..n_kv];
+                    let mut pred_row = vec![0.0f32; q];
+                    for cp in cells.iter().take_while(|cp| cp.pos < q) {
+                        pred_row[cp.pos] = row[cp.cell];
+                    }
+                    if la.flow_pred.len() < q - start + 1 {
+                        la.flow_pred.resize(q - start + 1, Vec::new());
+                    }
+                    la.flow_pred[q - start] = pred_row;
+                }
+            }
+        }
+    }
+
+    /// Allocate layer `layer` and grow every layer to hold position `max_q`.
+    fn prepare(&mut self, layer: usize, max_q: usize) {
+        if self.layers[layer].is_none() {
+            let cap = self.cap;
+            self.layers[layer] = Some(LayerAttention {
+                received: vec![0.0; self.n_head * cap],
+                self_attn: vec![0.0; self.n_head * cap],
+                distance: if self.distance { vec![0.0; cap * self.n_buckets] } else { Vec::new() },
+                window: if self.obs.is_some() { vec![0.0; self.n_head * cap] } else { Vec::new() },
+                last: if self.obs.is_some() { vec![0.0; self.n_head * cap] } else { Vec::new() },
+                ..Default::default()
+            });
+        }
+        self.grow(max_q + 1);
+        let la = self.layers[layer].as_mut().expect("layer allocated above");
+        la.n_pos = la.n_pos.max(max_q + 1);
     }
 }
 

@@ -124,6 +124,8 @@ pub struct CellTracker {
     /// Occupied cells with their positions, sorted by position, per cache.
     map_cells: Vec<Vec<super::attention::CellPos>>,
     scratch: Vec<f32>,
+    /// Bytes of masks copied from device memory.
+    copied: u64,
 }
 
 impl CellTracker {
@@ -137,7 +139,7 @@ impl CellTracker {
             }
         }
         let n = maps.len();
-        CellTracker { maps, map_of_layer, map_ubatch: vec![0; n], map_cells: vec![vec![]; n], scratch: vec![] }
+        CellTracker { maps, map_of_layer, map_ubatch: vec![0; n], map_cells: vec![vec![]; n], scratch: vec![], copied: 0 }
     }
 
     /// The cache a layer uses (0: global, 1: sliding window).
@@ -160,6 +162,9 @@ impl CellTracker {
         let n_kv = softmax.ne()[0];
         let mask = softmax.src(1).ok_or_else(|| format!("{} has no mask source", softmax.name()))?;
         let stride = mask.nb()[1] / 4;
+        if !mask.is_host() {
+            self.copied += mask.nbytes() as u64;
+        }
         let data = mask.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
         self.maps[g].assign(n_kv, queries, |k, c| data[k * stride + c] > f32::NEG_INFINITY)?;
         let map = &self.maps[g];
@@ -168,6 +173,11 @@ impl CellTracker {
         self.map_cells[g] = cells;
         self.map_ubatch[g] = ubatch;
         Ok(())
+    }
+
+    /// Bytes of masks copied from device memory so far.
+    pub fn bytes_copied(&self) -> u64 {
+        self.copied
     }
 
     /// Occupied cells of `layer`'s cache as of the last update, sorted by position.

@@ -10,10 +10,10 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::ffi::{EvalHook, HookError, Model, NodeInfo, TensorView};
+use crate::ffi::{EvalHook, HidePlan, HookError, Model, NodeInfo, TensorView};
 
 use super::cells::CellTracker;
-use super::{split_node_name, ATTENTION_NODE};
+use super::{default_reduce, split_node_name, Devices, Reduce, ATTENTION_NODE};
 
 pub const SCORES_NODE: &str = "kq";
 
@@ -36,6 +36,11 @@ struct State {
     ubatch: u64,
     written: u64,
     lookup: Vec<usize>,
+    reduce: Reduce,
+    devices: Devices,
+    scratch: Vec<f32>,
+    /// `kq` nodes written by a device graph, in host memory, and copied both ways.
+    nodes: [u64; 3],
 }
 
 pub struct MaskHook(Arc<Mutex<State>>);
@@ -48,8 +53,15 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A mask hook for `model`; `swa_layers` from [`super::sliding_window_layers`].
+/// A mask hook for `model`; `swa_layers` from [`super::sliding_window_layers`]. Writes on the
+/// device when `kq` lives there (see [`new_mask_with`]).
 pub fn new_mask(model: &Model, swa_layers: &[usize]) -> (MaskHook, MaskHandle) {
+    new_mask_with(model, swa_layers, default_reduce())
+}
+
+/// A mask hook that writes on the device (`Device`: always through a ggml graph, the CPU
+/// included), in host memory (`Host`: a device tensor is copied out and back), or as fits (`Auto`).
+pub fn new_mask_with(model: &Model, swa_layers: &[usize], reduce: Reduce) -> (MaskHook, MaskHandle) {
     let n_layer = model.n_layer();
     let cells = CellTracker::new(n_layer, swa_layers, model.n_swa() as i32);
     let mut window = vec![None; n_layer];
@@ -70,6 +82,10 @@ pub fn new_mask(model: &Model, swa_layers: &[usize]) -> (MaskHook, MaskHandle) {
         ubatch: 0,
         written: 0,
         lookup: vec![],
+        reduce,
+        devices: Devices::default(),
+        scratch: vec![],
+        nodes: [0; 3],
     };
     let a = Arc::new(Mutex::new(state));
     (MaskHook(a.clone()), MaskHandle(a))
@@ -95,6 +111,13 @@ impl MaskHandle {
     /// `-inf` entries written so far.
     pub fn written(&self) -> u64 {
         lock(&self.0).written
+    }
+
+    /// `kq` nodes written `[by a device graph, in host memory, copied out and back]`, and the
+    /// device bytes `(down, up)` of the graphs.
+    pub fn transfers(&self) -> ([u64; 3], (u64, u64)) {
+        let s = lock(&self.0);
+        (s.nodes, s.devices.bytes())
     }
 }
 
@@ -131,25 +154,60 @@ impl State {
                 }
             }
         }
-        let nb = t.nb();
-        let (s1, s2) = (nb[1] / 4, nb[2] / 4);
-        let data = t.f32_data_mut().ok_or_else(|| format!("{} is not writable f32 host memory (mask mode on a GPU needs issue 7's device path)", t.name()))?;
         let per_group = n_head / groups.len();
         let window = self.window[layer];
-        let mut written = 0u64;
-        for (i, &q) in self.positions[start..start + len].iter().enumerate() {
-            for h in 0..n_head {
-                for &p in &groups[h / per_group] {
-                    if p >= q || window.is_some_and(|w| q - p >= w) {
-                        continue;
-                    }
-                    let c = self.lookup[p as usize];
-                    if c != usize::MAX {
-                        data[c + i * s1 + h * s2] = f32::NEG_INFINITY;
-                        written += 1;
+        let queries = &self.positions[start..start + len];
+        // Entries hidden: (query, head, position) with the position cached, earlier, in the window.
+        let visible = |q: i32, p: i32| p < q && !window.is_some_and(|w| q - p >= w);
+        let lookup = &self.lookup;
+        let known = |p: i32| lookup.get(p as usize).is_some_and(|&c| c != usize::MAX);
+        let written: u64 = queries.iter().map(|&q| (0..n_head).map(|h| groups[h / per_group].iter().filter(|&&p| visible(q, p) && known(p)).count() as u64).sum::<u64>()).sum();
+        if self.devices.wanted(self.reduce, t) {
+            let mut cell_pos = vec![0f32; n_kv];
+            for (c, cp) in cell_pos.iter_mut().enumerate().take(map.len()) {
+                *cp = map.get(c).unwrap_or(0) as f32;
+            }
+            let mut hidden = vec![0f32; n_kv * groups.len()];
+            for (g, ps) in groups.iter().enumerate() {
+                for &p in ps {
+                    if let Some(&c) = lookup.get(p as usize).filter(|&&c| c != usize::MAX && c < n_kv) {
+                        hidden[g * n_kv + c] = 1.0;
                     }
                 }
             }
+            let query_pos: Vec<f32> = queries.iter().map(|&q| q as f32).collect();
+            let plan = HidePlan { cell_pos: &cell_pos, query_pos: &query_pos, hidden: &hidden, n_groups: groups.len(), window: window.map_or(f32::INFINITY, |w| w as f32) };
+            if self.devices.try_run(self.reduce, t, |d| d.hide(t, &plan))?.is_some() {
+                self.nodes[0] += 1;
+                self.written += written;
+                return Ok(());
+            }
+        }
+        let nb = t.nb();
+        let (s1, s2) = (nb[1] / 4, nb[2] / 4);
+        let on_host = t.is_host();
+        let data: &mut [f32] = match t.f32_data_mut() {
+            Some(d) => d,
+            None => {
+                // The naive path for device memory: copy out, write, copy back.
+                t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
+                &mut self.scratch[..]
+            }
+        };
+        for (i, &q) in queries.iter().enumerate() {
+            for h in 0..n_head {
+                for &p in &groups[h / per_group] {
+                    if visible(q, p) && known(p) {
+                        data[lookup[p as usize] + i * s1 + h * s2] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        if on_host {
+            self.nodes[1] += 1;
+        } else {
+            t.set_f32(&self.scratch).map_err(|e| e.to_string())?;
+            self.nodes[2] += 1;
         }
         self.written += written;
         Ok(())

@@ -11,16 +11,126 @@ pub mod cells;
 pub mod intervene;
 pub mod mask;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
-use crate::ffi::{Batch, Context, ContextParams, EvalHook, FlashAttn, HookError, KvType, Model, NodeInfo, TensorView};
+use crate::ffi::{AttnPlan, Batch, Context, ContextParams, DeviceCompute, DeviceError, DistPlan, EvalHook, FlashAttn, FlowPlan, HookError, KvType, Model, NodeInfo, TensorView};
 use activation::ActivationAcc;
 use attention::{AttentionAcc, AttentionSummary};
 use cells::CellTracker;
 
 pub const ATTENTION_NODE: &str = "kq_soft_max";
+
+/// Where attention is reduced (and `mask` mode writes its `-inf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Reduce {
+    /// On the tensor's device when it is not in host memory (a GPU); in place on the host otherwise.
+    Auto,
+    /// Always with a ggml graph on the tensor's own backend, the CPU included (tests the device path).
+    Device,
+    /// Always on the host: device tensors are copied whole (the naive path).
+    Host,
+}
+
+static DEFAULT_REDUCE: AtomicU8 = AtomicU8::new(0);
+
+/// The process-wide default for [`CaptureConfig::reduce`] and mask hooks (`--attn-reduce`).
+pub fn set_default_reduce(r: Reduce) {
+    DEFAULT_REDUCE.store(r as u8, Ordering::Relaxed);
+}
+
+pub fn default_reduce() -> Reduce {
+    match DEFAULT_REDUCE.load(Ordering::Relaxed) {
+        1 => Reduce::Device,
+        2 => Reduce::Host,
+        _ => Reduce::Auto,
+    }
+}
+
+/// Devices for a hook's graphs, one per device that handed it a tensor (layers may be split).
+#[derive(Default)]
+pub struct Devices {
+    list: Vec<DeviceCompute>,
+    /// Why device work was turned off (an op the device lacks); host copies from then on.
+    pub off: Option<String>,
+}
+
+impl Devices {
+    /// Whether a tensor goes through a device graph under `mode`.
+    pub fn wanted(&self, mode: Reduce, t: &TensorView) -> bool {
+        self.off.is_none() && (mode == Reduce::Device || mode == Reduce::Auto && !t.is_host())
+    }
+
+    /// The device owning `t`'s buffer (started on first use).
+    pub fn for_tensor(&mut self, t: &TensorView) -> Result<&mut DeviceCompute, DeviceError> {
+        let k = match self.list.iter().position(|d| d.owns(t)) {
+            Some(k) => k,
+            None => {
+                self.list.push(DeviceCompute::for_tensor(t)?);
+                self.list.len() - 1
+            }
+        };
+        Ok(&mut self.list[k])
+    }
+
+    /// Run `f` on `t`'s device. Under `Auto`, a device that cannot run the graph turns device
+    /// work off (returns `Ok(None)`, the caller copies to the host); other errors are errors.
+    pub fn try_run<T>(&mut self, mode: Reduce, t: &TensorView, f: impl FnOnce(&mut DeviceCompute) -> Result<T, DeviceError>) -> Result<Option<T>, String> {
+        let r = self.for_tensor(t).and_then(f);
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e @ (DeviceError::Unsupported { .. } | DeviceError::Layout { .. } | DeviceError::NoDevice(_) | DeviceError::Init(_))) if mode == Reduce::Auto => {
+                self.off = Some(e.to_string());
+                Ok(None)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.list.iter().map(|d| d.name().to_string()).collect()
+    }
+
+    pub fn bytes(&self) -> (u64, u64) {
+        self.list.iter().fold((0, 0), |(d, u), x| (d + x.bytes_down, u + x.bytes_up))
+    }
+}
+
+/// How attention reached the reductions: nodes per path and bytes moved between device and host.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TransferStats {
+    pub reduce: Option<Reduce>,
+    /// Attention nodes read in place from host memory.
+    pub nodes_in_place: u64,
+    /// Attention nodes reduced by a device graph (only summaries copied back).
+    pub nodes_device: u64,
+    /// Attention nodes copied whole to the host.
+    pub nodes_copied: u64,
+    /// Bytes copied device -> host for attention: whole tensors, device summaries and the
+    /// masks read for the cell maps.
+    pub bytes_down: u64,
+    /// Bytes uploaded host -> device for the device graphs.
+    pub bytes_up: u64,
+    /// Devices the graphs ran on.
+    pub devices: Vec<String>,
+    /// Why device reduction was turned off, if it was.
+    pub fallback: Option<String>,
+}
+
+impl TransferStats {
+    /// Device -> host bytes per attention node (one layer, one micro-batch).
+    pub fn bytes_per_node(&self) -> f64 {
+        let n = self.nodes_in_place + self.nodes_device + self.nodes_copied;
+        if n == 0 {
+            0.0
+        } else {
+            self.bytes_down as f64 / n as f64
+        }
+    }
+}
 pub const DEFAULT_ACTIVATION_NODE: &str = "attn_norm";
 
 /// What to capture.
@@ -49,6 +159,8 @@ pub struct CaptureConfig {
     pub flow_pred_start: Option<usize>,
     /// Observation window for eviction policies: `(first query, last query)`.
     pub window: Option<(usize, usize)>,
+    /// Where attention is reduced.
+    pub reduce: Reduce,
 }
 
 impl Default for CaptureConfig {
@@ -66,6 +178,7 @@ impl Default for CaptureConfig {
             hidden: None,
             flow_pred_start: None,
             window: None,
+            reduce: default_reduce(),
         }
     }
 }
@@ -127,6 +240,9 @@ struct State {
     swa_layers: Vec<usize>,
     scratch: Vec<f32>,
     skipped_nodes: Vec<String>,
+    reduce: Reduce,
+    devices: Devices,
+    stats: TransferStats,
 }
 
 /// The eval hook; shares its state with a [`CaptureHandle`].
@@ -206,6 +322,9 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         swa_layers: swa_layers.to_vec(),
         scratch: vec![],
         skipped_nodes: vec![],
+        reduce: cfg.reduce,
+        devices: Devices::default(),
+        stats: TransferStats::default(),
     };
     let arc = Arc::new(Mutex::new(state));
     Ok((CaptureHook(arc.clone()), CaptureHandle(arc)))
@@ -242,6 +361,19 @@ impl CaptureHandle {
             }
         }
         b
+    }
+
+    /// Nodes per path and bytes moved between device and host so far.
+    pub fn transfers(&self) -> TransferStats {
+        let s = lock(&self.0);
+        let mut t = s.stats.clone();
+        t.reduce = Some(s.reduce);
+        let (down, up) = s.devices.bytes();
+        t.bytes_down += down + s.cells.bytes_copied();
+        t.bytes_up += up;
+        t.devices = s.devices.names();
+        t.fallback = s.devices.off.clone();
+        t
     }
 
     /// Set the first prediction position of the information flow (per document).
@@ -353,9 +485,21 @@ impl State {
         let [n_kv, n_tok, n_head, _] = t.ne();
         let Some((start, len)) = self.locate(KIND_ATTN, layer, n_tok, t.name())? else { return Ok(()) };
         self.cells.update(layer, t, &self.cursor.positions[start..start + len], self.cursor.ubatch_id)?;
+        let model_heads = self.attention.as_ref().expect("attention node asked only when capturing attention").n_head;
+        if n_head != model_heads {
+            return Err(format!("{} has {n_head} heads, the model {model_heads}", t.name()));
+        }
+        let consecutive = self.cursor.positions[start..start + len].windows(2).all(|w| w[1] == w[0] + 1);
+        if consecutive && self.devices.wanted(self.reduce, t) && self.reduce_on_device(layer, t, start, len)? {
+            self.stats.nodes_device += 1;
+            return Ok(());
+        }
         let acc = self.attention.as_mut().expect("attention node asked only when capturing attention");
-        if n_head != acc.n_head {
-            return Err(format!("{} has {n_head} heads, the model {}", t.name(), acc.n_head));
+        if t.is_host() {
+            self.stats.nodes_in_place += 1;
+        } else {
+            self.stats.nodes_copied += 1;
+            self.stats.bytes_down += t.nbytes() as u64;
         }
         let probs = t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
         let queries = &self.cursor.positions[start..start + len];
@@ -368,6 +512,60 @@ impl State {
         };
         acc.add(layer, probs, n_kv, queries, self.cells.cells(layer), vnorm);
         Ok(())
+    }
+
+    /// Reduce one attention node on its device; `Ok(false)` when the device cannot (the
+    /// caller copies it to the host instead).
+    fn reduce_on_device(&mut self, layer: usize, t: &TensorView, start: usize, len: usize) -> Result<bool, String> {
+        let [n_kv, n_tok, n_head, _] = t.ne();
+        let acc = self.attention.as_ref().expect("attention node asked only when capturing attention");
+        let queries = &self.cursor.positions[start..start + len];
+        let cells = self.cells.cells(layer);
+        let q0 = queries[0].max(0) as usize;
+        let p_hi = q0 + n_tok - 1;
+        let cell_of = |pos: usize| cells.binary_search_by_key(&pos, |c| c.pos).ok().map(|k| cells[k].cell);
+        // Column weights: every query; with the observation window also the window and the last query.
+        let weights: Vec<f32> = match acc.observation_window() {
+            None => vec![1.0; n_tok],
+            Some((w0, last)) => queries.iter().flat_map(|&q| [1.0, (q as usize >= w0) as u8 as f32, (q as usize == last) as u8 as f32]).collect(),
+        };
+        let mut gather = Vec::with_capacity(n_head * n_tok);
+        for h in 0..n_head {
+            for (i, &q) in queries.iter().enumerate() {
+                let c = cell_of(q as usize).ok_or_else(|| format!("{}: no cell for query position {q}", t.name()))?;
+                gather.push((c + n_kv * (i + n_tok * h)) as i32);
+            }
+        }
+        let p_lo = cells.first().map_or(q0, |c| c.pos.min(q0));
+        let mut cells_desc = vec![n_kv as i32; p_hi - p_lo + 1];
+        for cp in cells.iter().take_while(|c| c.pos <= p_hi) {
+            cells_desc[p_hi - cp.pos] = cp.cell as i32;
+        }
+        let n_buckets = acc.n_buckets;
+        let bucket = |d: usize| attention::distance_bucket(d);
+        let distance = acc.distance.then(|| DistPlan { cells_desc: &cells_desc, offset: p_hi - q0, n_buckets, bucket: &bucket });
+        let vscale = match (acc.flow(), &self.acts[ROLE_VALUES]) {
+            (Some((_, n_kv_head)), Some(v)) => {
+                let la = v.acc.layers[layer].as_ref().ok_or_else(|| format!("{}: no value norms captured for layer {layer}", t.name()))?;
+                let group = (n_head / n_kv_head).max(1);
+                let mut s = vec![0.0f32; n_head * n_kv];
+                for h in 0..n_head {
+                    for cp in cells.iter().take_while(|c| c.pos <= p_hi) {
+                        s[h * n_kv + cp.cell] = la.head_norm.get(cp.pos * n_kv_head + h / group).copied().unwrap_or(f32::NAN) / n_head as f32;
+                    }
+                }
+                Some(s)
+            }
+            _ => None,
+        };
+        let pred_from = acc.flow_pred_start().map_or(n_tok, |s| s.saturating_sub(q0).min(n_tok));
+        let flow = vscale.as_deref().map(|scale| FlowPlan { scale, pred_from });
+        let plan = AttnPlan { weights: &weights, n_weights: weights.len() / n_tok, gather: &gather, distance, flow };
+        let Some(out) = self.devices.try_run(self.reduce, t, |d| d.reduce_attention(t, &plan))? else { return Ok(false) };
+        let cells = self.cells.cells(layer);
+        let acc = self.attention.as_mut().expect("attention node asked only when capturing attention");
+        acc.add_reduced(layer, &out, n_kv, queries, cells, vscale.as_deref());
+        Ok(true)
     }
 
     fn observe_activation(&mut self, role: usize, layer: usize, t: &TensorView) -> Result<(), String> {

@@ -191,6 +191,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         hidden: (a.hidden_node != "none").then(|| a.hidden_node.clone()),
         flow_pred_start: Some(longest - pred),
         window: None,
+        reduce: crate::capture::default_reduce(),
     };
     let (hook, handle) = new_capture(&model, &cfg, &swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
     let mut ctx = Context::new(&model, &params, Some(Box::new(hook)))?;

@@ -174,6 +174,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             hidden: None,
             flow_pred_start: None,
             window: Some((longest.saturating_sub(WINDOW), longest - 1)),
+            reduce: crate::capture::default_reduce(),
         };
         let (hook, handle) = new_capture(&model, &cfg, &swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
         let mut ctx = Context::new(&model, &params, Some(Box::new(hook)))?;

@@ -37,6 +37,7 @@ pub fn capture_config(needs: Needs, n: usize, keys_node: &str, calib: Option<&Ca
         hidden: None,
         flow_pred_start: None,
         window: needs.attention.then(|| (n.saturating_sub(WINDOW), last)),
+        reduce: crate::capture::default_reduce(),
     })
 }
 

@@ -90,6 +90,17 @@ impl<'a> TensorView<'a> {
         NonNull::new(p).map(|ptr| unsafe { TensorView::new(ptr) })
     }
 
+    /// The raw tensor, for the device graphs of this module (valid while the view is).
+    pub(crate) fn raw(&self) -> *mut sys::ggml_tensor {
+        self.ptr.as_ptr()
+    }
+
+    /// Bytes spanned by the tensor's data (`ggml_nbytes`).
+    pub fn nbytes(&self) -> usize {
+        // SAFETY: valid tensor pointer.
+        unsafe { sys::ggml_nbytes(self.ptr.as_ptr()) }
+    }
+
     /// Stable identity of the tensor within one graph (used to group layers sharing an input).
     pub fn id(&self) -> usize {
         self.ptr.as_ptr() as usize
@@ -117,6 +128,22 @@ impl<'a> TensorView<'a> {
         // SAFETY: copies `nbytes` from the tensor (any backend) into a buffer of that size.
         unsafe { sys::ggml_backend_tensor_get(self.ptr.as_ptr(), scratch.as_mut_ptr() as *mut _, 0, nbytes) };
         Ok(&scratch[..])
+    }
+
+    /// Overwrite the tensor's data (any backend) with `data`, which must span it exactly
+    /// (as [`TensorView::f32_data`] returned it).
+    pub fn set_f32(&self, data: &[f32]) -> Result<(), ViewError> {
+        let nbytes = self.nbytes();
+        if !self.is_f32() || data.len() * 4 != nbytes {
+            return Err(ViewError::NotF32 { name: self.name().into(), ty: self.type_name().into() });
+        }
+        if self.t().data.is_null() || self.t().buffer.is_null() {
+            return Err(ViewError::NoData(self.name().into()));
+        }
+        // SAFETY: `data` holds exactly the tensor's `nbytes`; the tensor is allocated and live
+        // during the callback, and later nodes read it after we return.
+        unsafe { sys::ggml_backend_tensor_set(self.ptr.as_ptr(), data.as_ptr() as *const _, 0, nbytes) };
+        Ok(())
     }
 
     /// Mutable host data as f32 (for writes such as `-inf` masks). `None` when the tensor

@@ -1,0 +1,534 @@
+//! Work on the device that holds a tensor: small ggml graphs computed on that tensor's own
+//! backend (CUDA, Vulkan, Metal, or the CPU), so that only summaries cross to the host.
+//!
+//! The eval callback hands us `kq_soft_max-<l>` (`[n_kv, n_tok, n_head]`, contiguous f32).
+//! On a GPU, copying it to the host costs `n_kv * n_tok * n_head * 4` bytes per layer and
+//! micro-batch; [`DeviceCompute::reduce_attention`] instead aliases the tensor's memory in a
+//! graph of reductions (`out_prod`, `get_rows`, `mul_mat`, views) and copies back only the
+//! column sums, the diagonal, per-query distance sums and flow rows.
+//! [`DeviceCompute::hide`] writes `-inf` into `kq-<l>` with an in-place add of
+//! `log(keep)` built on the device from per-cell inputs, without copying the tensor.
+//!
+//! The same graphs run on the CPU backend when asked to (`--attn-reduce device`), which is
+//! how the tests check them against the host reduction and the reference model.
+
+use std::ffi::CStr;
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use super::tensor::TensorView;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeviceError {
+    #[error("tensor {0} has no backend buffer")]
+    NoBuffer(String),
+    #[error("no ggml device owns the buffer of tensor {0}")]
+    NoDevice(String),
+    #[error("ggml could not start a backend on device {0}")]
+    Init(String),
+    #[error("device {dev} cannot run ggml op {op}: reductions fall back to copying to the host")]
+    Unsupported { dev: String, op: String },
+    #[error("tensor {name} is not contiguous f32 (type {ty}): it cannot be reduced on the device")]
+    Layout { name: String, ty: String },
+    #[error("ggml could not allocate {0} bytes on device {1}")]
+    Alloc(usize, String),
+    #[error("graph compute failed on device {0}")]
+    Compute(String),
+    #[error("reduction inputs do not match the tensor: {0}")]
+    Plan(String),
+}
+
+/// What one device reduction of attention computes, besides the column sums.
+pub struct AttnPlan<'a> {
+    /// `n_weights` query weights per query, `[i * n_weights + w]`: output column `w` is
+    /// `sum_i weights[i * n_weights + w] * A[c, i, h]` for every cell `c` and head `h`.
+    pub weights: &'a [f32],
+    pub n_weights: usize,
+    /// Flat element indices `c + n_kv * (i + n_tok * h)` to gather (the diagonal: each query's
+    /// own cell), in the order `h * n_tok + i`.
+    pub gather: &'a [i32],
+    pub distance: Option<DistPlan<'a>>,
+    pub flow: Option<FlowPlan<'a>>,
+}
+
+/// Head-mean attention summed per query and distance bucket. Requires consecutive query
+/// positions `q0 + i`.
+pub struct DistPlan<'a> {
+    /// For `k` in `0..P`: the cell holding position `p_hi - k`, or `n_kv` when none does
+    /// (`p_hi` the last query's position, `P` the span of positions down to the first cached).
+    pub cells_desc: &'a [i32],
+    /// `p_hi - q0`.
+    pub offset: usize,
+    pub n_buckets: usize,
+    /// Bucket of a distance (`>= n_buckets`: not counted).
+    pub bucket: &'a dyn Fn(usize) -> usize,
+}
+
+/// Gradient-free flow: `F[c, i] = sum_h A[c, i, h] * scale[h][c]`; row sums per query and
+/// the rows of queries `pred_from..n_tok`.
+pub struct FlowPlan<'a> {
+    /// `[h * n_kv + c]`.
+    pub scale: &'a [f32],
+    pub pred_from: usize,
+}
+
+/// Results copied back from the device.
+#[derive(Debug, Default, Clone)]
+pub struct AttnOut {
+    /// `[w + n_weights * (c + n_kv * h)]`.
+    pub cols: Vec<f32>,
+    /// In the order of `AttnPlan::gather`.
+    pub gathered: Vec<f32>,
+    /// `[b + n_buckets * i]`.
+    pub distance: Vec<f32>,
+    /// `[i]`, self included.
+    pub flow_rows: Vec<f32>,
+    /// `[c + n_kv * (i - pred_from)]`.
+    pub flow_pred: Vec<f32>,
+}
+
+/// Which (cell, query, head group) entries of `kq` to hide: cell `c` of head group `g` is
+/// hidden from query `i` when `hidden[g * n_kv + c] == 1` and `0 < q_i - p_c < window`.
+pub struct HidePlan<'a> {
+    pub cell_pos: &'a [f32],
+    pub query_pos: &'a [f32],
+    pub hidden: &'a [f32],
+    pub n_groups: usize,
+    pub window: f32,
+}
+
+/// A persistent matrix on the device (the distance buckets), grown on demand.
+struct Consts {
+    ctx: NonNull<sys::ggml_context>,
+    buf: NonNull<sys::ggml_backend_buffer>,
+    tensor: NonNull<sys::ggml_tensor>,
+    n_pos: usize,
+    n_buckets: usize,
+}
+
+impl Drop for Consts {
+    fn drop(&mut self) {
+        // SAFETY: both were created by `DeviceCompute::buckets` and are freed once, buffer first.
+        unsafe {
+            sys::ggml_backend_buffer_free(self.buf.as_ptr());
+            sys::ggml_free(self.ctx.as_ptr());
+        }
+    }
+}
+
+/// A ggml backend on the device that owns a tensor's buffer, with a graph allocator that
+/// keeps its device memory between calls.
+pub struct DeviceCompute {
+    dev: sys::ggml_backend_dev_t,
+    backend: NonNull<sys::ggml_backend>,
+    galloc: NonNull<sys::ggml_gallocr>,
+    name: String,
+    buckets: Option<Consts>,
+    /// Bytes copied device -> host and host -> device by this object.
+    pub bytes_down: u64,
+    pub bytes_up: u64,
+}
+
+// SAFETY: the backend and allocator are used only through `&mut self`, from one thread at a
+// time (the thread running `llama_decode`); ggml backends are not tied to their creating thread.
+unsafe impl Send for DeviceCompute {}
+
+fn cstr(p: *const std::os::raw::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: ggml returns NUL-terminated static or device-owned strings.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// One graph's tensors: a no-alloc ggml context freed on drop.
+struct GraphCtx(NonNull<sys::ggml_context>);
+
+impl GraphCtx {
+    fn new(n_tensors: usize) -> GraphCtx {
+        // SAFETY: plain size queries.
+        let size = unsafe { sys::ggml_tensor_overhead() * n_tensors + sys::ggml_graph_overhead() };
+        let params = sys::ggml_init_params { mem_size: size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
+        // SAFETY: ggml allocates `size` bytes of metadata; a null return is checked below.
+        let p = unsafe { sys::ggml_init(params) };
+        GraphCtx(NonNull::new(p).expect("ggml_init failed to allocate tensor metadata"))
+    }
+    fn ptr(&self) -> *mut sys::ggml_context {
+        self.0.as_ptr()
+    }
+}
+
+impl Drop for GraphCtx {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_init, freed once.
+        unsafe { sys::ggml_free(self.0.as_ptr()) };
+    }
+}
+
+/// Host data to upload into an input tensor after allocation.
+enum Upload<'a> {
+    F32(&'a [f32]),
+    I32(&'a [i32]),
+}
+
+impl DeviceCompute {
+    /// A backend on the device whose buffer holds `t`.
+    pub fn for_tensor(t: &TensorView) -> Result<DeviceCompute, DeviceError> {
+        let raw = t.raw();
+        // SAFETY: the tensor is live during the callback; its buffer (if any) is the scheduler's.
+        let buf = unsafe { (*raw).buffer };
+        if buf.is_null() {
+            return Err(DeviceError::NoBuffer(t.name().into()));
+        }
+        // SAFETY: a live, non-null buffer.
+        let dev = unsafe { device_of(buf) };
+        if dev.is_null() {
+            return Err(DeviceError::NoDevice(t.name().into()));
+        }
+        // SAFETY: `dev` is a registered device; the strings live as long as the registry.
+        let name = unsafe { format!("{} ({})", cstr(sys::ggml_backend_dev_name(dev)), cstr(sys::ggml_backend_dev_description(dev))) };
+        // SAFETY: valid device; null params select the defaults.
+        let backend = NonNull::new(unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) }).ok_or_else(|| DeviceError::Init(name.clone()))?;
+        // SAFETY: valid backend; the allocator allocates from its default buffer type.
+        let galloc = match NonNull::new(unsafe { sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(backend.as_ptr())) }) {
+            Some(g) => g,
+            None => {
+                // SAFETY: created above, freed once.
+                unsafe { sys::ggml_backend_free(backend.as_ptr()) };
+                return Err(DeviceError::Init(name));
+            }
+        };
+        Ok(DeviceCompute { dev, backend, galloc, name, buckets: None, bytes_down: 0, bytes_up: 0 })
+    }
+
+    /// Whether `t` lives on this object's device.
+    pub fn owns(&self, t: &TensorView) -> bool {
+        // SAFETY: live tensor; its buffer is checked for null.
+        unsafe {
+            let buf = (*t.raw()).buffer;
+            !buf.is_null() && device_of(buf) == self.dev
+        }
+    }
+
+    /// `name (description)` of the device.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bucket matrix `[n_pos, n_buckets]` (row-major over distance): allocated once and
+    /// regrown only when a longer span of positions arrives.
+    fn buckets(&mut self, n_pos: usize, n_buckets: usize, bucket: &dyn Fn(usize) -> usize) -> Result<*mut sys::ggml_tensor, DeviceError> {
+        if let Some(c) = &self.buckets {
+            if c.n_pos >= n_pos && c.n_buckets == n_buckets {
+                return Ok(c.tensor.as_ptr());
+            }
+        }
+        self.buckets = None;
+        let n_pos = n_pos.next_power_of_two().max(256);
+        let mut host = vec![0f32; n_pos * n_buckets];
+        for e in 0..n_pos {
+            let b = bucket(e);
+            if b < n_buckets {
+                host[e + n_pos * b] = 1.0;
+            }
+        }
+        let ctx = GraphCtx::new(1);
+        // SAFETY: tensor metadata in `ctx`; allocated on the device by alloc_ctx_tensors.
+        let t = unsafe { sys::ggml_new_tensor_2d(ctx.ptr(), sys::GGML_TYPE_F32, n_pos as i64, n_buckets as i64) };
+        // SAFETY: valid context and backend.
+        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.ptr(), self.backend.as_ptr()) };
+        let buf = NonNull::new(buf).ok_or_else(|| DeviceError::Alloc(host.len() * 4, self.name.clone()))?;
+        // SAFETY: `t` is allocated with exactly `host.len() * 4` bytes.
+        unsafe { sys::ggml_backend_tensor_set(t, host.as_ptr() as *const _, 0, host.len() * 4) };
+        self.bytes_up += host.len() as u64 * 4;
+        let ctx_ptr = ctx.0;
+        std::mem::forget(ctx);
+        let tensor = NonNull::new(t).ok_or_else(|| DeviceError::Alloc(0, self.name.clone()))?;
+        self.buckets = Some(Consts { ctx: ctx_ptr, buf, tensor, n_pos, n_buckets });
+        Ok(tensor.as_ptr())
+    }
+
+    /// Check every node, allocate, upload the inputs, compute, and download `outputs`.
+    fn run(&mut self, ctx: &GraphCtx, graph: *mut sys::ggml_cgraph, inputs: &[(*mut sys::ggml_tensor, Upload)], outputs: &mut [(*mut sys::ggml_tensor, &mut Vec<f32>)]) -> Result<(), DeviceError> {
+        let _ = ctx;
+        let backend = self.backend.as_ptr();
+        // SAFETY: `graph` and its nodes belong to `ctx`, alive for this call.
+        unsafe {
+            for i in 0..sys::ggml_graph_n_nodes(graph) {
+                let node = sys::ggml_graph_node(graph, i);
+                if !sys::ggml_backend_supports_op(backend, node) {
+                    return Err(DeviceError::Unsupported { dev: self.name.clone(), op: cstr(sys::ggml_op_desc(node)) });
+                }
+            }
+        }
+        // SAFETY: the allocator places every unallocated tensor of the graph in its buffer;
+        // tensors aliasing the scheduler's memory already have data and are left alone.
+        if !unsafe { sys::ggml_gallocr_alloc_graph(self.galloc.as_ptr(), graph) } {
+            return Err(DeviceError::Alloc(0, self.name.clone()));
+        }
+        for (t, data) in inputs {
+            let (ptr, bytes) = match data {
+                Upload::F32(d) => (d.as_ptr() as *const std::ffi::c_void, d.len() * 4),
+                Upload::I32(d) => (d.as_ptr() as *const std::ffi::c_void, d.len() * 4),
+            };
+            // SAFETY: each input tensor was allocated above with exactly `bytes` bytes (shapes
+            // were made from these slices' lengths); the host data outlives the synchronize below.
+            unsafe { sys::ggml_backend_tensor_set_async(backend, *t, ptr, 0, bytes) };
+            self.bytes_up += bytes as u64;
+        }
+        // SAFETY: graph allocated on this backend; compute waits for completion.
+        let status = unsafe { sys::ggml_backend_graph_compute(backend, graph) };
+        if status != sys::GGML_STATUS_SUCCESS {
+            return Err(DeviceError::Compute(self.name.clone()));
+        }
+        for (t, out) in outputs.iter_mut() {
+            // SAFETY: output tensors are contiguous f32 results of the computed graph.
+            let n = unsafe { sys::ggml_nelements(*t) } as usize;
+            out.resize(n, 0.0);
+            // SAFETY: `out` has room for the tensor's `n * 4` bytes.
+            unsafe { sys::ggml_backend_tensor_get_async(backend, *t, out.as_mut_ptr() as *mut _, 0, n * 4) };
+            self.bytes_down += n as u64 * 4;
+        }
+        // SAFETY: valid backend; waits for the downloads above.
+        unsafe { sys::ggml_backend_synchronize(backend) };
+        Ok(())
+    }
+
+    /// Reduce one `kq_soft_max` tensor on its device (see [`AttnPlan`]).
+    pub fn reduce_attention(&mut self, t: &TensorView, plan: &AttnPlan) -> Result<AttnOut, DeviceError> {
+        let [n_kv, n_tok, n_head, _] = t.ne();
+        check_contiguous(t)?;
+        let n = n_kv * n_tok * n_head;
+        if plan.weights.len() != plan.n_weights * n_tok || plan.n_weights == 0 {
+            return Err(DeviceError::Plan(format!("{} weights for {} rows of {n_tok}", plan.weights.len(), plan.n_weights)));
+        }
+        if plan.gather.iter().any(|&g| g < 0 || g as usize >= n) || plan.gather.is_empty() {
+            return Err(DeviceError::Plan("gather index out of the tensor".into()));
+        }
+        if let Some(f) = &plan.flow {
+            if f.scale.len() != n_head * n_kv || f.pred_from > n_tok {
+                return Err(DeviceError::Plan("flow scale does not match [n_head, n_kv]".into()));
+            }
+        }
+        let bucket_t = match &plan.distance {
+            Some(d) => {
+                let p = d.cells_desc.len();
+                if p == 0 || d.offset >= p || n_tok > p || d.cells_desc.iter().any(|&c| c < 0 || c as usize > n_kv) {
+                    return Err(DeviceError::Plan("distance rows do not match the cells".into()));
+                }
+                Some(self.buckets(p, d.n_buckets, d.bucket)?)
+            }
+            None => None,
+        };
+        let inv_h = vec![1.0 / n_head as f32; n_head];
+        let ones_h = vec![1.0f32; n_head];
+        let ctx = GraphCtx::new(48);
+        let c = ctx.ptr();
+        let (ne_kv, ne_tok, ne_head) = (n_kv as i64, n_tok as i64, n_head as i64);
+        let mut inputs: Vec<(*mut sys::ggml_tensor, Upload)> = vec![];
+        let mut out = AttnOut::default();
+        let (mut t_dist, mut t_rows, mut t_pred) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+        let (t_cols, t_gath);
+        // SAFETY: every tensor below is created in `ctx` from tensors of `ctx` (or the aliased
+        // scheduler memory), with shapes checked above; nothing is computed until `run`.
+        let graph = unsafe {
+            let input = |ty: sys::ggml_type, ne0: i64, ne1: i64| {
+                let t = sys::ggml_new_tensor_2d(c, ty, ne0, ne1);
+                sys::ggml_set_input(t);
+                t
+            };
+            let a = alias(c, t, n)?;
+            let a3 = sys::ggml_reshape_3d(c, a, ne_kv, ne_tok, ne_head);
+            let gf = sys::ggml_new_graph(c);
+            // Column sums, weighted per query: [n_w, n_kv, n_head].
+            let w = input(sys::GGML_TYPE_F32, plan.n_weights as i64, ne_tok);
+            inputs.push((w, Upload::F32(plan.weights)));
+            t_cols = sys::ggml_out_prod(c, w, a3);
+            // The gathered elements (each query's own cell).
+            let idx = input(sys::GGML_TYPE_I32, plan.gather.len() as i64, 1);
+            inputs.push((idx, Upload::I32(plan.gather)));
+            t_gath = sys::ggml_get_rows(c, sys::ggml_reshape_2d(c, a, 1, n as i64), sys::ggml_reshape_1d(c, idx, plan.gather.len() as i64));
+            for o in [t_cols, t_gath] {
+                sys::ggml_set_output(o);
+                sys::ggml_build_forward_expand(gf, o);
+            }
+            if let (Some(d), Some(bt)) = (&plan.distance, bucket_t) {
+                let p = d.cells_desc.len() as i64;
+                let hm = input(sys::GGML_TYPE_F32, 1, ne_head);
+                inputs.push((hm, Upload::F32(&inv_h)));
+                // Head mean [n_kv, n_tok] -> cells as rows, plus a zero row at n_kv.
+                let m = sys::ggml_reshape_2d(c, sys::ggml_out_prod(c, sys::ggml_reshape_2d(c, a, ne_kv * ne_tok, ne_head), hm), ne_kv, ne_tok);
+                let mt = sys::ggml_pad(c, sys::ggml_cont(c, sys::ggml_transpose(c, m)), 0, 1, 0, 0);
+                let rows = input(sys::GGML_TYPE_I32, p, 1);
+                inputs.push((rows, Upload::I32(d.cells_desc)));
+                // Positions p_hi, p_hi - 1, ... as columns of each query's row, zero-padded.
+                let g = sys::ggml_get_rows(c, mt, sys::ggml_reshape_1d(c, rows, p));
+                let x = sys::ggml_pad(c, sys::ggml_cont(c, sys::ggml_transpose(c, g)), (p - 1) as i32, 0, 0, 0);
+                // Skewed view: element (e, i) is query i's attention at distance e.
+                let skew = sys::ggml_view_2d(c, x, p, ne_tok, ((2 * p - 2) * 4) as usize, d.offset * 4);
+                let bt = sys::ggml_view_2d(c, bt, p, d.n_buckets as i64, (*bt).nb[1], 0);
+                t_dist = sys::ggml_mul_mat(c, sys::ggml_cont(c, bt), sys::ggml_cont(c, skew));
+                sys::ggml_set_output(t_dist);
+                sys::ggml_build_forward_expand(gf, t_dist);
+            }
+            if let Some(f) = &plan.flow {
+                let s = sys::ggml_new_tensor_3d(c, sys::GGML_TYPE_F32, ne_kv, 1, ne_head);
+                sys::ggml_set_input(s);
+                inputs.push((s, Upload::F32(f.scale)));
+                let one = input(sys::GGML_TYPE_F32, 1, ne_head);
+                inputs.push((one, Upload::F32(&ones_h)));
+                let fa = sys::ggml_mul(c, a3, s);
+                let fm = sys::ggml_reshape_2d(c, sys::ggml_out_prod(c, sys::ggml_reshape_2d(c, fa, ne_kv * ne_tok, ne_head), one), ne_kv, ne_tok);
+                t_rows = sys::ggml_sum_rows(c, fm);
+                sys::ggml_set_output(t_rows);
+                sys::ggml_build_forward_expand(gf, t_rows);
+                if f.pred_from < n_tok {
+                    let k = (n_tok - f.pred_from) as i64;
+                    t_pred = sys::ggml_cont(c, sys::ggml_view_2d(c, fm, ne_kv, k, (*fm).nb[1], f.pred_from * (*fm).nb[1]));
+                    sys::ggml_set_output(t_pred);
+                    sys::ggml_build_forward_expand(gf, t_pred);
+                }
+            }
+            gf
+        };
+        let mut outputs: Vec<(*mut sys::ggml_tensor, &mut Vec<f32>)> = vec![(t_cols, &mut out.cols), (t_gath, &mut out.gathered)];
+        for (t, v) in [(t_dist, &mut out.distance), (t_rows, &mut out.flow_rows), (t_pred, &mut out.flow_pred)] {
+            if !t.is_null() {
+                outputs.push((t, v));
+            }
+        }
+        self.run(&ctx, graph, &inputs, &mut outputs)?;
+        Ok(out)
+    }
+
+    /// Add `log(keep)` to a `kq` tensor in place: `-inf` where [`HidePlan`] hides, `+0` elsewhere.
+    pub fn hide(&mut self, t: &TensorView, plan: &HidePlan) -> Result<(), DeviceError> {
+        let [n_kv, n_tok, n_head, _] = t.ne();
+        check_contiguous(t)?;
+        let g = plan.n_groups;
+        if g == 0 || n_head % g != 0 || plan.cell_pos.len() != n_kv || plan.query_pos.len() != n_tok || plan.hidden.len() != n_kv * g {
+            return Err(DeviceError::Plan(format!("hide plan for {n_kv} cells, {n_tok} queries, {n_head} heads in {g} groups")));
+        }
+        let ctx = GraphCtx::new(32);
+        let c = ctx.ptr();
+        let (ne_kv, ne_tok, ne_g) = (n_kv as i64, n_tok as i64, g as i64);
+        let mut inputs: Vec<(*mut sys::ggml_tensor, Upload)> = vec![];
+        // SAFETY: tensors of `ctx` and the aliased scheduler memory, shapes checked above.
+        let graph = unsafe {
+            let kq = alias(c, t, n_kv * n_tok * n_head)?;
+            let kq4 = sys::ggml_reshape_4d(c, kq, ne_kv, ne_tok, (n_head / g) as i64, ne_g);
+            let cp = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, ne_kv, 1);
+            let qp = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, 1, ne_tok);
+            let hid = sys::ggml_new_tensor_4d(c, sys::GGML_TYPE_F32, ne_kv, 1, 1, ne_g);
+            for (x, d) in [(cp, plan.cell_pos), (qp, plan.query_pos), (hid, plan.hidden)] {
+                sys::ggml_set_input(x);
+                inputs.push((x, Upload::F32(d)));
+            }
+            // dist[c, i] = q_i - p_c; visible where 0 < dist < window.
+            let dist = sys::ggml_sub(c, sys::ggml_repeat_4d(c, qp, ne_kv, ne_tok, 1, 1), cp);
+            let vis = sys::ggml_mul(c, sys::ggml_step(c, dist), sys::ggml_step(c, sys::ggml_scale_bias(c, dist, -1.0, plan.window)));
+            let hide = sys::ggml_mul(c, sys::ggml_repeat_4d(c, vis, ne_kv, ne_tok, 1, ne_g), hid);
+            let log_keep = sys::ggml_log(c, sys::ggml_scale_bias(c, hide, -1.0, 1.0));
+            let r = sys::ggml_add_inplace(c, kq4, log_keep);
+            let gf = sys::ggml_new_graph(c);
+            sys::ggml_build_forward_expand(gf, r);
+            gf
+        };
+        self.run(&ctx, graph, &inputs, &mut [])
+    }
+}
+
+/// The device whose memory `buf` is: the one its buffer type names, or the CPU for host
+/// buffers whose type names none (ggml's plain CPU buffers).
+///
+/// # Safety
+/// `buf` must be a live, non-null backend buffer.
+unsafe fn device_of(buf: sys::ggml_backend_buffer_t) -> sys::ggml_backend_dev_t {
+    // SAFETY: see the function's contract; registry lookups are always valid.
+    unsafe {
+        let dev = sys::ggml_backend_buft_get_device(sys::ggml_backend_buffer_get_type(buf));
+        if dev.is_null() && sys::ggml_backend_buffer_is_host(buf) {
+            sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU)
+        } else {
+            dev
+        }
+    }
+}
+
+fn check_contiguous(t: &TensorView) -> Result<(), DeviceError> {
+    // SAFETY: live tensor.
+    let contiguous = unsafe { sys::ggml_is_contiguous(t.raw()) };
+    if !t.is_f32() || !contiguous {
+        return Err(DeviceError::Layout { name: t.name().into(), ty: t.type_name().into() });
+    }
+    Ok(())
+}
+
+/// A 1-D tensor of `ctx` that aliases `t`'s memory (no copy).
+///
+/// # Safety
+/// `ctx` must be a live no-alloc context and `t` a live, contiguous, allocated tensor of at
+/// least `n` f32 elements that stays alive until the graph using the alias has run.
+unsafe fn alias(ctx: *mut sys::ggml_context, t: &TensorView, n: usize) -> Result<*mut sys::ggml_tensor, DeviceError> {
+    let raw = t.raw();
+    // SAFETY: see the function's contract.
+    unsafe {
+        let a = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_F32, n as i64);
+        if (*raw).buffer.is_null() || (*raw).data.is_null() {
+            return Err(DeviceError::NoBuffer(t.name().into()));
+        }
+        if sys::ggml_backend_tensor_alloc((*raw).buffer, a, (*raw).data) != sys::GGML_STATUS_SUCCESS {
+            return Err(DeviceError::NoBuffer(t.name().into()));
+        }
+        Ok(a)
+    }
+}
+
+impl Drop for DeviceCompute {
+    fn drop(&mut self) {
+        self.buckets = None;
+        // SAFETY: created in `for_tensor`, freed once, allocator before its backend.
+        unsafe {
+            sys::ggml_gallocr_free(self.galloc.as_ptr());
+            sys::ggml_backend_free(self.backend.as_ptr());
+        }
+    }
+}
+
+/// A compute device as ggml sees it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub description: String,
+    /// `cpu`, `gpu`, `igpu` or `accel`.
+    pub kind: String,
+    pub memory_total_mb: u64,
+}
+
+/// Every device ggml registered in this process (the CPU always; GPUs of the enabled backends).
+pub fn devices() -> Vec<DeviceInfo> {
+    super::init_backend();
+    // SAFETY: registry queries; indices below the count are valid.
+    unsafe {
+        (0..sys::ggml_backend_dev_count())
+            .map(|i| {
+                let d = sys::ggml_backend_dev_get(i);
+                let (mut free, mut total) = (0usize, 0usize);
+                sys::ggml_backend_dev_memory(d, &mut free, &mut total);
+                let kind = match sys::ggml_backend_dev_type(d) {
+                    sys::GGML_BACKEND_DEVICE_TYPE_CPU => "cpu",
+                    sys::GGML_BACKEND_DEVICE_TYPE_GPU => "gpu",
+                    sys::GGML_BACKEND_DEVICE_TYPE_IGPU => "igpu",
+                    _ => "accel",
+                };
+                DeviceInfo {
+                    name: cstr(sys::ggml_backend_dev_name(d)),
+                    description: cstr(sys::ggml_backend_dev_description(d)),
+                    kind: kind.into(),
+                    memory_total_mb: (total / (1 << 20)) as u64,
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,127 @@
+//! The device path (ggml graphs on the tensor's own backend; here the CPU backend, on a GPU
+//! the GPU) against the host path, summary by summary, on the tiny seeded model: received
+//! attention per head, self-attention, first-token share, distance buckets, the observation
+//! window and last-query row of the eviction policies, and the gradient-free flow. The host
+//! path itself is checked against the reference forward pass in `tiny_exact.rs`; both paths
+//! run there too.
+
+use attractors::capture::attention::AttentionSummary;
+use attractors::capture::{new_capture, CaptureConfig, CaptureHandle, Reduce};
+use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType};
+use attractors::session::feed;
+
+mod common;
+use common::tiny_model;
+
+const N: usize = 150;
+
+fn toks(n: usize) -> Vec<i32> {
+    (0..n).map(|i| 3 + ((i * 97 + 31) % 270) as i32).collect()
+}
+
+fn cfg(reduce: Reduce) -> CaptureConfig {
+    CaptureConfig {
+        values: Some("Vcur".into()),
+        flow_pred_start: Some(N - 24),
+        window: Some((N - 16, N - 1)),
+        reduce,
+        ..CaptureConfig::default()
+    }
+}
+
+fn close(a: f64, b: f64, what: &str) {
+    assert!((a - b).abs() <= 1e-4 * b.abs().max(a.abs()) + 1e-6, "{what}: device {a} vs host {b}");
+}
+
+fn same(dev: &AttentionSummary, host: &AttentionSummary) {
+    assert_eq!(dev.n_pos, host.n_pos);
+    assert_eq!(dev.layers, host.layers);
+    for &l in &host.layers {
+        close(dev.first_token_share[l], host.first_token_share[l], &format!("first share {l}"));
+        for h in 0..host.n_head {
+            for j in 0..host.n_pos {
+                close(dev.received_head[l][h][j], host.received_head[l][h][j], &format!("R[{l},{h},{j}]"));
+                close(dev.alpha[l][h][j], host.alpha[l][h][j], &format!("alpha[{l},{h},{j}]"));
+                close(dev.window_head[l][h][j], host.window_head[l][h][j], &format!("window[{l},{h},{j}]"));
+                close(dev.last_head[l][h][j], host.last_head[l][h][j], &format!("last[{l},{h},{j}]"));
+            }
+        }
+        assert_eq!(dev.distance[l].len(), host.distance[l].len());
+        for (i, (d, hst)) in dev.distance[l].iter().zip(&host.distance[l]).enumerate() {
+            for (b, (x, y)) in d.iter().zip(hst).enumerate() {
+                close(*x as f64, *y as f64, &format!("distance[{l},{i},{b}]"));
+            }
+        }
+        assert_eq!(dev.flow_row[l].len(), host.flow_row[l].len());
+        for (i, (x, y)) in dev.flow_row[l].iter().zip(&host.flow_row[l]).enumerate() {
+            close(*x, *y, &format!("flow row [{l},{i}]"));
+        }
+        assert_eq!(dev.flow_pred[l].len(), host.flow_pred[l].len());
+        for (k, (x, y)) in dev.flow_pred[l].iter().zip(&host.flow_pred[l]).enumerate() {
+            assert_eq!(x.len(), y.len());
+            for (j, (a, b)) in x.iter().zip(y).enumerate() {
+                close(*a as f64, *b as f64, &format!("flow pred [{l},{k},{j}]"));
+            }
+        }
+    }
+    // The checks above compare something: the window, last row and flow are not all zero.
+    let l = host.layers[1];
+    assert!(host.window_head[l][0].iter().sum::<f64>() > 1.0);
+    assert!(host.last_head[l][0].iter().any(|&v| v > 0.0));
+    assert!(host.flow_row[l].iter().any(|&v| v > 0.0) && !host.flow_pred[l].is_empty());
+}
+
+/// Prefill `N` tokens in micro-batches of `nu`; with `holes`, positions 20..30 and 77 are
+/// removed after 100 tokens (the cell map then differs from position order). The last
+/// eight tokens are decoded one at a time, the observation window following the last query.
+fn run(reduce: Reduce, nu: u32, holes: bool) -> (AttentionSummary, CaptureHandle) {
+    let (_d, _tiny, model) = tiny_model();
+    let t = toks(N);
+    let (hook, handle) = new_capture(&model, &cfg(reduce), &[], 256).unwrap();
+    let params = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: nu, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 };
+    let mut ctx = Context::new(&model, &params, Some(Box::new(hook))).unwrap();
+    let cut = if holes { 100 } else { N - 8 };
+    feed(&mut ctx, &t[..cut], false, |_| {}).unwrap();
+    if holes {
+        assert!(ctx.seq_rm(20, 30) && ctx.seq_rm(77, 78));
+        feed(&mut ctx, &t[cut..N - 8], false, |_| {}).unwrap();
+    }
+    let mut batch = Batch::new(1);
+    for (k, &tok) in t[N - 8..].iter().enumerate() {
+        let pos = (N - 8 + k) as i32;
+        handle.set_observation_window(N - 16, pos as usize);
+        batch.clear();
+        batch.push(tok, pos, true).unwrap();
+        ctx.decode(&batch).unwrap();
+    }
+    (handle.summary().attention.unwrap(), handle)
+}
+
+#[test]
+fn device_summaries_equal_host_summaries() {
+    for (nu, holes) in [(64, false), (37, false), (16, true)] {
+        let (host, hh) = run(Reduce::Host, nu, holes);
+        let (dev, dh) = run(Reduce::Device, nu, holes);
+        same(&dev, &host);
+        let (th, td) = (hh.transfers(), dh.transfers());
+        assert!(th.nodes_device == 0 && th.nodes_in_place > 0, "{th:?}");
+        assert!(td.nodes_device > 0 && td.nodes_in_place == 0 && td.fallback.is_none(), "{td:?}");
+        // What crosses back from the device is a summary: far less than the tensors themselves.
+        assert!(td.bytes_down > 0 && td.devices.len() == 1, "{td:?}");
+    }
+}
+
+/// The device path changes nothing a decode computes: the same logits with and without it.
+#[test]
+fn device_reduction_leaves_logits_unchanged() {
+    let (_d, _tiny, model) = tiny_model();
+    let t = toks(40);
+    let mut nll = vec![];
+    for reduce in [None, Some(Reduce::Device)] {
+        let hook = reduce.map(|r| Box::new(new_capture(&model, &cfg(r), &[], 256).unwrap().0) as Box<dyn attractors::ffi::EvalHook>);
+        let params = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 };
+        let mut ctx = Context::new(&model, &params, hook).unwrap();
+        nll.push(feed(&mut ctx, &t, true, |_| {}).unwrap());
+    }
+    assert_eq!(nll[0], nll[1]);
+}
