@@ -319,9 +319,15 @@ fn smollm2_mask_equals_cells() {
 /// gets `-inf` for every head, none leaks attention, and every kept position inside the
 /// window still receives some. (Its logits are not compared with `cells`: on the pinned
 /// llama.cpp they moved by ~1 logit with how the graph was split; see the note of issue 4.)
+/// Host and device paths (device graphs on the CPU backend here, the GPU's path).
 #[test]
 fn gemma3_mask_hides_exactly_inside_the_window() {
-    use attractors::capture::mask::{new_mask, plan_from_keep};
+    gemma3_mask_inside_window(attractors::capture::Reduce::Host);
+    gemma3_mask_inside_window(attractors::capture::Reduce::Device);
+}
+
+fn gemma3_mask_inside_window(reduce: attractors::capture::Reduce) {
+    use attractors::capture::mask::plan_from_keep;
     use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig};
     use attractors::evict::select::keep_cells;
     use attractors::evict::{by_name, Observation};
@@ -335,9 +341,9 @@ fn gemma3_mask_hides_exactly_inside_the_window() {
     assert_eq!(swa.len(), model.n_layer() - 3, "Gemma 3 270M has three global layers");
     let params = ContextParams { n_ctx: 2048, n_batch: 512, n_ubatch: 512, flash_attn: FlashAttn::Off, kv_type: KvType::F32, ..Default::default() };
     let positions: Vec<i32> = (0..n as i32).collect();
-    let cfg = CaptureConfig { activation: None, distance: false, ..CaptureConfig::default() };
+    let cfg = CaptureConfig { activation: None, distance: false, reduce, ..CaptureConfig::default() };
     let (cap, ch) = new_capture(&model, &cfg, &swa, 2048).unwrap();
-    let (hook, handle) = new_mask(&model, &swa);
+    let (hook, handle) = attractors::capture::mask::new_mask_with(&model, &swa, reduce);
     let mut ctx = Context::new(&model, &params, Some(Box::new(Hooks::new(vec![Box::new(cap), Box::new(hook)])))).unwrap();
     feed(&mut ctx, &toks[..n], false, |_| {}).unwrap();
     handle.set_plan(plan_from_keep(&vec![Some(vec![keep.clone()]); model.n_layer()], &positions)).unwrap();
@@ -364,6 +370,46 @@ fn gemma3_mask_hides_exactly_inside_the_window() {
         }
     }
     assert_eq!(handle.written(), expected as u64);
+    let ([device, host, _], _) = handle.transfers();
+    assert_eq!((device > 0, host > 0), (reduce == attractors::capture::Reduce::Device, reduce != attractors::capture::Reduce::Device));
+}
+
+/// On Gemma's split cache (sliding-window cells reused inside a prefill longer than the
+/// window), the device graphs give the host's summaries: received attention per head,
+/// first-token share, distance buckets (relative 1e-3).
+#[test]
+fn gemma3_device_reduction_equals_host() {
+    use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig, Reduce};
+    use attractors::ffi::KvType;
+    let model = Model::load(&model_path(GEMMA), &ModelParams::default()).unwrap();
+    let toks = model.tokenize(DEFAULT_TEXT, true, false).unwrap();
+    let n = 800usize;
+    let swa = sliding_window_layers(&model).unwrap();
+    let params = ContextParams { n_ctx: 1024, n_batch: 256, n_ubatch: 256, flash_attn: FlashAttn::Off, kv_type: KvType::F32, ..Default::default() };
+    let run = |reduce: Reduce| {
+        let cfg = CaptureConfig { activation: None, reduce, ..CaptureConfig::default() };
+        let (cap, ch) = new_capture(&model, &cfg, &swa, 1024).unwrap();
+        let mut ctx = Context::new(&model, &params, Some(Box::new(cap))).unwrap();
+        feed(&mut ctx, &toks[..n], false, |_| {}).unwrap();
+        let t = ch.transfers();
+        assert_eq!(t.nodes_device > 0, reduce == Reduce::Device, "{t:?}");
+        ch.summary().attention.unwrap()
+    };
+    let (h, d) = (run(Reduce::Host), run(Reduce::Device));
+    let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() <= 1e-3 * a.abs().max(b.abs()) + 1e-5, "{what}: device {a} vs host {b}");
+    for l in 0..model.n_layer() {
+        close(d.first_token_share[l], h.first_token_share[l], &format!("first share {l}"));
+        for hh in 0..model.n_head() {
+            for j in 0..n {
+                close(d.received_head[l][hh][j], h.received_head[l][hh][j], &format!("R[{l},{hh},{j}]"));
+            }
+        }
+        for i in 0..n {
+            for (b, (x, y)) in d.distance[l][i].iter().zip(&h.distance[l][i]).enumerate() {
+                close(*x as f64, *y as f64, &format!("distance[{l},{i},{b}]"));
+            }
+        }
+    }
 }
 
 /// `prune` with the default frequency list keeps about half of a prose context, and every

@@ -250,6 +250,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         "documents": docs.iter().map(|d| json!({"source": d.source, "first_token": d.first_token, "n_tokens": d.tokens.len(), "token_ids": d.tokens})).collect::<Vec<_>>(),
         "n_documents": acc.n_docs,
         "n_tokens": acc.n_tokens,
+        "attention_reduction": handle.transfers(),
         "parameters": {
             "context": actual,
             "flash_attention": "off (forced: attention weights are only visible without it)",

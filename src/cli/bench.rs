@@ -4,7 +4,7 @@
 use anyhow::{bail, Context as _};
 
 use super::{common, BenchCaptureArgs, BenchCompareArgs};
-use crate::capture::{new_capture, sliding_window_layers, CaptureConfig};
+use crate::capture::{new_capture, sliding_window_layers, CaptureConfig, Reduce, TransferStats};
 use crate::ffi::{Context, ContextParams, EvalHook, FlashAttn, KvType};
 use crate::session::feed;
 
@@ -32,15 +32,24 @@ fn child(a: &BenchCaptureArgs, mode: &str) -> anyhow::Result<()> {
         params.n_threads = t;
     }
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
+    let reduce = match mode {
+        "plain" => None,
+        "capture" => Some(Reduce::Auto),
+        "device" => Some(Reduce::Device),
+        "naive" => Some(Reduce::Host),
+        _ => bail!("unknown bench capture mode {mode}: use plain, capture, device or naive"),
+    };
     let mut best = f64::INFINITY;
     let mut acc_mb = 0.0;
+    let mut transfers = TransferStats::default();
     for _ in 0..a.reps.max(1) {
-        let (hook, handle): (Option<Box<dyn EvalHook>>, _) = match mode {
-            "capture" => {
-                let (h, hd) = new_capture(&model, &CaptureConfig::default(), &swa, n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
+        let (hook, handle): (Option<Box<dyn EvalHook>>, _) = match reduce {
+            Some(reduce) => {
+                let cfg = CaptureConfig { reduce, ..CaptureConfig::default() };
+                let (h, hd) = new_capture(&model, &cfg, &swa, n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
                 (Some(Box::new(h)), Some(hd))
             }
-            _ => (None, None),
+            None => (None, None),
         };
         let mut ctx = Context::new(&model, &params, hook)?;
         let t0 = std::time::Instant::now();
@@ -48,9 +57,15 @@ fn child(a: &BenchCaptureArgs, mode: &str) -> anyhow::Result<()> {
         best = best.min(t0.elapsed().as_secs_f64());
         if let Some(h) = handle {
             acc_mb = h.approx_bytes() as f64 / 1e6;
+            transfers = h.transfers();
         }
     }
-    println!("{}", serde_json::json!({"mode": mode, "seconds": best, "peak_mb": peak_rss_mb(), "accumulator_mb": acc_mb, "tokens": toks.len()}));
+    let per_layer = transfers.bytes_down as f64 / model.n_layer() as f64;
+    println!(
+        "{}",
+        serde_json::json!({"mode": mode, "seconds": best, "peak_mb": peak_rss_mb(), "accumulator_mb": acc_mb, "tokens": toks.len(),
+            "bytes_down_per_layer": per_layer, "bytes_down_per_node": transfers.bytes_per_node(), "transfers": transfers, "device": model.meta().device})
+    );
     Ok(())
 }
 
@@ -64,8 +79,11 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
     // Resolve (and fetch) the model once in the parent.
     let model_path = common::load_model(&a.model)?.path().to_path_buf();
     let exe = std::env::current_exe().context("locating the attractors binary")?;
+    if !a.modes.iter().any(|m| m == "plain") || a.modes.len() < 2 {
+        bail!("--modes needs plain and at least one capture mode (capture, device, naive)");
+    }
     let mut results = std::collections::HashMap::new();
-    for mode in ["plain", "capture"] {
+    for mode in &a.modes {
         eprintln!("bench capture: {mode} prefill of {} tokens ({} reps)", a.tokens, a.reps);
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["bench", "capture", "--child", mode, "--tokens", &a.tokens.to_string(), "--reps", &a.reps.to_string()]);
@@ -73,22 +91,42 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
         if let Some(t) = a.threads {
             cmd.args(["--threads", &t.to_string()]);
         }
+        if let Some(g) = a.model.gpu_layers {
+            cmd.args(["--gpu-layers", &g.to_string()]);
+        }
         let out = cmd.output().context("running a benchmark child")?;
         if !out.status.success() {
             bail!("benchmark child ({mode}) failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing the child's result")?;
-        println!("{mode:8} prefill {:.3} s   peak RSS {:.1} MB", v["seconds"].as_f64().unwrap_or(f64::NAN), v["peak_mb"].as_f64().unwrap_or(f64::NAN));
-        results.insert(mode, v);
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{mode:8} prefill {:.3} s   peak RSS {:.1} MB   device->host {:.0} bytes per layer ({:.0} per attention node)",
+            f("seconds"),
+            f("peak_mb"),
+            f("bytes_down_per_layer"),
+            f("bytes_down_per_node")
+        );
+        results.insert(mode.as_str(), v);
     }
-    let (p, c) = (&results["plain"], &results["capture"]);
-    let ratio = c["seconds"].as_f64().unwrap_or(f64::NAN) / p["seconds"].as_f64().unwrap_or(f64::NAN);
-    println!("capture accumulators {:.1} MB", c["accumulator_mb"].as_f64().unwrap_or(0.0));
-    println!(
-        "capture_overhead {ratio:.3} capture_peak_mb {:.1} plain_peak_mb {:.1}",
-        c["peak_mb"].as_f64().unwrap_or(f64::NAN),
-        p["peak_mb"].as_f64().unwrap_or(f64::NAN)
-    );
+    let p = &results["plain"];
+    println!("device {}", p["device"]);
+    let secs = |v: &serde_json::Value| v["seconds"].as_f64().unwrap_or(f64::NAN);
+    for (mode, v) in &results {
+        if *mode == "plain" {
+            continue;
+        }
+        println!("{mode} transfers {}", v["transfers"]);
+    }
+    if let Some(c) = results.get("capture") {
+        println!("capture accumulators {:.1} MB", c["accumulator_mb"].as_f64().unwrap_or(0.0));
+        println!("capture_overhead {:.3} capture_peak_mb {:.1} plain_peak_mb {:.1}", secs(c) / secs(p), c["peak_mb"].as_f64().unwrap_or(f64::NAN), p["peak_mb"].as_f64().unwrap_or(f64::NAN));
+    }
+    for mode in ["device", "naive"] {
+        if let Some(v) = results.get(mode) {
+            println!("{mode}_overhead {:.3} {mode}_bytes_per_layer {:.0}", secs(v) / secs(p), v["bytes_down_per_layer"].as_f64().unwrap_or(f64::NAN));
+        }
+    }
     Ok(())
 }
 

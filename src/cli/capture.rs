@@ -73,6 +73,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
             "layers": cfg.layers,
             "per_head": a.per_head,
         },
+        "attention_reduction": handle.transfers(),
         "attractor_rule": rule,
         "attractor_rule_text": rule.describe(),
         "attractor_threshold_at_this_length": rule.threshold(toks.len()),

@@ -32,6 +32,12 @@ pub struct Cli {
     /// Show llama.cpp's own log.
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// Where attention is reduced (and `mask` mode writes): auto = on the device when the
+    /// tensor is in device memory (a GPU), in place on the host otherwise; device = always
+    /// with ggml graphs on the tensor's backend (the CPU too); host = copy device tensors
+    /// whole to the host (the naive path).
+    #[arg(long, global = true, value_enum, default_value_t = crate::capture::Reduce::Auto)]
+    pub attn_reduce: crate::capture::Reduce,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -207,7 +213,7 @@ pub struct CompareArgs {
     /// GGUF files to compare, repeated (`--model A --model B ...`); the first is the reference.
     #[arg(long = "model", short = 'm', required = true)]
     pub models: Vec<PathBuf>,
-    /// Layers to offload to a GPU (default: llama.cpp's).
+    /// Layers to offload to a GPU (default: all when a GPU is present; 0 keeps everything on the CPU).
     #[arg(long)]
     pub gpu_layers: Option<i32>,
     #[command(flatten)]
@@ -384,7 +390,7 @@ pub struct ModelArgs {
     /// GGUF model file (default: models/SmolLM2-135M-Instruct.Q4_1.gguf, fetched on first use).
     #[arg(long, short)]
     pub model: Option<PathBuf>,
-    /// Layers to offload to a GPU (default: llama.cpp's).
+    /// Layers to offload to a GPU (default: all when a GPU is present; 0 keeps everything on the CPU).
     #[arg(long)]
     pub gpu_layers: Option<i32>,
 }
@@ -650,6 +656,11 @@ pub struct BenchCaptureArgs {
     pub ubatch: u32,
     #[arg(long)]
     pub threads: Option<i32>,
+    /// Modes to time: plain (no callback), capture (`--attn-reduce auto`: on the device when
+    /// attention lives there), device (device graphs forced, CPU too), naive (whole tensors
+    /// copied to the host).
+    #[arg(long, value_delimiter = ',', default_value = "plain,capture,naive")]
+    pub modes: Vec<String>,
     /// Internal: run one mode in this process and print its measurement.
     #[arg(long, hide = true)]
     pub child: Option<String>,
@@ -658,6 +669,7 @@ pub struct BenchCaptureArgs {
 /// Run the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::ffi::set_verbose(cli.verbose);
+    crate::capture::set_default_reduce(cli.attn_reduce);
     // `chat` installs its own Ctrl-C handler (it stops a reply, not the program)
     if !matches!(cli.command, Command::Chat(_)) {
         common::install_ctrlc();

@@ -61,6 +61,8 @@ pub struct Model {
     /// Loaded with `vocab_only`: llama.cpp has no hyperparameters for it (its per-layer
     /// getters abort), so the shape comes from the GGUF metadata and no context can be made.
     vocab_only: bool,
+    /// `n_gpu_layers` as passed to llama.cpp (-1: all).
+    gpu_layers: i32,
 }
 
 // SAFETY: a loaded llama_model is immutable; llama.cpp allows concurrent contexts on one model.
@@ -88,6 +90,20 @@ pub struct ModelMeta {
     pub eos: Option<i32>,
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    /// Where the model runs.
+    pub device: RunDevice,
+}
+
+/// Where a model's layers run: the GPU (if any) and how many layers are offloaded to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDevice {
+    /// `NAME (description)` of the first GPU when layers are offloaded, else `CPU`.
+    pub backend: String,
+    /// Layers offloaded (llama.cpp counts the output layer too: at most `layers`).
+    pub gpu_layers: usize,
+    pub layers: usize,
+    /// Every device ggml registered.
+    pub devices: Vec<super::device::DeviceInfo>,
 }
 
 impl Model {
@@ -115,7 +131,7 @@ impl Model {
         // SAFETY: `c_path` is a valid NUL-terminated string for the call; `mp` is initialised.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
         match NonNull::new(raw) {
-            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only }),
+            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only, gpu_layers: mp.n_gpu_layers }),
             None => Err(LoadError::Llama {
                 path: path.to_path_buf(),
                 reason: last_llama_error().unwrap_or_else(|| "unknown error".into()),
@@ -312,7 +328,26 @@ impl Model {
             eos: self.eos(),
             add_bos: self.add_bos(),
             chat_template: self.chat_template(),
+            device: self.run_device(),
         }
+    }
+
+    /// The GPU (if any) and the number of layers offloaded, as llama.cpp decides from
+    /// `n_gpu_layers` (-1: all) and the devices present.
+    pub fn run_device(&self) -> RunDevice {
+        let devices = super::device::devices();
+        let layers = self.n_layer() + 1;
+        let gpu = devices.iter().find(|d| d.kind == "gpu" || d.kind == "igpu");
+        let gpu_layers = match gpu {
+            None => 0,
+            Some(_) if self.gpu_layers < 0 => layers,
+            Some(_) => (self.gpu_layers as usize).min(layers),
+        };
+        let backend = match gpu {
+            Some(g) if gpu_layers > 0 => format!("{} ({})", g.name, g.description),
+            _ => "CPU".into(),
+        };
+        RunDevice { backend, gpu_layers, layers, devices }
     }
 
     /// Tokenize `text`. `add_special` adds BOS when the model wants it; `parse_special`
