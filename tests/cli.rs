@@ -101,15 +101,22 @@ fn unwritable_out_is_a_one_line_error() {
     assert_clean_failure(&o, "choose a writable --out");
 }
 
+/// Both reduction paths: in place on the host, and the device graphs (`--attn-reduce device`,
+/// on the CPU backend here); `meta.json` says which ran and on what.
 #[test]
 fn tiny_capture_through_cli_equals_reference() {
+    tiny_capture_cli("host");
+    tiny_capture_cli("device");
+}
+
+fn tiny_capture_cli(reduce: &str) {
     let d = tempfile::tempdir().unwrap();
     let (m, p) = tiny(d.path());
     let t = d.path().join("t.txt");
     std::fs::write(&t, "the heron stood on one leg. then the tide came in, and the heron left.").unwrap();
     let out = d.path().join("out");
     let o = bin()
-        .args(["capture", "--kv-type", "f32", "--ubatch", "16", "--model"])
+        .args(["capture", "--attn-reduce", reduce, "--kv-type", "f32", "--ubatch", "16", "--model"])
         .arg(&p)
         .arg("--text")
         .arg(&t)
@@ -125,6 +132,12 @@ fn tiny_capture_through_cli_equals_reference() {
     let ids: Vec<i32> = meta["token_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32).collect();
     assert!(ids.len() > 20);
     assert!(meta["attractor_rule_text"].as_str().unwrap().contains("c/T"));
+    let red = &meta["attention_reduction"];
+    assert_eq!(red["reduce"], reduce);
+    let device_nodes = red["nodes_device"].as_u64().unwrap();
+    assert_eq!(device_nodes > 0, reduce == "device", "{red}");
+    assert_eq!(meta["model"]["meta"]["device"]["backend"], "CPU");
+    assert_eq!(meta["model"]["meta"]["device"]["gpu_layers"], 0);
     let r = m.forward(&ids);
     let n = ids.len();
     let h = m.cfg.n_head;
