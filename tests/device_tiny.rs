@@ -104,7 +104,7 @@ fn device_summaries_equal_host_summaries() {
         let (dev, dh) = run(Reduce::Device, nu, holes);
         same(&dev, &host);
         let (th, td) = (hh.transfers(), dh.transfers());
-        assert!(th.nodes_device == 0 && th.nodes_in_place > 0, "{th:?}");
+        assert!(th.nodes_device == 0 && th.nodes_in_place + th.nodes_copied > 0, "{th:?}");
         assert!(td.nodes_device > 0 && td.nodes_in_place == 0 && td.fallback.is_none(), "{td:?}");
         // What crosses back from the device is a summary: far less than the tensors themselves.
         assert!(td.bytes_down > 0 && td.devices.len() == 1, "{td:?}");

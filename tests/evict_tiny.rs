@@ -104,10 +104,10 @@ fn gap_closing_keeps_positions_and_cell_map_consistent() {
 /// CPU backend, the path a GPU takes), or in host memory.
 fn check_mask_path(handle: &MaskHandle, reduce: Reduce) {
     let ([device, host, copied], _) = handle.transfers();
-    assert_eq!(copied, 0);
     match reduce {
-        Reduce::Device => assert!(device > 0 && host == 0, "device {device} host {host}"),
-        _ => assert!(device == 0 && host > 0, "device {device} host {host}"),
+        Reduce::Device => assert!(device > 0 && host == 0 && copied == 0, "device {device} host {host} copied {copied}"),
+        // In host memory on a CPU build; copied out and back when `kq` lives on a GPU.
+        _ => assert!(device == 0 && host + copied > 0, "device {device} host {host} copied {copied}"),
     }
 }
 
