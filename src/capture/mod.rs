@@ -35,6 +35,17 @@ pub enum Reduce {
     Host,
 }
 
+impl Reduce {
+    /// The name `--attn-reduce` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reduce::Auto => "auto",
+            Reduce::Device => "device",
+            Reduce::Host => "host",
+        }
+    }
+}
+
 static DEFAULT_REDUCE: AtomicU8 = AtomicU8::new(0);
 
 /// The process-wide default for [`CaptureConfig::reduce`] and mask hooks (`--attn-reduce`).

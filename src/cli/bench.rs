@@ -181,6 +181,10 @@ pub fn run_compare(a: BenchCompareArgs) -> anyhow::Result<()> {
         if let Some(t) = a.threads {
             v.extend(["--threads".into(), t.to_string().into()]);
         }
+        v.extend(["--attn-reduce".into(), crate::capture::default_reduce().name().into()]);
+        if let Some(g) = a.gpu_layers {
+            v.extend(["--gpu-layers".into(), g.to_string().into()]);
+        }
     };
     let mut analyze_s = vec![];
     for (i, m) in models.iter().enumerate() {

@@ -617,6 +617,9 @@ pub struct BenchCompareArgs {
     pub set: DocSet,
     #[arg(long)]
     pub threads: Option<i32>,
+    /// Layers to offload to a GPU in every child (default: all when a GPU is present).
+    #[arg(long)]
+    pub gpu_layers: Option<i32>,
 }
 
 #[derive(Args, Debug)]

@@ -157,6 +157,12 @@ impl GraphCtx {
     fn ptr(&self) -> *mut sys::ggml_context {
         self.0.as_ptr()
     }
+    /// Keep the context beyond this guard (its new owner frees it).
+    fn into_raw(self) -> NonNull<sys::ggml_context> {
+        let p = self.0;
+        std::mem::forget(self);
+        p
+    }
 }
 
 impl Drop for GraphCtx {
@@ -242,16 +248,14 @@ impl DeviceCompute {
         // SAFETY: `t` is allocated with exactly `host.len() * 4` bytes.
         unsafe { sys::ggml_backend_tensor_set(t, host.as_ptr() as *const _, 0, host.len() * 4) };
         self.bytes_up += host.len() as u64 * 4;
-        let ctx_ptr = ctx.0;
-        std::mem::forget(ctx);
         let tensor = NonNull::new(t).ok_or_else(|| DeviceError::Alloc(0, self.name.clone()))?;
-        self.buckets = Some(Consts { ctx: ctx_ptr, buf, tensor, n_pos, n_buckets });
+        self.buckets = Some(Consts { ctx: ctx.into_raw(), buf, tensor, n_pos, n_buckets });
         Ok(tensor.as_ptr())
     }
 
-    /// Check every node, allocate, upload the inputs, compute, and download `outputs`.
-    fn run(&mut self, ctx: &GraphCtx, graph: *mut sys::ggml_cgraph, inputs: &[(*mut sys::ggml_tensor, Upload)], outputs: &mut [(*mut sys::ggml_tensor, &mut Vec<f32>)]) -> Result<(), DeviceError> {
-        let _ = ctx;
+    /// Check every node, allocate, upload the inputs, compute, and download `outputs`. The
+    /// graph's tensors live in `_ctx`, which the borrow keeps alive for the call.
+    fn run(&mut self, _ctx: &GraphCtx, graph: *mut sys::ggml_cgraph, inputs: &[(*mut sys::ggml_tensor, Upload)], outputs: &mut [(*mut sys::ggml_tensor, &mut Vec<f32>)]) -> Result<(), DeviceError> {
         let backend = self.backend.as_ptr();
         // SAFETY: `graph` and its nodes belong to `ctx`, alive for this call.
         unsafe {
