@@ -161,7 +161,6 @@ impl State {
         let visible = |q: i32, p: i32| p < q && !window.is_some_and(|w| q - p >= w);
         let lookup = &self.lookup;
         let known = |p: i32| lookup.get(p as usize).is_some_and(|&c| c != usize::MAX);
-        let written: u64 = queries.iter().map(|&q| (0..n_head).map(|h| groups[h / per_group].iter().filter(|&&p| visible(q, p) && known(p)).count() as u64).sum::<u64>()).sum();
         if self.devices.wanted(self.reduce, t) {
             let mut cell_pos = vec![0f32; n_kv];
             for (c, cp) in cell_pos.iter_mut().enumerate().take(map.len()) {
@@ -179,7 +178,7 @@ impl State {
             let plan = HidePlan { cell_pos: &cell_pos, query_pos: &query_pos, hidden: &hidden, n_groups: groups.len(), window: window.map_or(f32::INFINITY, |w| w as f32) };
             if self.devices.try_run(self.reduce, t, |d| d.hide(t, &plan))?.is_some() {
                 self.nodes[0] += 1;
-                self.written += written;
+                self.written += queries.iter().map(|&q| (0..n_head).map(|h| groups[h / per_group].iter().filter(|&&p| visible(q, p) && known(p)).count() as u64).sum::<u64>()).sum::<u64>();
                 return Ok(());
             }
         }
@@ -194,11 +193,13 @@ impl State {
                 &mut self.scratch[..]
             }
         };
+        let mut written = 0u64;
         for (i, &q) in queries.iter().enumerate() {
             for h in 0..n_head {
                 for &p in &groups[h / per_group] {
                     if visible(q, p) && known(p) {
                         data[lookup[p as usize] + i * s1 + h * s2] = f32::NEG_INFINITY;
+                        written += 1;
                     }
                 }
             }

@@ -125,6 +125,8 @@ pub struct TransferStats {
     pub bytes_down: u64,
     /// Bytes uploaded host -> device for the device graphs.
     pub bytes_up: u64,
+    /// Bytes of the attention tensors themselves (what copying them whole would move).
+    pub tensor_bytes: u64,
     /// Devices the graphs ran on.
     pub devices: Vec<String>,
     /// Why device reduction was turned off, if it was.
@@ -500,6 +502,7 @@ impl State {
         if n_head != model_heads {
             return Err(format!("{} has {n_head} heads, the model {model_heads}", t.name()));
         }
+        self.stats.tensor_bytes += t.nbytes() as u64;
         let consecutive = self.cursor.positions[start..start + len].windows(2).all(|w| w[1] == w[0] + 1);
         if consecutive && self.devices.wanted(self.reduce, t) && self.reduce_on_device(layer, t, start, len)? {
             self.stats.nodes_device += 1;

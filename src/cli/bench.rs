@@ -64,7 +64,7 @@ fn child(a: &BenchCaptureArgs, mode: &str) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({"mode": mode, "seconds": best, "peak_mb": peak_rss_mb(), "accumulator_mb": acc_mb, "tokens": toks.len(),
-            "bytes_down_per_layer": per_layer, "bytes_down_per_node": transfers.bytes_per_node(), "transfers": transfers, "device": model.meta().device})
+            "bytes_down_per_layer": per_layer, "bytes_down_per_node": transfers.bytes_per_node(), "transfers": transfers, "layers": model.n_layer(), "device": model.meta().device})
     );
     Ok(())
 }
@@ -82,7 +82,7 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
     if !a.modes.iter().any(|m| m == "plain") || a.modes.len() < 2 {
         bail!("--modes needs plain and at least one capture mode (capture, device, naive)");
     }
-    let mut results = std::collections::HashMap::new();
+    let mut results: Vec<(&str, serde_json::Value)> = vec![];
     for mode in &a.modes {
         eprintln!("bench capture: {mode} prefill of {} tokens ({} reps)", a.tokens, a.reps);
         let mut cmd = std::process::Command::new(&exe);
@@ -101,29 +101,28 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing the child's result")?;
         let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{mode:8} prefill {:.3} s   peak RSS {:.1} MB   device->host {:.0} bytes per layer ({:.0} per attention node)",
+            "{mode:8} prefill {:.3} s   peak RSS {:.1} MB   device->host {:.0} bytes per layer ({:.0} per attention node; the attention tensors are {:.0} per layer)",
             f("seconds"),
             f("peak_mb"),
             f("bytes_down_per_layer"),
-            f("bytes_down_per_node")
+            f("bytes_down_per_node"),
+            v["transfers"]["tensor_bytes"].as_f64().unwrap_or(0.0) / v["layers"].as_f64().unwrap_or(f64::NAN)
         );
-        results.insert(mode.as_str(), v);
+        results.push((mode.as_str(), v));
     }
-    let p = &results["plain"];
+    let get = |m: &str| results.iter().find(|(k, _)| *k == m).map(|(_, v)| v);
+    let p = get("plain").expect("plain is among the modes (checked above)");
     println!("device {}", p["device"]);
     let secs = |v: &serde_json::Value| v["seconds"].as_f64().unwrap_or(f64::NAN);
-    for (mode, v) in &results {
-        if *mode == "plain" {
-            continue;
-        }
+    for (mode, v) in results.iter().filter(|(m, _)| *m != "plain") {
         println!("{mode} transfers {}", v["transfers"]);
     }
-    if let Some(c) = results.get("capture") {
+    if let Some(c) = get("capture") {
         println!("capture accumulators {:.1} MB", c["accumulator_mb"].as_f64().unwrap_or(0.0));
         println!("capture_overhead {:.3} capture_peak_mb {:.1} plain_peak_mb {:.1}", secs(c) / secs(p), c["peak_mb"].as_f64().unwrap_or(f64::NAN), p["peak_mb"].as_f64().unwrap_or(f64::NAN));
     }
     for mode in ["device", "naive"] {
-        if let Some(v) = results.get(mode) {
+        if let Some(v) = get(mode) {
             println!("{mode}_overhead {:.3} {mode}_bytes_per_layer {:.0}", secs(v) / secs(p), v["bytes_down_per_layer"].as_f64().unwrap_or(f64::NAN));
         }
     }
