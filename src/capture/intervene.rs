@@ -31,6 +31,7 @@ pub struct EditHook {
     rng: SplitMix64,
     /// Values written so far (for tests and the report).
     pub written: u64,
+    scratch: Vec<f32>,
 }
 
 impl EditHook {
@@ -41,7 +42,7 @@ impl EditHook {
                 by_layer[e.layer] = Some(e.clone());
             }
         }
-        EditHook { node: node.to_string(), edit, by_layer, rng: SplitMix64(seed ^ 0x5DEE_CE66_D1CE_4E5B), written: 0 }
+        EditHook { node: node.to_string(), edit, by_layer, rng: SplitMix64(seed ^ 0x5DEE_CE66_D1CE_4E5B), written: 0, scratch: vec![] }
     }
 }
 
@@ -62,15 +63,18 @@ impl EvalHook for EditHook {
         if e.dim >= width {
             return Err(HookError(format!("dimension {} is out of range for {} (width {width})", e.dim, t.name())));
         }
-        let data = t.f32_data_mut().ok_or_else(|| HookError(format!("{} is not writable f32 host memory (GPU intervention is not supported yet)", t.name())))?;
-        for r in 0..rows {
-            let v = match self.edit {
-                Edit::Zero => 0.0,
-                Edit::Random => (e.mean + e.std * self.rng.gauss()) as f32,
-            };
-            data[r * width + e.dim] = v;
-            self.written += 1;
-        }
+        // In place in host memory; on a GPU the [width, tokens] activation is copied out and back.
+        let (edit, rng, written) = (self.edit, &mut self.rng, &mut self.written);
+        t.edit_f32(&mut self.scratch, |data| {
+            for r in 0..rows {
+                data[r * width + e.dim] = match edit {
+                    Edit::Zero => 0.0,
+                    Edit::Random => (e.mean + e.std * rng.gauss()) as f32,
+                };
+                *written += 1;
+            }
+        })
+        .map_err(|err| HookError(err.to_string()))?;
         Ok(())
     }
 }

@@ -184,32 +184,23 @@ impl State {
         }
         let nb = t.nb();
         let (s1, s2) = (nb[1] / 4, nb[2] / 4);
-        let on_host = t.is_host();
-        let data: &mut [f32] = match t.f32_data_mut() {
-            Some(d) => d,
-            None => {
-                // The naive path for device memory: copy out, write, copy back.
-                t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
-                &mut self.scratch[..]
-            }
-        };
         let mut written = 0u64;
-        for (i, &q) in queries.iter().enumerate() {
-            for h in 0..n_head {
-                for &p in &groups[h / per_group] {
-                    if visible(q, p) && known(p) {
-                        data[lookup[p as usize] + i * s1 + h * s2] = f32::NEG_INFINITY;
-                        written += 1;
+        // In host memory; a device tensor is copied out and back (the naive path).
+        let copied = t
+            .edit_f32(&mut self.scratch, |data| {
+                for (i, &q) in queries.iter().enumerate() {
+                    for h in 0..n_head {
+                        for &p in &groups[h / per_group] {
+                            if visible(q, p) && known(p) {
+                                data[lookup[p as usize] + i * s1 + h * s2] = f32::NEG_INFINITY;
+                                written += 1;
+                            }
+                        }
                     }
                 }
-            }
-        }
-        if on_host {
-            self.nodes[1] += 1;
-        } else {
-            t.set_f32(&self.scratch).map_err(|e| e.to_string())?;
-            self.nodes[2] += 1;
-        }
+            })
+            .map_err(|e| e.to_string())?;
+        self.nodes[if copied { 2 } else { 1 }] += 1;
         self.written += written;
         Ok(())
     }

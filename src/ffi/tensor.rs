@@ -146,6 +146,19 @@ impl<'a> TensorView<'a> {
         Ok(())
     }
 
+    /// Edit the tensor's f32 data with `f`: in place in host memory, or (device memory)
+    /// copied into `scratch`, edited and copied back. Returns whether it was copied.
+    pub fn edit_f32(&self, scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) -> Result<bool, ViewError> {
+        if let Some(d) = self.f32_data_mut() {
+            f(d);
+            return Ok(false);
+        }
+        self.f32_data(scratch)?;
+        f(scratch);
+        self.set_f32(scratch)?;
+        Ok(true)
+    }
+
     /// Mutable host data as f32 (for writes such as `-inf` masks). `None` when the tensor
     /// is not f32 or not in host memory.
     // The data belongs to the scheduler's buffer, not to this view: the view is a borrowed
