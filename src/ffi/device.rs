@@ -1,5 +1,6 @@
 //! Work on the device that holds a tensor: small ggml graphs computed on that tensor's own
-//! backend (CUDA, Vulkan, Metal, or the CPU), so that only summaries cross to the host.
+//! backend (CUDA, Vulkan, Metal, or the CPU: whatever owns the buffer), so that only summaries
+//! cross to the host. Every node is checked with `ggml_backend_supports_op` before it runs.
 //!
 //! The eval callback hands us `kq_soft_max-<l>` (`[n_kv, n_tok, n_head]`, contiguous f32).
 //! On a GPU, copying it to the host costs `n_kv * n_tok * n_head * 4` bytes per layer and
