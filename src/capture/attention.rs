@@ -67,6 +67,11 @@ pub struct CellPos {
     pub pos: usize,
 }
 
+/// The cell holding `pos` in `cells` (sorted by position).
+pub fn cell_at(cells: &[CellPos], pos: usize) -> Option<usize> {
+    cells.binary_search_by_key(&pos, |c| c.pos).ok().map(|k| cells[k].cell)
+}
+
 impl AttentionAcc {
     pub fn new(n_layer: usize, n_head: usize, max_positions: usize, distance: bool) -> AttentionAcc {
         let n_buckets = distance_bucket(max_positions.max(2) - 1) + 1;
@@ -285,11 +290,10 @@ impl AttentionAcc {
             if la.flow_row.len() < max_q + 1 {
                 la.flow_row.resize(max_q + 1, 0.0);
             }
-            let cell_of = |pos: usize| cells.binary_search_by_key(&pos, |c| c.pos).ok().map(|k| cells[k].cell);
             for i in 0..n_tok {
                 let q = q0 + i;
                 // The device's row sum includes the query's own cell: take it out.
-                let own: f64 = cell_of(q).map_or(0.0, |c| (0..n_head).map(|h| r.gathered[h * n_tok + i] as f64 * vs[h * n_kv + c] as f64).sum());
+                let own: f64 = cell_at(cells, q).map_or(0.0, |c| (0..n_head).map(|h| r.gathered[h * n_tok + i] as f64 * vs[h * n_kv + c] as f64).sum());
                 la.flow_row[q] = r.flow_rows[i] as f64 - own;
                 if q >= start {
                     let row = &r.flow_pred[n_kv * (i - start.saturating_sub(q0))..][..n_kv];

@@ -537,7 +537,6 @@ impl State {
         let cells = self.cells.cells(layer);
         let q0 = queries[0].max(0) as usize;
         let p_hi = q0 + n_tok - 1;
-        let cell_of = |pos: usize| cells.binary_search_by_key(&pos, |c| c.pos).ok().map(|k| cells[k].cell);
         // Column weights: every query; with the observation window also the window and the last query.
         let weights: Vec<f32> = match acc.observation_window() {
             None => vec![1.0; n_tok],
@@ -546,7 +545,7 @@ impl State {
         let mut gather = Vec::with_capacity(n_head * n_tok);
         for h in 0..n_head {
             for (i, &q) in queries.iter().enumerate() {
-                let c = cell_of(q as usize).ok_or_else(|| format!("{}: no cell for query position {q}", t.name()))?;
+                let c = attention::cell_at(cells, q as usize).ok_or_else(|| format!("{}: no cell for query position {q}", t.name()))?;
                 gather.push((c + n_kv * (i + n_tok * h)) as i32);
             }
         }

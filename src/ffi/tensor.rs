@@ -12,6 +12,8 @@ pub enum ViewError {
     NotF32 { name: String, ty: String },
     #[error("tensor {0} has no data buffer")]
     NoData(String),
+    #[error("cannot write {got} bytes into tensor {name} of {want} bytes")]
+    Size { name: String, got: usize, want: usize },
 }
 
 /// A tensor as the scheduler computed it. Valid only inside the callback that received it:
@@ -113,8 +115,7 @@ impl<'a> TensorView<'a> {
             return Err(ViewError::NotF32 { name: self.name().into(), ty: self.type_name().into() });
         }
         let t = self.t();
-        // SAFETY: valid tensor pointer.
-        let nbytes = unsafe { sys::ggml_nbytes(self.ptr.as_ptr()) };
+        let nbytes = self.nbytes();
         let n = nbytes / 4;
         if t.data.is_null() || t.buffer.is_null() && t.view_src.is_null() {
             return Err(ViewError::NoData(self.name().into()));
@@ -134,8 +135,11 @@ impl<'a> TensorView<'a> {
     /// (as [`TensorView::f32_data`] returned it).
     pub fn set_f32(&self, data: &[f32]) -> Result<(), ViewError> {
         let nbytes = self.nbytes();
-        if !self.is_f32() || data.len() * 4 != nbytes {
+        if !self.is_f32() {
             return Err(ViewError::NotF32 { name: self.name().into(), ty: self.type_name().into() });
+        }
+        if data.len() * 4 != nbytes {
+            return Err(ViewError::Size { name: self.name().into(), got: data.len() * 4, want: nbytes });
         }
         if self.t().data.is_null() || self.t().buffer.is_null() {
             return Err(ViewError::NoData(self.name().into()));
@@ -168,8 +172,7 @@ impl<'a> TensorView<'a> {
         if !self.is_f32() || !self.is_host() || self.t().data.is_null() {
             return None;
         }
-        // SAFETY: valid tensor pointer.
-        let n = unsafe { sys::ggml_nbytes(self.ptr.as_ptr()) } / 4;
+        let n = self.nbytes() / 4;
         // SAFETY: host memory owned by the scheduler, not aliased by us elsewhere during the
         // callback; later nodes read it after we return, which is the point of writing.
         Some(unsafe { std::slice::from_raw_parts_mut(self.t().data as *mut f32, n) })
