@@ -401,3 +401,44 @@ fn eval_stream_on_the_tiny_model_writes_every_table() {
     assert_eq!(row[0], "streaming");
     assert!((row[3].parse::<f64>().unwrap() - ppl).abs() < 1e-3 * ppl, "{row:?} vs {ppl}");
 }
+
+/// `bench capture` runs every mode in its own process and reports what each moved and where
+/// the time went (checked as properties, never as timings): in place on the host nothing is
+/// copied and no device graph runs; forced device graphs (the CPU backend here) bring back
+/// summaries, and their time is part of the callback's.
+#[test]
+fn bench_capture_reports_bytes_and_time_split_per_mode() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, p) = tiny(d.path());
+    let o = bin()
+        .args(["bench", "capture", "--tokens", "96", "--ubatch", "32", "--reps", "1", "--modes", "plain,capture,device,naive", "--model"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{out}", String::from_utf8_lossy(&o.stderr));
+    let line = |prefix: &str| out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line `{prefix}` in:\n{out}")).to_string();
+    let num_after = |l: &str, key: &str| -> f64 {
+        let rest = &l[l.find(key).unwrap_or_else(|| panic!("no `{key}` in `{l}`")) + key.len()..];
+        rest.split_whitespace().next().unwrap().trim_matches(|c| c == '(' || c == ',').parse().unwrap()
+    };
+    // On a GPU (layers offloaded) `capture` takes the device graphs too and `naive` copies.
+    let dev: serde_json::Value = serde_json::from_str(line("device {").trim_start_matches("device ")).unwrap();
+    let on_cpu = dev["backend"] == "CPU";
+    for mode in ["capture", "device", "naive"] {
+        let ratio = num_after(&line(&format!("{mode}_overhead")), &format!("{mode}_overhead"));
+        assert!(ratio.is_finite() && ratio > 0.0, "{mode}: {ratio}");
+        let t = line(&format!("{mode} time:"));
+        let (callback, device) = (num_after(&t, "time:"), num_after(&t, "s in the callback"));
+        assert!(device >= 0.0 && device <= callback, "{t}");
+        assert_eq!(device > 0.0, mode == "device" || mode == "capture" && !on_cpu, "{t}");
+    }
+    let device_bytes = num_after(&line("device_overhead"), "device_bytes_per_layer");
+    let naive_bytes = num_after(&line("naive_overhead"), "naive_bytes_per_layer");
+    assert!(device_bytes > 0.0, "device graphs bring back summaries: {device_bytes}");
+    if on_cpu {
+        assert_eq!(naive_bytes, 0.0, "host memory is read in place on a CPU build");
+    } else {
+        assert!(naive_bytes > device_bytes, "the naive path copies whole tensors: {naive_bytes} vs {device_bytes}");
+    }
+}

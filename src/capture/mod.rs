@@ -108,6 +108,11 @@ impl Devices {
     pub fn bytes(&self) -> (u64, u64) {
         self.list.iter().fold((0, 0), |(d, u), x| (d + x.bytes_down, u + x.bytes_up))
     }
+
+    /// Wall time spent running device graphs.
+    pub fn seconds(&self) -> f64 {
+        self.list.iter().fold(0.0, |s, d| s + d.seconds)
+    }
 }
 
 /// How attention reached the reductions: nodes per path and bytes moved between device and host.
@@ -131,6 +136,13 @@ pub struct TransferStats {
     pub devices: Vec<String>,
     /// Why device reduction was turned off, if it was.
     pub fallback: Option<String>,
+    /// Wall time inside the capture's callback (reading and reducing observed nodes) and,
+    /// of that, in device graphs. Timings: kept out of `meta.json`, which must be the same
+    /// for the same run; `bench capture` reports them.
+    #[serde(skip)]
+    pub callback_seconds: f64,
+    #[serde(skip)]
+    pub device_seconds: f64,
 }
 
 impl TransferStats {
@@ -386,6 +398,7 @@ impl CaptureHandle {
         t.bytes_up += up;
         t.devices = s.devices.names();
         t.fallback = s.devices.off.clone();
+        t.device_seconds = s.devices.seconds();
         t
     }
 
@@ -622,6 +635,7 @@ impl EvalHook for CaptureHook {
     fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
         let Some((prefix, layer)) = split_node_name(t.name()) else { return Ok(()) };
         let mut s = lock(&self.0);
+        let t0 = std::time::Instant::now();
         let r = if prefix == ATTENTION_NODE && t.is_softmax() {
             s.observe_attention(layer, t)
         } else if let Some(role) = s.role_of(prefix, t.op_name()) {
@@ -629,6 +643,7 @@ impl EvalHook for CaptureHook {
         } else {
             Ok(())
         };
+        s.stats.callback_seconds += t0.elapsed().as_secs_f64();
         r.map_err(HookError)
     }
 

@@ -129,6 +129,8 @@ pub struct DeviceCompute {
     /// Bytes copied device -> host and host -> device by this object.
     pub bytes_down: u64,
     pub bytes_up: u64,
+    /// Wall time spent running graphs (allocation, uploads, compute, downloads).
+    pub seconds: f64,
 }
 
 // SAFETY: the backend and allocator are used only through `&mut self`, from one thread at a
@@ -206,7 +208,7 @@ impl DeviceCompute {
                 return Err(DeviceError::Init(name));
             }
         };
-        Ok(DeviceCompute { dev, backend, galloc, name, buckets: None, bytes_down: 0, bytes_up: 0 })
+        Ok(DeviceCompute { dev, backend, galloc, name, buckets: None, bytes_down: 0, bytes_up: 0, seconds: 0.0 })
     }
 
     /// Whether `t` lives on this object's device.
@@ -257,6 +259,7 @@ impl DeviceCompute {
     /// Check every node, allocate, upload the inputs, compute, and download `outputs`. The
     /// graph's tensors live in `_ctx`, which the borrow keeps alive for the call.
     fn run(&mut self, _ctx: &GraphCtx, graph: *mut sys::ggml_cgraph, inputs: &[(*mut sys::ggml_tensor, Upload)], outputs: &mut [(*mut sys::ggml_tensor, &mut Vec<f32>)]) -> Result<(), DeviceError> {
+        let t0 = std::time::Instant::now();
         let backend = self.backend.as_ptr();
         // SAFETY: `graph` and its nodes belong to `ctx`, alive for this call.
         unsafe {
@@ -297,6 +300,7 @@ impl DeviceCompute {
         }
         // SAFETY: valid backend; waits for the downloads above.
         unsafe { sys::ggml_backend_synchronize(backend) };
+        self.seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }
 
