@@ -3,15 +3,16 @@
 //! attention per head, self-attention, first-token share, distance buckets, the observation
 //! window and last-query row of the eviction policies, and the gradient-free flow. The host
 //! path itself is checked against the reference forward pass in `tiny_exact.rs`; both paths
-//! run there too.
+//! run there too. Here the model runs on the default device: every layer on the GPU when
+//! there is one, so both paths read the same GPU arithmetic and must agree within 1e-4.
 
 use attractors::capture::attention::AttentionSummary;
 use attractors::capture::{new_capture, CaptureConfig, CaptureHandle, Reduce};
-use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType};
+use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, ModelParams};
 use attractors::session::feed;
 
 mod common;
-use common::tiny_model;
+use common::{device_lock, expect_device, tiny_model_with};
 
 const N: usize = 150;
 
@@ -75,7 +76,7 @@ fn same(dev: &AttentionSummary, host: &AttentionSummary) {
 /// removed after 100 tokens (the cell map then differs from position order). The last
 /// eight tokens are decoded one at a time, the observation window following the last query.
 fn run(reduce: Reduce, nu: u32, holes: bool) -> (AttentionSummary, CaptureHandle) {
-    let (_d, _tiny, model) = tiny_model();
+    let (_d, _tiny, model) = tiny_model_with(&ModelParams::default());
     let t = toks(N);
     let (hook, handle) = new_capture(&model, &cfg(reduce), &[], 256).unwrap();
     let params = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: nu, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 };
@@ -99,6 +100,7 @@ fn run(reduce: Reduce, nu: u32, holes: bool) -> (AttentionSummary, CaptureHandle
 
 #[test]
 fn device_summaries_equal_host_summaries() {
+    let _gpu = device_lock();
     for (nu, holes) in [(64, false), (37, false), (16, true)] {
         let (host, hh) = run(Reduce::Host, nu, holes);
         let (dev, dh) = run(Reduce::Device, nu, holes);
@@ -108,13 +110,15 @@ fn device_summaries_equal_host_summaries() {
         assert!(td.nodes_device > 0 && td.nodes_in_place == 0 && td.fallback.is_none(), "{td:?}");
         // What crosses back from the device is a summary: far less than the tensors themselves.
         assert!(td.bytes_down > 0 && td.devices.len() == 1, "{td:?}");
+        expect_device(&td.devices[0]);
     }
 }
 
 /// The device path changes nothing a decode computes: the same logits with and without it.
 #[test]
 fn device_reduction_leaves_logits_unchanged() {
-    let (_d, _tiny, model) = tiny_model();
+    let _gpu = device_lock();
+    let (_d, _tiny, model) = tiny_model_with(&ModelParams::default());
     let t = toks(40);
     let mut nll = vec![];
     for reduce in [None, Some(Reduce::Device)] {

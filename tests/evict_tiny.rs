@@ -1,13 +1,15 @@
 //! `cells` eviction on the tiny seeded model: removing cells without closing gaps gives the
 //! reference forward pass with those keys hidden from later queries; closing gaps keeps
-//! llama.cpp's positions and the capture's cell map consistent.
+//! llama.cpp's positions and the capture's cell map consistent. `mask` mode hides exactly
+//! what it is told, against the reference on the CPU, and on the default device (the GPU
+//! when there is one) the device graph's mask equals the one written in host memory.
 
 use attractors::capture::mask::{new_mask_with, plan_from_keep, MaskHandle};
 use attractors::capture::{new_capture, CaptureConfig, Reduce};
 use attractors::evict::apply::apply_cells;
 use attractors::evict::select::keep_cells;
 use attractors::evict::{by_name, Observation};
-use attractors::ffi::{Batch, Context, Hooks};
+use attractors::ffi::{Batch, Context, Hooks, ModelParams};
 use attractors::session::feed;
 
 const N: usize = 60;
@@ -18,7 +20,7 @@ fn toks() -> Vec<i32> {
 }
 
 mod common;
-use common::{tiny_model, tiny_params as params};
+use common::{expect_device, tiny_model, tiny_model_with, tiny_params as params};
 
 /// Keep set from a real policy (random, seeded) at half the context, last position kept
 /// so the continuation goes at position N.
@@ -213,4 +215,54 @@ fn mask_per_layer_and_head(reduce: Reduce) {
     assert_eq!(cap_handle.transfers().nodes_device > 0, reduce == Reduce::Device);
     // Head group 1 of layer 1 still attends to keys that group 0 hides.
     assert!((0..N).any(|j| !keep_a[j] && att.received_head[1][group][j] > 1e-6));
+}
+
+/// On the default device (every layer on the GPU when there is one, else the CPU), the mask
+/// written by the device graph and the one written in host memory (copied out and back when
+/// `kq` is on a GPU) give the same logits and the same captured attention within 1e-5: both
+/// see the same GPU arithmetic, which differs from the f64 reference (see `common::on_cpu`),
+/// so this is where `mask` mode on a GPU is checked.
+#[test]
+fn device_mask_equals_host_mask_on_the_default_device() {
+    let _gpu = common::device_lock();
+    let (_d, tiny, model) = tiny_model_with(&ModelParams::default());
+    let t = toks();
+    let keep_b: Vec<bool> = (0..N).map(|j| j < 4 || j % 2 == 0).collect();
+    let keep = vec![None, Some(vec![choice(), vec![true; N]]), Some(vec![keep_b.clone()])];
+    let positions: Vec<i32> = (0..N as i32).collect();
+    let run = |reduce: Reduce| {
+        let cfg = CaptureConfig { activation: None, distance: false, reduce, ..CaptureConfig::default() };
+        let (cap, cap_handle) = new_capture(&model, &cfg, &[], 256).unwrap();
+        let (mask, handle) = new_mask_with(&model, &[], reduce);
+        let mut ctx = Context::new(&model, &params(), Some(Box::new(Hooks::new(vec![Box::new(cap), Box::new(mask)])))).unwrap();
+        feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
+        handle.set_plan(plan_from_keep(&keep, &positions)).unwrap();
+        cap_handle.reset();
+        let logits = decode_rest(&mut ctx, &t[N..]);
+        check_mask_path(&handle, reduce);
+        let tr = cap_handle.transfers();
+        if reduce == Reduce::Device {
+            expect_device(&tr.devices[0]);
+        }
+        (logits, cap_handle.summary().attention.unwrap())
+    };
+    let (lh, ah) = run(Reduce::Host);
+    let (ld, ad) = run(Reduce::Device);
+    for k in 0..M {
+        for (v, (&d, &h)) in ld[k].iter().zip(&lh[k]).enumerate() {
+            assert!((d - h).abs() <= 1e-5 + 1e-5 * h.abs(), "logit [{k},{v}]: device mask {d} vs host mask {h}");
+        }
+    }
+    for l in 0..tiny.cfg.n_layer {
+        for h in 0..tiny.cfg.n_head {
+            for j in 0..N {
+                let (d, w) = (ad.received_head[l][h][j], ah.received_head[l][h][j]);
+                assert!((d - w).abs() <= 1e-5 + 1e-5 * w.abs(), "layer {l} head {h} key {j}: device {d} vs host {w}");
+            }
+        }
+    }
+    // Something was hidden: layer 2 gives the odd keys past the sinks no attention, the
+    // kept ones some.
+    assert!((4..N).filter(|j| j % 2 == 1).all(|j| ah.received_head[2][0][j] == 0.0));
+    assert!((0..N).filter(|&j| keep_b[j]).all(|j| ah.received_head[2][0][j] > 0.0));
 }

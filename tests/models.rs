@@ -42,6 +42,7 @@ impl EvalHook for RowCheck {
 }
 
 fn rows_sum_to_one(name: &str) {
+    let _gpu = common::device_lock();
     let model = Model::load(&model_path(name), &ModelParams::default()).unwrap();
     let toks = model.tokenize(DEFAULT_TEXT, true, false).unwrap();
     assert!(toks.len() >= 1000, "passage has {} tokens", toks.len());
@@ -188,6 +189,7 @@ fn smollm2_intervene_table_has_five_rows() {
 /// and without closing gaps, and keep generating greedily: llama.cpp accepts every decode,
 /// positions are where they should be, and the capture's cell map never loses sync.
 fn evict_then_continue(name: &str) {
+    let _gpu = common::device_lock();
     use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig};
     use attractors::evict::apply::apply_cells;
     use attractors::evict::select::keep_cells;
@@ -248,6 +250,7 @@ fn gemma3_generation_continues_after_cells_eviction() {
 /// (tests/evict_tiny.rs). `mask` must also answer the same for a 16-token batch as for those
 /// tokens decoded one by one.
 fn mask_equals_cells(name: &str) {
+    let _gpu = common::device_lock();
     use attractors::capture::mask::{new_mask, plan_from_keep};
     use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig};
     use attractors::evict::apply::apply_cells;
@@ -327,6 +330,7 @@ fn gemma3_mask_hides_exactly_inside_the_window() {
 }
 
 fn gemma3_mask_inside_window(reduce: attractors::capture::Reduce) {
+    let _gpu = common::device_lock();
     use attractors::capture::mask::plan_from_keep;
     use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig};
     use attractors::evict::select::keep_cells;
@@ -379,6 +383,7 @@ fn gemma3_mask_inside_window(reduce: attractors::capture::Reduce) {
 /// first-token share, distance buckets (relative 1e-3).
 #[test]
 fn gemma3_device_reduction_equals_host() {
+    let _gpu = common::device_lock();
     use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig, Reduce};
     use attractors::ffi::KvType;
     let model = Model::load(&model_path(GEMMA), &ModelParams::default()).unwrap();

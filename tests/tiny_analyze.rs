@@ -8,7 +8,7 @@ use std::process::Command;
 use attractors::analysis::attractors::{attractor_flags, AttractorRule};
 use attractors::analysis::stats::{fisher_combine, spearman};
 use attractors::capture::intervene::{Edit, EditHook, LayerEdit};
-use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, Model, ModelParams};
+use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, Model};
 use attractors::tiny::{Reference, TinyConfig, TinyModel};
 
 mod common;
@@ -41,7 +41,7 @@ fn tiny_analyze_equals_reference() {
         .arg(&model)
         .arg("--corpus")
         .arg(&text)
-        .args(["--max-tokens", "96", "--docs", "2", "--min-tokens", "8", "--kv-type", "f32", "--ubatch", "32", "--pred-tokens", "16", "--threads", "2", "--out"])
+        .args(["--max-tokens", "96", "--docs", "2", "--min-tokens", "8", "--kv-type", "f32", "--ubatch", "32", "--pred-tokens", "16", "--threads", "2", "--gpu-layers", "0", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -132,7 +132,7 @@ fn intervention_changes_logits_like_the_reference() {
     let tiny = TinyModel::new(TinyConfig::default());
     let path = d.path().join("tiny.gguf");
     tiny.write_gguf(&path).unwrap();
-    let model = Model::load(&path, &ModelParams::default()).unwrap();
+    let model = Model::load(&path, &common::on_cpu()).unwrap();
     let toks: Vec<i32> = (0..40).map(|i| 3 + (i * 37 % 250)).collect();
     let dim = 5;
     let edits: Vec<LayerEdit> = (0..tiny.cfg.n_layer).map(|l| LayerEdit { layer: l, dim, mean: 0.0, std: 0.0 }).collect();

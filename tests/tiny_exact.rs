@@ -2,13 +2,16 @@
 //! reference forward pass within 1e-4 (relative, with a 1e-6 absolute floor near zero), for
 //! several micro-batch sizes, and after cells were removed and refilled. Every check runs
 //! twice: reduced on the host and reduced by the device graphs (`Reduce::Device`, here on
-//! the CPU backend), the path a GPU takes.
+//! the CPU backend), the path a GPU takes. The model runs on the CPU even where a GPU is
+//! present (`common::on_cpu`): only there does ggml compute in f32 like the reference.
 
 use attractors::capture::attention::distance_bucket;
 use attractors::capture::{new_capture, CaptureConfig, CaptureHandle, CaptureSummary, Reduce};
-use attractors::ffi::{Context, ContextParams, FlashAttn, KvType, Model, ModelParams};
+use attractors::ffi::{Context, ContextParams, FlashAttn, KvType, Model};
 use attractors::session::feed;
 use attractors::tiny::{Reference, TinyConfig, TinyModel};
+
+mod common;
 
 const N: usize = 160;
 
@@ -38,7 +41,7 @@ fn setup() -> Setup {
     let tiny = TinyModel::new(TinyConfig::default());
     let path = dir.path().join("tiny.gguf");
     tiny.write_gguf(&path).unwrap();
-    let model = Model::load(&path, &ModelParams::default()).expect("tiny model loads");
+    let model = Model::load(&path, &common::on_cpu()).expect("tiny model loads");
     Setup { _dir: dir, tiny, model }
 }
 

@@ -550,10 +550,15 @@ impl State {
         let cells = self.cells.cells(layer);
         let q0 = queries[0].max(0) as usize;
         let p_hi = q0 + n_tok - 1;
-        // Column weights: every query; with the observation window also the window and the last query.
-        let weights: Vec<f32> = match acc.observation_window() {
-            None => vec![1.0; n_tok],
-            Some((w0, last)) => queries.iter().flat_map(|&q| [1.0, (q as usize >= w0) as u8 as f32, (q as usize == last) as u8 as f32]).collect(),
+        // Column sums: every query; with the observation window also the window and the last
+        // query (ranges of rows, the queries being consecutive).
+        let ranges: Vec<(usize, usize)> = match acc.observation_window() {
+            None => vec![(0, n_tok)],
+            Some((w0, last)) => {
+                let row = |p: usize| p.saturating_sub(q0).min(n_tok);
+                let last = if (q0..=p_hi).contains(&last) { (last - q0, last - q0 + 1) } else { (0, 0) };
+                vec![(0, n_tok), (row(w0), n_tok), last]
+            }
         };
         let mut gather = Vec::with_capacity(n_head * n_tok);
         for h in 0..n_head {
@@ -586,7 +591,7 @@ impl State {
         };
         let pred_from = acc.flow_pred_start().map_or(n_tok, |s| s.saturating_sub(q0).min(n_tok));
         let flow = vscale.as_deref().map(|scale| FlowPlan { scale, pred_from });
-        let plan = AttnPlan { weights: &weights, n_weights: weights.len() / n_tok, gather: &gather, distance, flow };
+        let plan = AttnPlan { ranges: &ranges, gather: &gather, distance, flow };
         let Some(out) = self.devices.try_run(self.reduce, t, |d| d.reduce_attention(t, &plan))? else { return Ok(false) };
         let cells = self.cells.cells(layer);
         let acc = self.attention.as_mut().expect("attention node asked only when capturing attention");

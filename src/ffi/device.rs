@@ -5,8 +5,15 @@
 //! The eval callback hands us `kq_soft_max-<l>` (`[n_kv, n_tok, n_head]`, contiguous f32).
 //! On a GPU, copying it to the host costs `n_kv * n_tok * n_head * 4` bytes per layer and
 //! micro-batch; [`DeviceCompute::reduce_attention`] instead aliases the tensor's memory in a
-//! graph of reductions (`out_prod`, `get_rows`, `mul_mat`, views) and copies back only the
-//! column sums, the diagonal, per-query distance sums and flow rows.
+//! graph of reductions and copies back only the column sums, the diagonal, per-query distance
+//! sums and flow rows.
+//!
+//! The graphs use only ops that every backend computes in f32: element-wise ops, copies,
+//! views, `pad`, `get_rows` and `sum_rows`. Never `mul_mat` or `out_prod`: CUDA runs those
+//! through cuBLAS in TF32 (ggml sets `CUBLAS_TF32_TENSOR_OP_MATH`) or its own TF32 tensor-core
+//! kernels, and Vulkan rounds their inputs to f16 on devices with f16 arithmetic; either costs
+//! about 1e-3 of relative precision (found on Mesa's llvmpipe Vulkan device, where distance
+//! sums came back rounded to f16). Metal has no `out_prod` at all.
 //! [`DeviceCompute::hide`] writes `-inf` into `kq-<l>` with an in-place add of
 //! `log(keep)` built on the device from per-cell inputs, without copying the tensor.
 //!
@@ -42,10 +49,9 @@ pub enum DeviceError {
 
 /// What one device reduction of attention computes, besides the column sums.
 pub struct AttnPlan<'a> {
-    /// `n_weights` query weights per query, `[i * n_weights + w]`: output column `w` is
-    /// `sum_i weights[i * n_weights + w] * A[c, i, h]` for every cell `c` and head `h`.
-    pub weights: &'a [f32],
-    pub n_weights: usize,
+    /// Ranges of query rows `i0..i1` (of this micro-batch): output column `w` is
+    /// `sum_{i in ranges[w]} A[c, i, h]` for every cell `c` and head `h` (zero when empty).
+    pub ranges: &'a [(usize, usize)],
     /// Flat element indices `c + n_kv * (i + n_tok * h)` to gather (the diagonal: each query's
     /// own cell), in the order `h * n_tok + i`.
     pub gather: &'a [i32],
@@ -77,7 +83,7 @@ pub struct FlowPlan<'a> {
 /// Results copied back from the device.
 #[derive(Debug, Default, Clone)]
 pub struct AttnOut {
-    /// `[w + n_weights * (c + n_kv * h)]`.
+    /// `[w + ranges.len() * (c + n_kv * h)]`.
     pub cols: Vec<f32>,
     /// In the order of `AttnPlan::gather`.
     pub gathered: Vec<f32>,
@@ -99,33 +105,18 @@ pub struct HidePlan<'a> {
     pub window: f32,
 }
 
-/// A persistent matrix on the device (the distance buckets), grown on demand.
-struct Consts {
-    ctx: NonNull<sys::ggml_context>,
-    buf: NonNull<sys::ggml_backend_buffer>,
-    tensor: NonNull<sys::ggml_tensor>,
-    n_pos: usize,
-    n_buckets: usize,
-}
-
-impl Drop for Consts {
-    fn drop(&mut self) {
-        // SAFETY: both were created by `DeviceCompute::buckets` and are freed once, buffer first.
-        unsafe {
-            sys::ggml_backend_buffer_free(self.buf.as_ptr());
-            sys::ggml_free(self.ctx.as_ptr());
-        }
-    }
-}
-
 /// A ggml backend on the device that owns a tensor's buffer, with a graph allocator that
 /// keeps its device memory between calls.
 pub struct DeviceCompute {
     dev: sys::ggml_backend_dev_t,
     backend: NonNull<sys::ggml_backend>,
     galloc: NonNull<sys::ggml_gallocr>,
+    /// Allocators whose buffers were outgrown, kept until this object is dropped (see
+    /// [`DeviceCompute::run`]).
+    retired: Vec<NonNull<sys::ggml_gallocr>>,
+    /// An allocator that only plans (it never holds a buffer): the size a graph needs.
+    measure: NonNull<sys::ggml_gallocr>,
     name: String,
-    buckets: Option<Consts>,
     /// Bytes copied device -> host and host -> device by this object.
     pub bytes_down: u64,
     pub bytes_up: u64,
@@ -160,12 +151,6 @@ impl GraphCtx {
     fn ptr(&self) -> *mut sys::ggml_context {
         self.0.as_ptr()
     }
-    /// Keep the context beyond this guard (its new owner frees it).
-    fn into_raw(self) -> NonNull<sys::ggml_context> {
-        let p = self.0;
-        std::mem::forget(self);
-        p
-    }
 }
 
 impl Drop for GraphCtx {
@@ -199,16 +184,22 @@ impl DeviceCompute {
         let name = unsafe { format!("{} ({})", cstr(sys::ggml_backend_dev_name(dev)), cstr(sys::ggml_backend_dev_description(dev))) };
         // SAFETY: valid device; null params select the defaults.
         let backend = NonNull::new(unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) }).ok_or_else(|| DeviceError::Init(name.clone()))?;
-        // SAFETY: valid backend; the allocator allocates from its default buffer type.
-        let galloc = match NonNull::new(unsafe { sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(backend.as_ptr())) }) {
-            Some(g) => g,
-            None => {
-                // SAFETY: created above, freed once.
-                unsafe { sys::ggml_backend_free(backend.as_ptr()) };
+        // SAFETY: valid backend; the allocators allocate from its default buffer type.
+        let new_alloc = || NonNull::new(unsafe { sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(backend.as_ptr())) });
+        let (galloc, measure) = match (new_alloc(), new_alloc()) {
+            (Some(g), Some(m)) => (g, m),
+            (g, m) => {
+                // SAFETY: each was created above and is freed once, before the backend.
+                unsafe {
+                    for a in [g, m].into_iter().flatten() {
+                        sys::ggml_gallocr_free(a.as_ptr());
+                    }
+                    sys::ggml_backend_free(backend.as_ptr());
+                }
                 return Err(DeviceError::Init(name));
             }
         };
-        Ok(DeviceCompute { dev, backend, galloc, name, buckets: None, bytes_down: 0, bytes_up: 0, seconds: 0.0 })
+        Ok(DeviceCompute { dev, backend, galloc, retired: vec![], measure, name, bytes_down: 0, bytes_up: 0, seconds: 0.0 })
     }
 
     /// Whether `t` lives on this object's device.
@@ -225,35 +216,34 @@ impl DeviceCompute {
         &self.name
     }
 
-    /// The bucket matrix `[n_pos, n_buckets]` (row-major over distance): allocated once and
-    /// regrown only when a longer span of positions arrives.
-    fn buckets(&mut self, n_pos: usize, n_buckets: usize, bucket: &dyn Fn(usize) -> usize) -> Result<*mut sys::ggml_tensor, DeviceError> {
-        if let Some(c) = &self.buckets {
-            if c.n_pos >= n_pos && c.n_buckets == n_buckets {
-                return Ok(c.tensor.as_ptr());
-            }
-        }
-        self.buckets = None;
-        let n_pos = n_pos.next_power_of_two().max(256);
-        let mut host = vec![0f32; n_pos * n_buckets];
-        for e in 0..n_pos {
-            let b = bucket(e);
-            if b < n_buckets {
-                host[e + n_pos * b] = 1.0;
-            }
-        }
+    /// Replace the live allocator by one whose buffer holds `bytes`, keeping the old one.
+    fn grow(&mut self, bytes: usize) -> Result<(), DeviceError> {
+        // SAFETY: valid backend; a null result is checked.
+        let fresh = NonNull::new(unsafe { sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(self.backend.as_ptr())) }).ok_or_else(|| DeviceError::Alloc(bytes, self.name.clone()))?;
         let ctx = GraphCtx::new(1);
-        // SAFETY: tensor metadata in `ctx`; allocated on the device by alloc_ctx_tensors.
-        let t = unsafe { sys::ggml_new_tensor_2d(ctx.ptr(), sys::GGML_TYPE_F32, n_pos as i64, n_buckets as i64) };
-        // SAFETY: valid context and backend.
-        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.ptr(), self.backend.as_ptr()) };
-        let buf = NonNull::new(buf).ok_or_else(|| DeviceError::Alloc(host.len() * 4, self.name.clone()))?;
-        // SAFETY: `t` is allocated with exactly `host.len() * 4` bytes.
-        unsafe { sys::ggml_backend_tensor_set(t, host.as_ptr() as *const _, 0, host.len() * 4) };
-        self.bytes_up += host.len() as u64 * 4;
-        let tensor = NonNull::new(t).ok_or_else(|| DeviceError::Alloc(0, self.name.clone()))?;
-        self.buckets = Some(Consts { ctx: ctx.into_raw(), buf, tensor, n_pos, n_buckets });
-        Ok(tensor.as_ptr())
+        // SAFETY: one input tensor of `bytes` bytes in `ctx` and a graph holding it; reserving
+        // sizes the new allocator's buffer for it (later graphs are planned inside it).
+        let ok = unsafe {
+            let t = sys::ggml_new_tensor_1d(ctx.ptr(), sys::GGML_TYPE_I8, bytes as i64);
+            sys::ggml_set_input(t);
+            let g = sys::ggml_new_graph(ctx.ptr());
+            sys::ggml_build_forward_expand(g, t);
+            sys::ggml_gallocr_reserve(fresh.as_ptr(), g)
+        };
+        if !ok {
+            // SAFETY: created above, freed once.
+            unsafe { sys::ggml_gallocr_free(fresh.as_ptr()) };
+            return Err(DeviceError::Alloc(bytes, self.name.clone()));
+        }
+        let old = std::mem::replace(&mut self.galloc, fresh);
+        // SAFETY: valid allocator.
+        if unsafe { sys::ggml_gallocr_get_buffer_size(old.as_ptr(), 0) } == 0 {
+            // SAFETY: never held a buffer, so nothing on the device refers to it; freed once.
+            unsafe { sys::ggml_gallocr_free(old.as_ptr()) };
+        } else {
+            self.retired.push(old);
+        }
+        Ok(())
     }
 
     /// Check every node, allocate, upload the inputs, compute, and download `outputs`. The
@@ -268,7 +258,30 @@ impl DeviceCompute {
                 if !sys::ggml_backend_supports_op(backend, node) {
                     return Err(DeviceError::Unsupported { dev: self.name.clone(), op: cstr(sys::ggml_op_desc(node)) });
                 }
+                // Every view a node reads stays inside the tensor it views: a GPU does not
+                // check, and reading past a buffer there is silent garbage or a crash.
+                for src in (*node).src.iter().copied().filter(|s| !s.is_null()) {
+                    let base = (*src).view_src;
+                    if !base.is_null() && (*src).view_offs + sys::ggml_nbytes(src) > sys::ggml_nbytes(base) {
+                        return Err(DeviceError::Plan(format!("a view of {} bytes at {} reads past its {}-byte tensor", sys::ggml_nbytes(src), (*src).view_offs, sys::ggml_nbytes(base))));
+                    }
+                }
             }
+        }
+        // A graph larger than the allocator's buffer gets a new allocator with twice the room,
+        // and the outgrown one is kept until this object is dropped. Letting ggml free it
+        // while the backend lives crashed Mesa's llvmpipe Vulkan device (its threads later
+        // read the destroyed buffer); doubling keeps what is kept below the live buffer's size
+        // and the reallocations to a few per run.
+        let mut need = 0usize;
+        // SAFETY: plans the graph's memory on the allocator that never holds a buffer (planning
+        // an outgrown allocator frees its buffer, so it must not be the live one); writes one
+        // size per buffer (one).
+        unsafe { sys::ggml_gallocr_reserve_n_size(self.measure.as_ptr(), graph, std::ptr::null(), std::ptr::null(), &mut need) };
+        // SAFETY: valid allocator with one buffer.
+        let have = unsafe { sys::ggml_gallocr_get_buffer_size(self.galloc.as_ptr(), 0) };
+        if need > have {
+            self.grow(2 * need)?;
         }
         // SAFETY: the allocator places every unallocated tensor of the graph in its buffer;
         // tensors aliasing the scheduler's memory already have data and are left alone.
@@ -309,8 +322,8 @@ impl DeviceCompute {
         let [n_kv, n_tok, n_head, _] = t.ne();
         check_contiguous(t)?;
         let n = n_kv * n_tok * n_head;
-        if plan.weights.len() != plan.n_weights * n_tok || plan.n_weights == 0 {
-            return Err(DeviceError::Plan(format!("{} weights for {} rows of {n_tok}", plan.weights.len(), plan.n_weights)));
+        if plan.ranges.is_empty() || plan.ranges.iter().any(|&(i0, i1)| i0 > i1 || i1 > n_tok) {
+            return Err(DeviceError::Plan(format!("query ranges {:?} for {n_tok} rows", plan.ranges)));
         }
         if plan.gather.iter().any(|&g| g < 0 || g as usize >= n) || plan.gather.is_empty() {
             return Err(DeviceError::Plan("gather index out of the tensor".into()));
@@ -320,94 +333,131 @@ impl DeviceCompute {
                 return Err(DeviceError::Plan("flow scale does not match [n_head, n_kv]".into()));
             }
         }
-        let bucket_t = match &plan.distance {
+        // Distance buckets as runs of distances `e0..e1` below the span `P`: a run of
+        // one-distance buckets is copied as it is, a wider bucket is summed.
+        let runs = match &plan.distance {
             Some(d) => {
                 let p = d.cells_desc.len();
                 if p == 0 || d.offset >= p || n_tok > p || d.cells_desc.iter().any(|&c| c < 0 || c as usize > n_kv) {
                     return Err(DeviceError::Plan("distance rows do not match the cells".into()));
                 }
-                Some(self.buckets(p, d.n_buckets, d.bucket)?)
+                bucket_runs(p, d.n_buckets, d.bucket)?
             }
-            None => None,
+            None => vec![],
         };
-        let inv_h = vec![1.0 / n_head as f32; n_head];
-        let ones_h = vec![1.0f32; n_head];
-        let ctx = GraphCtx::new(48);
+        let ctx = GraphCtx::new(64 + 4 * n_head + plan.ranges.len() * 2 + runs.len() * 2);
         let c = ctx.ptr();
         let (ne_kv, ne_tok, ne_head) = (n_kv as i64, n_tok as i64, n_head as i64);
         let mut inputs: Vec<(*mut sys::ggml_tensor, Upload)> = vec![];
-        let mut out = AttnOut::default();
-        let (mut t_dist, mut t_rows, mut t_pred) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
-        let (t_cols, t_gath);
+        let mut cols: Vec<(usize, *mut sys::ggml_tensor)> = vec![];
+        let (mut t_rows, mut t_pred) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // Distance sums per run: the tensor `[n_cols, n_tok]`, its first bucket and width.
+        let mut t_dist: Vec<(*mut sys::ggml_tensor, usize, usize)> = vec![];
+        let t_gath;
         // SAFETY: every tensor below is created in `ctx` from tensors of `ctx` (or the aliased
-        // scheduler memory), with shapes checked above; nothing is computed until `run`.
+        // scheduler memory), with shapes and view extents checked above; nothing is computed
+        // until `run`.
         let graph = unsafe {
             let input = |ty: sys::ggml_type, ne0: i64, ne1: i64| {
                 let t = sys::ggml_new_tensor_2d(c, ty, ne0, ne1);
                 sys::ggml_set_input(t);
                 t
             };
+            let out = |gf: *mut sys::ggml_cgraph, o: *mut sys::ggml_tensor| {
+                sys::ggml_set_output(o);
+                sys::ggml_build_forward_expand(gf, o);
+            };
+            // Sum of the `n_head` slices `[.., .., h]` of a 3-d tensor.
+            let head_sum = |x: *mut sys::ggml_tensor| {
+                let slice = |h: usize| sys::ggml_view_2d(c, x, (*x).ne[0], (*x).ne[1], (*x).nb[1], h * (*x).nb[2]);
+                (1..n_head).fold(slice(0), |acc, h| sys::ggml_add(c, acc, slice(h)))
+            };
             let a = alias(c, t, n)?;
             let a3 = sys::ggml_reshape_3d(c, a, ne_kv, ne_tok, ne_head);
             let gf = sys::ggml_new_graph(c);
-            // Column sums, weighted per query: [n_w, n_kv, n_head].
-            let w = input(sys::GGML_TYPE_F32, plan.n_weights as i64, ne_tok);
-            inputs.push((w, Upload::F32(plan.weights)));
-            t_cols = sys::ggml_out_prod(c, w, a3);
+            // Queries as rows: [n_tok, n_kv, n_head]; column sums are row sums of its views.
+            let at = sys::ggml_cont(c, sys::ggml_permute(c, a3, 1, 0, 2, 3));
+            for (w, &(i0, i1)) in plan.ranges.iter().enumerate() {
+                if i1 > i0 {
+                    let v = sys::ggml_view_3d(c, at, (i1 - i0) as i64, ne_kv, ne_head, (*at).nb[1], (*at).nb[2], i0 * 4);
+                    let s = sys::ggml_sum_rows(c, v);
+                    out(gf, s);
+                    cols.push((w, s));
+                }
+            }
             // The gathered elements (each query's own cell).
             let idx = input(sys::GGML_TYPE_I32, plan.gather.len() as i64, 1);
             inputs.push((idx, Upload::I32(plan.gather)));
             t_gath = sys::ggml_get_rows(c, sys::ggml_reshape_2d(c, a, 1, n as i64), sys::ggml_reshape_1d(c, idx, plan.gather.len() as i64));
-            for o in [t_cols, t_gath] {
-                sys::ggml_set_output(o);
-                sys::ggml_build_forward_expand(gf, o);
-            }
-            if let (Some(d), Some(bt)) = (&plan.distance, bucket_t) {
+            out(gf, t_gath);
+            if let (Some(d), false) = (&plan.distance, runs.is_empty()) {
                 let p = d.cells_desc.len() as i64;
-                let hm = input(sys::GGML_TYPE_F32, 1, ne_head);
-                inputs.push((hm, Upload::F32(&inv_h)));
-                // Head mean [n_kv, n_tok] -> cells as rows, plus a zero row at n_kv.
-                let m = sys::ggml_reshape_2d(c, sys::ggml_out_prod(c, sys::ggml_reshape_2d(c, a, ne_kv * ne_tok, ne_head), hm), ne_kv, ne_tok);
-                let mt = sys::ggml_pad(c, sys::ggml_cont(c, sys::ggml_transpose(c, m)), 0, 1, 0, 0);
+                // Head mean with cells as rows [n_tok, n_kv], plus a zero row at n_kv.
+                let mt = sys::ggml_pad(c, sys::ggml_scale(c, head_sum(at), 1.0 / n_head as f32), 0, 1, 0, 0);
                 let rows = input(sys::GGML_TYPE_I32, p, 1);
                 inputs.push((rows, Upload::I32(d.cells_desc)));
                 // Positions p_hi, p_hi - 1, ... as columns of each query's row, zero-padded.
                 let g = sys::ggml_get_rows(c, mt, sys::ggml_reshape_1d(c, rows, p));
                 let x = sys::ggml_pad(c, sys::ggml_cont(c, sys::ggml_transpose(c, g)), (p - 1) as i32, 0, 0, 0);
-                // Skewed view: element (e, i) is query i's attention at distance e.
-                let skew = sys::ggml_view_2d(c, x, p, ne_tok, ((2 * p - 2) * 4) as usize, d.offset * 4);
-                let bt = sys::ggml_view_2d(c, bt, p, d.n_buckets as i64, (*bt).nb[1], 0);
-                t_dist = sys::ggml_mul_mat(c, sys::ggml_cont(c, bt), sys::ggml_cont(c, skew));
-                sys::ggml_set_output(t_dist);
-                sys::ggml_build_forward_expand(gf, t_dist);
+                // Skewed rows: element e of row i is query i's attention at distance e.
+                let nb1 = ((2 * p - 2) * 4) as usize;
+                let skew = |e0: usize, len: usize| sys::ggml_view_2d(c, x, len as i64, ne_tok, nb1, (d.offset + e0) * 4);
+                for r in &runs {
+                    let (t, n_cols) = match r.single {
+                        true => (sys::ggml_cont(c, skew(r.e0, r.e1 - r.e0)), r.e1 - r.e0),
+                        false => (sys::ggml_sum_rows(c, skew(r.e0, r.e1 - r.e0)), 1),
+                    };
+                    out(gf, t);
+                    t_dist.push((t, r.bucket_end - n_cols, n_cols));
+                }
             }
             if let Some(f) = &plan.flow {
                 let s = sys::ggml_new_tensor_3d(c, sys::GGML_TYPE_F32, ne_kv, 1, ne_head);
                 sys::ggml_set_input(s);
                 inputs.push((s, Upload::F32(f.scale)));
-                let one = input(sys::GGML_TYPE_F32, 1, ne_head);
-                inputs.push((one, Upload::F32(&ones_h)));
-                let fa = sys::ggml_mul(c, a3, s);
-                let fm = sys::ggml_reshape_2d(c, sys::ggml_out_prod(c, sys::ggml_reshape_2d(c, fa, ne_kv * ne_tok, ne_head), one), ne_kv, ne_tok);
+                let fm = head_sum(sys::ggml_mul(c, a3, s));
                 t_rows = sys::ggml_sum_rows(c, fm);
-                sys::ggml_set_output(t_rows);
-                sys::ggml_build_forward_expand(gf, t_rows);
+                out(gf, t_rows);
                 if f.pred_from < n_tok {
                     let k = (n_tok - f.pred_from) as i64;
                     t_pred = sys::ggml_cont(c, sys::ggml_view_2d(c, fm, ne_kv, k, (*fm).nb[1], f.pred_from * (*fm).nb[1]));
-                    sys::ggml_set_output(t_pred);
-                    sys::ggml_build_forward_expand(gf, t_pred);
+                    out(gf, t_pred);
                 }
             }
             gf
         };
-        let mut outputs: Vec<(*mut sys::ggml_tensor, &mut Vec<f32>)> = vec![(t_cols, &mut out.cols), (t_gath, &mut out.gathered)];
-        for (t, v) in [(t_dist, &mut out.distance), (t_rows, &mut out.flow_rows), (t_pred, &mut out.flow_pred)] {
+        let mut col_data = vec![vec![]; cols.len()];
+        let mut out = AttnOut::default();
+        let mut dist = vec![vec![]; t_dist.len()];
+        let mut outputs: Vec<(*mut sys::ggml_tensor, &mut Vec<f32>)> = vec![(t_gath, &mut out.gathered)];
+        for (&(_, t), v) in cols.iter().zip(col_data.iter_mut()) {
+            outputs.push((t, v));
+        }
+        for (&(t, _, _), v) in t_dist.iter().zip(dist.iter_mut()) {
+            outputs.push((t, v));
+        }
+        for (t, v) in [(t_rows, &mut out.flow_rows), (t_pred, &mut out.flow_pred)] {
             if !t.is_null() {
                 outputs.push((t, v));
             }
         }
         self.run(&ctx, graph, &inputs, &mut outputs)?;
+        let n_w = plan.ranges.len();
+        out.cols = vec![0.0; n_w * n_kv * n_head];
+        for (&(w, _), v) in cols.iter().zip(&col_data) {
+            for (ch, x) in v.iter().enumerate() {
+                out.cols[w + n_w * ch] = *x;
+            }
+        }
+        if let Some(d) = &plan.distance {
+            let nb = d.n_buckets;
+            out.distance = vec![0.0; nb * n_tok];
+            for (&(_, b0, n_cols), v) in t_dist.iter().zip(&dist) {
+                for i in 0..n_tok {
+                    out.distance[i * nb + b0..i * nb + b0 + n_cols].copy_from_slice(&v[i * n_cols..(i + 1) * n_cols]);
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -465,6 +515,47 @@ unsafe fn device_of(buf: sys::ggml_backend_buffer_t) -> sys::ggml_backend_dev_t 
     }
 }
 
+/// Distances `e0..e1` of one or more consecutive buckets: several one-distance buckets
+/// (`single`), or the part below the span of one wider bucket. `bucket_end`: one past the
+/// last bucket covered so far.
+#[derive(Debug, PartialEq)]
+struct BucketRun {
+    e0: usize,
+    e1: usize,
+    single: bool,
+    bucket_end: usize,
+}
+
+/// The runs covering distances `0..span`, in bucket order; buckets must be consecutive
+/// ranges of distance, as [`DistPlan::bucket`] gives them.
+fn bucket_runs(span: usize, n_buckets: usize, bucket: &dyn Fn(usize) -> usize) -> Result<Vec<BucketRun>, DeviceError> {
+    let mut runs: Vec<BucketRun> = vec![];
+    let mut e = 0;
+    while e < span {
+        let b = bucket(e);
+        if b >= n_buckets {
+            break;
+        }
+        if b != runs.last().map_or(0, |r| r.bucket_end) {
+            return Err(DeviceError::Plan(format!("distance {e} falls in bucket {b}, not the next one")));
+        }
+        let mut e1 = e + 1;
+        while e1 < span && bucket(e1) == b {
+            e1 += 1;
+        }
+        let single = e1 == e + 1;
+        match runs.last_mut() {
+            Some(r) if single && r.single => {
+                r.e1 = e1;
+                r.bucket_end = b + 1;
+            }
+            _ => runs.push(BucketRun { e0: e, e1, single, bucket_end: b + 1 }),
+        }
+        e = e1;
+    }
+    Ok(runs)
+}
+
 fn check_contiguous(t: &TensorView) -> Result<(), DeviceError> {
     // SAFETY: live tensor.
     let contiguous = unsafe { sys::ggml_is_contiguous(t.raw()) };
@@ -496,10 +587,13 @@ unsafe fn alias(ctx: *mut sys::ggml_context, t: &TensorView, n: usize) -> Result
 
 impl Drop for DeviceCompute {
     fn drop(&mut self) {
-        self.buckets = None;
         // SAFETY: created in `for_tensor`, freed once, allocator before its backend.
         unsafe {
             sys::ggml_gallocr_free(self.galloc.as_ptr());
+            sys::ggml_gallocr_free(self.measure.as_ptr());
+            for old in self.retired.drain(..) {
+                sys::ggml_gallocr_free(old.as_ptr());
+            }
             sys::ggml_backend_free(self.backend.as_ptr());
         }
     }
@@ -539,5 +633,48 @@ pub fn devices() -> Vec<DeviceInfo> {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::attention::{bucket_range, distance_bucket};
+
+    /// The runs cover every distance below the span once, in bucket order, and name the
+    /// buckets they end at; neighbouring one-distance buckets are merged, wider ones kept apart.
+    #[test]
+    fn bucket_runs_cover_the_span_in_bucket_order() {
+        for span in [1, 2, 63, 64, 65, 100, 128, 129, 1000, 4096] {
+            let n_buckets = distance_bucket(8191) + 1;
+            let runs = bucket_runs(span, n_buckets, &distance_bucket).unwrap();
+            let mut next_e = 0;
+            let mut col = 0;
+            for r in &runs {
+                assert_eq!(r.e0, next_e, "span {span}: gap before {r:?}");
+                next_e = r.e1;
+                if r.single {
+                    for e in r.e0..r.e1 {
+                        assert_eq!(distance_bucket(e), col, "span {span}: distance {e}");
+                        col += 1;
+                    }
+                } else {
+                    let b = distance_bucket(r.e0);
+                    assert_eq!((b, bucket_range(b).0), (col, r.e0), "span {span}: {r:?}");
+                    assert_eq!(r.e1, (bucket_range(b).1 + 1).min(span), "span {span}: {r:?}");
+                    col += 1;
+                }
+                assert_eq!(r.bucket_end, col);
+            }
+            assert_eq!(next_e, span);
+            // The one-distance buckets below 64 form one run (a wide bucket cut to one
+            // distance by the span may form a second).
+            assert!(runs[0].single && runs[0].e1 >= span.min(64), "span {span}: {runs:?}");
+            assert!(runs.iter().filter(|r| r.single).count() <= 2, "span {span}: {runs:?}");
+        }
+        // Buckets past n_buckets are left out; a bucket out of order is refused.
+        let runs = bucket_runs(1000, 3, &distance_bucket).unwrap();
+        assert_eq!(runs, vec![BucketRun { e0: 0, e1: 3, single: true, bucket_end: 3 }]);
+        assert!(bucket_runs(10, 10, &|e| [0, 2, 1][e % 3]).is_err());
     }
 }

@@ -48,6 +48,8 @@ pub enum TokenizeError {
 #[derive(Debug, Clone, Default)]
 pub struct ModelParams {
     /// Layers to offload to a GPU; `None` = llama.cpp's default (all when a GPU is present).
+    /// `Some(0)` keeps the whole model on the CPU: no GPU is given to llama.cpp at all, so it
+    /// does not send large micro-batches' matrix products to one either.
     pub gpu_layers: Option<i32>,
     /// Load only the metadata and vocabulary (no weights): tokenize, compare vocabularies,
     /// read hyperparameters; such a model cannot make a context.
@@ -127,8 +129,14 @@ impl Model {
         if let Some(n) = params.gpu_layers {
             mp.n_gpu_layers = n;
         }
+        // An empty, NULL-terminated device list: llama.cpp copies it while loading.
+        let mut no_devices: [sys::ggml_backend_dev_t; 1] = [std::ptr::null_mut()];
+        if params.gpu_layers == Some(0) {
+            mp.devices = no_devices.as_mut_ptr();
+        }
         mp.vocab_only = params.vocab_only;
-        // SAFETY: `c_path` is a valid NUL-terminated string for the call; `mp` is initialised.
+        // SAFETY: `c_path` is a valid NUL-terminated string for the call; `mp` is initialised
+        // and its device list (`no_devices`, when set) outlives the call.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
         match NonNull::new(raw) {
             Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only, gpu_layers: mp.n_gpu_layers }),

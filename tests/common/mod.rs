@@ -22,14 +22,49 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_attractors"))
 }
 
-/// The tiny model written to a temp dir (kept alive by the returned guard) and loaded.
+/// Where the reference tests run the tiny model: on the CPU, where ggml computes in f32.
+/// On a GPU ggml multiplies matrices in TF32 (CUDA: cuBLAS and its own tensor-core kernels)
+/// or with f16 tiles (Vulkan on devices with f16 arithmetic), so there the model itself
+/// differs from the f64 reference by about 1e-3; what the GPU computes is checked against
+/// the host path on the same GPU instead (`device_tiny.rs`).
+pub fn on_cpu() -> ModelParams {
+    ModelParams { gpu_layers: Some(0), ..ModelParams::default() }
+}
+
+/// The tiny model written to a temp dir (kept alive by the returned guard) and loaded on
+/// the CPU (see [`on_cpu`]).
 pub fn tiny_model() -> (tempfile::TempDir, TinyModel, Model) {
+    tiny_model_with(&on_cpu())
+}
+
+/// The tiny model loaded with `params` (default params: every layer on the GPU if any; then
+/// [`expect_device`] checks which).
+pub fn tiny_model_with(params: &ModelParams) -> (tempfile::TempDir, TinyModel, Model) {
     let d = tempfile::tempdir().unwrap();
     let tiny = TinyModel::new(TinyConfig::default());
     let p = d.path().join("tiny.gguf");
     tiny.write_gguf(&p).unwrap();
-    let model = Model::load(&p, &ModelParams::default()).unwrap();
+    let model = Model::load(&p, params).unwrap();
+    if params.gpu_layers != Some(0) {
+        expect_device(&model.run_device().backend);
+    }
     (d, tiny, model)
+}
+
+/// Held by every test of one binary that runs a model on the default device: ggml's Vulkan
+/// backend is not safe for two threads making and using contexts at once (two such tests
+/// in parallel crashed Mesa's llvmpipe device, and once aborted in `vkCreateFence`).
+pub fn device_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// With `ATTRACTORS_EXPECT_DEVICE` set (`scripts/gpu-check` sets `CUDA0`), a device name
+/// must contain it: a GPU run that silently fell back to the CPU fails instead of passing.
+pub fn expect_device(name: &str) {
+    if let Ok(want) = std::env::var("ATTRACTORS_EXPECT_DEVICE") {
+        assert!(name.contains(&want), "ran on {name}, expected {want} (ATTRACTORS_EXPECT_DEVICE)");
+    }
 }
 
 /// Exact parameters for the tiny model: f32 cache, 2 threads.
