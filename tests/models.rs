@@ -246,9 +246,9 @@ fn gemma3_generation_continues_after_cells_eviction() {
 /// contexts split the graph at every `kq_soft_max` alike (an attention capture in each).
 /// `mask` must also answer the same for the batch as for the tokens one by one.
 ///
-/// Checked on SmolLM2's exact f32 dequantization (made here with `llama_model_quantize`), not
-/// on the Q4_1 file itself: with quantized weights llama.cpp rounds every matrix product's
-/// input activations to 8 bits (q8_1), so a one-ulp change anywhere (another summation order,
+/// Checked on the model's exact f32 dequantization (made here with `llama_model_quantize`),
+/// not on the quantized file itself: with quantized weights llama.cpp rounds every matrix
+/// product's input activations to 8 bits (q8_1, q8_K), so a one-ulp change anywhere (another summation order,
 /// a key in another cell) can flip a rounding and cascade. Measured on the CPU with SmolLM2's
 /// Q4_1 and no mask at all: 16 tokens as a batch against one by one agree bit for bit for the
 /// first 3 and then differ by 0.34 to 0.84 logits; with f32 weights the same comparison gives
