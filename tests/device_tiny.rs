@@ -12,7 +12,8 @@ use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, ModelPar
 use attractors::session::feed;
 
 mod common;
-use common::{device_lock, expect_device, tiny_model_with};
+use attractors::tiny::TinyConfig;
+use common::{device_lock, expect_device, tiny_model_shaped, tiny_model_with};
 
 const N: usize = 150;
 
@@ -75,8 +76,8 @@ fn same(dev: &AttentionSummary, host: &AttentionSummary) {
 /// Prefill `N` tokens in micro-batches of `nu`; with `holes`, positions 20..30 and 77 are
 /// removed after 100 tokens (the cell map then differs from position order). The last
 /// eight tokens are decoded one at a time, the observation window following the last query.
-fn run(reduce: Reduce, nu: u32, holes: bool) -> (AttentionSummary, CaptureHandle) {
-    let (_d, _tiny, model) = tiny_model_with(&ModelParams::default());
+fn run(shape: &TinyConfig, reduce: Reduce, nu: u32, holes: bool) -> (AttentionSummary, CaptureHandle) {
+    let (_d, _tiny, model) = tiny_model_shaped(&ModelParams::default(), shape.clone());
     let t = toks(N);
     let (hook, handle) = new_capture(&model, &cfg(reduce), &[], 256).unwrap();
     let params = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: nu, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 };
@@ -98,18 +99,28 @@ fn run(reduce: Reduce, nu: u32, holes: bool) -> (AttentionSummary, CaptureHandle
     (handle.summary().attention.unwrap(), handle)
 }
 
+/// The default tiny model (4 heads, 2 KV heads), then one with 7 heads sharing one KV head:
+/// the device graph sums heads as a tree of half-stacks, and an odd count leaves a head over
+/// at each level.
 #[test]
 fn device_summaries_equal_host_summaries() {
     let _gpu = device_lock();
-    for (nu, holes) in [(64, false), (37, false), (16, true)] {
-        let (host, hh) = run(Reduce::Host, nu, holes);
-        let (dev, dh) = run(Reduce::Device, nu, holes);
+    let seven = TinyConfig { n_embd: 56, n_head: 7, n_head_kv: 1, ..TinyConfig::default() };
+    let cases = [(TinyConfig::default(), 64, false), (TinyConfig::default(), 37, false), (TinyConfig::default(), 16, true), (seven.clone(), 37, false), (seven, 16, true)];
+    for (shape, nu, holes) in &cases {
+        let (nu, holes) = (*nu, *holes);
+        let (host, hh) = run(shape, Reduce::Host, nu, holes);
+        let (dev, dh) = run(shape, Reduce::Device, nu, holes);
         same(&dev, &host);
         let (th, td) = (hh.transfers(), dh.transfers());
         assert!(th.nodes_device == 0 && th.nodes_in_place + th.nodes_copied > 0, "{th:?}");
         assert!(td.nodes_device > 0 && td.nodes_in_place == 0 && td.fallback.is_none(), "{td:?}");
         // What crosses back from the device is a summary: far less than the tensors themselves.
         assert!(td.bytes_down > 0 && td.devices.len() == 1, "{td:?}");
+        // Each graph uploads its inputs in one copy and downloads its results in one,
+        // however many tensors it has (a GPU pays a fixed latency per copy).
+        assert_eq!((td.copies_down, td.copies_up), (td.nodes_device, td.nodes_device), "{td:?}");
+        assert_eq!((th.copies_down, th.copies_up), (0, 0), "{th:?}");
         expect_device(&td.devices[0]);
     }
 }

@@ -109,6 +109,11 @@ impl Devices {
         self.list.iter().fold((0, 0), |(d, u), x| (d + x.bytes_down, u + x.bytes_up))
     }
 
+    /// Copies made device -> host and host -> device by the graphs (one each way per graph).
+    pub fn copies(&self) -> (u64, u64) {
+        self.list.iter().fold((0, 0), |(d, u), x| (d + x.copies_down, u + x.copies_up))
+    }
+
     /// Wall time spent running device graphs.
     pub fn seconds(&self) -> f64 {
         self.list.iter().fold(0.0, |s, d| s + d.seconds)
@@ -130,6 +135,10 @@ pub struct TransferStats {
     pub bytes_down: u64,
     /// Bytes uploaded host -> device for the device graphs.
     pub bytes_up: u64,
+    /// Copies the device graphs made each way: each graph uploads its inputs in one copy and
+    /// downloads its results in one (a GPU pays a fixed latency per copy).
+    pub copies_down: u64,
+    pub copies_up: u64,
     /// Bytes of the attention tensors themselves (what copying them whole would move).
     pub tensor_bytes: u64,
     /// Devices the graphs ran on.
@@ -396,6 +405,7 @@ impl CaptureHandle {
         let (down, up) = s.devices.bytes();
         t.bytes_down += down + s.cells.bytes_copied();
         t.bytes_up += up;
+        (t.copies_down, t.copies_up) = s.devices.copies();
         t.devices = s.devices.names();
         t.fallback = s.devices.off.clone();
         t.device_seconds = s.devices.seconds();

@@ -117,9 +117,20 @@ pub struct DeviceCompute {
     /// An allocator that only plans (it never holds a buffer): the size a graph needs.
     measure: NonNull<sys::ggml_gallocr>,
     name: String,
+    /// A buffer of this device for each graph's inputs and outputs, packed so that each
+    /// direction is one copy (see [`DeviceCompute::run`]); grows by doubling.
+    io: Option<NonNull<sys::ggml_backend_buffer>>,
+    /// Outgrown `io` buffers, kept until this object is dropped (as `retired`).
+    io_retired: Vec<NonNull<sys::ggml_backend_buffer>>,
+    /// Host staging for the packed inputs and outputs.
+    stage_up: Vec<u8>,
+    stage_down: Vec<u8>,
     /// Bytes copied device -> host and host -> device by this object.
     pub bytes_down: u64,
     pub bytes_up: u64,
+    /// Copies made each way (one per graph that has inputs, one per graph that has outputs).
+    pub copies_down: u64,
+    pub copies_up: u64,
     /// Wall time spent running graphs (allocation, uploads, compute, downloads).
     pub seconds: f64,
 }
@@ -199,7 +210,23 @@ impl DeviceCompute {
                 return Err(DeviceError::Init(name));
             }
         };
-        Ok(DeviceCompute { dev, backend, galloc, retired: vec![], measure, name, bytes_down: 0, bytes_up: 0, seconds: 0.0 })
+        Ok(DeviceCompute {
+            dev,
+            backend,
+            galloc,
+            retired: vec![],
+            measure,
+            name,
+            io: None,
+            io_retired: vec![],
+            stage_up: vec![],
+            stage_down: vec![],
+            bytes_down: 0,
+            bytes_up: 0,
+            copies_down: 0,
+            copies_up: 0,
+            seconds: 0.0,
+        })
     }
 
     /// Whether `t` lives on this object's device.
@@ -246,7 +273,28 @@ impl DeviceCompute {
         Ok(())
     }
 
-    /// Check every node, allocate, upload the inputs, compute, and download `outputs`. The
+    /// A buffer of at least `bytes` for inputs and outputs: the live one, or a new one with
+    /// twice the room (the outgrown one kept until drop, as for the graph allocators).
+    fn io_buffer(&mut self, bytes: usize) -> Result<sys::ggml_backend_buffer_t, DeviceError> {
+        if let Some(b) = self.io {
+            // SAFETY: a live buffer of this object.
+            if unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) } >= bytes {
+                return Ok(b.as_ptr());
+            }
+        }
+        let want = (2 * bytes).max(1 << 16);
+        // SAFETY: valid backend; a null result is checked.
+        let fresh = NonNull::new(unsafe { sys::ggml_backend_buft_alloc_buffer(sys::ggml_backend_get_default_buffer_type(self.backend.as_ptr()), want) }).ok_or_else(|| DeviceError::Alloc(want, self.name.clone()))?;
+        if let Some(old) = self.io.replace(fresh) {
+            self.io_retired.push(old);
+        }
+        Ok(fresh.as_ptr())
+    }
+
+    /// Check every node, place the inputs and outputs in the io buffer, allocate the rest,
+    /// upload the inputs, compute, and download `outputs`. Inputs are packed into one region
+    /// and outputs into the next, so each direction is a single copy whatever the number of
+    /// tensors (a GPU pays a fixed latency per copy, more than a small kernel costs). The
     /// graph's tensors live in `_ctx`, which the borrow keeps alive for the call.
     fn run(&mut self, _ctx: &GraphCtx, graph: *mut sys::ggml_cgraph, inputs: &[(*mut sys::ggml_tensor, Upload)], outputs: &mut [(*mut sys::ggml_tensor, &mut Vec<f32>)]) -> Result<(), DeviceError> {
         let t0 = std::time::Instant::now();
@@ -268,6 +316,35 @@ impl DeviceCompute {
                 }
             }
         }
+        // Offsets in the io buffer: inputs from 0, outputs from `in_end`, each aligned.
+        // SAFETY: valid backend; size queries on live tensors of `ctx`.
+        let (buft, align) = unsafe {
+            let buft = sys::ggml_backend_get_default_buffer_type(backend);
+            (buft, sys::ggml_backend_buft_get_alignment(buft).max(1))
+        };
+        let place = |end: &mut usize, t: *mut sys::ggml_tensor| {
+            let off = *end;
+            // SAFETY: a live tensor of `ctx`.
+            *end += unsafe { sys::ggml_backend_buft_get_alloc_size(buft, t) }.div_ceil(align) * align;
+            off
+        };
+        let mut end = 0usize;
+        let in_offs: Vec<usize> = inputs.iter().map(|(t, _)| place(&mut end, *t)).collect();
+        let in_end = end;
+        let out_offs: Vec<usize> = outputs.iter().map(|(t, _)| place(&mut end, *t)).collect();
+        let total = end;
+        let io = self.io_buffer(total)?;
+        // SAFETY: `io` is live and at least `total` bytes; every tensor is placed inside it at
+        // its own aligned offset, computed from its allocation size above. Tensors that already
+        // have memory are left alone by the allocator below.
+        unsafe {
+            let base = sys::ggml_backend_buffer_get_base(io) as *mut u8;
+            for (&t, &off) in inputs.iter().map(|(t, _)| t).chain(outputs.iter().map(|(t, _)| t)).zip(in_offs.iter().chain(&out_offs)) {
+                if sys::ggml_backend_tensor_alloc(io, t, base.add(off) as *mut _) != sys::GGML_STATUS_SUCCESS {
+                    return Err(DeviceError::Alloc(total, self.name.clone()));
+                }
+            }
+        }
         // A graph larger than the allocator's buffer gets a new allocator with twice the room,
         // and the outgrown one is kept until this object is dropped. Letting ggml free it
         // while the backend lives crashed Mesa's llvmpipe Vulkan device (its threads later
@@ -284,35 +361,73 @@ impl DeviceCompute {
             self.grow(2 * need)?;
         }
         // SAFETY: the allocator places every unallocated tensor of the graph in its buffer;
-        // tensors aliasing the scheduler's memory already have data and are left alone.
+        // tensors aliasing the scheduler's memory or placed in `io` already have memory and
+        // are left alone.
         if !unsafe { sys::ggml_gallocr_alloc_graph(self.galloc.as_ptr(), graph) } {
             return Err(DeviceError::Alloc(0, self.name.clone()));
         }
-        for (t, data) in inputs {
-            let (ptr, bytes) = match data {
-                Upload::F32(d) => (d.as_ptr() as *const std::ffi::c_void, d.len() * 4),
-                Upload::I32(d) => (d.as_ptr() as *const std::ffi::c_void, d.len() * 4),
-            };
-            // SAFETY: each input tensor was allocated above with exactly `bytes` bytes (shapes
-            // were made from these slices' lengths); the host data outlives the synchronize below.
-            unsafe { sys::ggml_backend_tensor_set_async(backend, *t, ptr, 0, bytes) };
-            self.bytes_up += bytes as u64;
+        // Two 1-d byte tensors spanning the packed inputs and outputs, for the two copies.
+        let spans = GraphCtx::new(2);
+        let span = |off: usize, len: usize| {
+            // SAFETY: a tensor of `spans` placed in `io` over `off..off + len`, inside its
+            // `total` bytes.
+            unsafe {
+                let t = sys::ggml_new_tensor_1d(spans.ptr(), sys::GGML_TYPE_I8, len as i64);
+                let base = sys::ggml_backend_buffer_get_base(io) as *mut u8;
+                if sys::ggml_backend_tensor_alloc(io, t, base.add(off) as *mut _) != sys::GGML_STATUS_SUCCESS {
+                    return Err(DeviceError::Alloc(total, self.name.clone()));
+                }
+                Ok(t)
+            }
+        };
+        if in_end > 0 {
+            self.stage_up.clear();
+            self.stage_up.resize(in_end, 0);
+            for ((_, data), &off) in inputs.iter().zip(&in_offs) {
+                let mut at = off;
+                let mut put = |w: [u8; 4]| {
+                    self.stage_up[at..at + 4].copy_from_slice(&w);
+                    at += 4;
+                };
+                match data {
+                    Upload::F32(d) => d.iter().for_each(|x| put(x.to_ne_bytes())),
+                    Upload::I32(d) => d.iter().for_each(|x| put(x.to_ne_bytes())),
+                }
+            }
+            let t = span(0, in_end)?;
+            // SAFETY: `t` spans `in_end` bytes of `io`; the staging data outlives the
+            // synchronize below.
+            unsafe { sys::ggml_backend_tensor_set_async(backend, t, self.stage_up.as_ptr() as *const _, 0, in_end) };
+            self.bytes_up += in_end as u64;
+            self.copies_up += 1;
         }
         // SAFETY: graph allocated on this backend; compute waits for completion.
         let status = unsafe { sys::ggml_backend_graph_compute(backend, graph) };
         if status != sys::GGML_STATUS_SUCCESS {
             return Err(DeviceError::Compute(self.name.clone()));
         }
-        for (t, out) in outputs.iter_mut() {
-            // SAFETY: output tensors are contiguous f32 results of the computed graph.
-            let n = unsafe { sys::ggml_nelements(*t) } as usize;
-            out.resize(n, 0.0);
-            // SAFETY: `out` has room for the tensor's `n * 4` bytes.
-            unsafe { sys::ggml_backend_tensor_get_async(backend, *t, out.as_mut_ptr() as *mut _, 0, n * 4) };
-            self.bytes_down += n as u64 * 4;
+        if total > in_end {
+            let t = span(in_end, total - in_end)?;
+            self.stage_down.resize(total - in_end, 0);
+            // SAFETY: `t` spans the outputs' `total - in_end` bytes of `io`, and the staging
+            // buffer has that room until the synchronize below.
+            unsafe {
+                sys::ggml_backend_tensor_get_async(backend, t, self.stage_down.as_mut_ptr() as *mut _, 0, total - in_end);
+                sys::ggml_backend_synchronize(backend);
+            }
+            self.bytes_down += (total - in_end) as u64;
+            self.copies_down += 1;
+            for ((t, out), &off) in outputs.iter_mut().zip(&out_offs) {
+                // SAFETY: output tensors are contiguous f32 results of the computed graph.
+                let n = unsafe { sys::ggml_nelements(*t) } as usize;
+                let at = off - in_end;
+                out.clear();
+                out.extend(self.stage_down[at..at + 4 * n].chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
+            }
+        } else {
+            // SAFETY: valid backend; waits for the upload and the graph.
+            unsafe { sys::ggml_backend_synchronize(backend) };
         }
-        // SAFETY: valid backend; waits for the downloads above.
-        unsafe { sys::ggml_backend_synchronize(backend) };
         self.seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }
@@ -367,10 +482,21 @@ impl DeviceCompute {
                 sys::ggml_set_output(o);
                 sys::ggml_build_forward_expand(gf, o);
             };
-            // Sum of the `n_head` slices `[.., .., h]` of a 3-d tensor.
+            // Sum of the `n_head` slices `[.., .., h]` of a contiguous 3-d tensor: a tree of
+            // adds of half-stacks, about log2(n_head) kernels instead of n_head - 1 (a kernel
+            // launch costs a GPU more than these adds do).
             let head_sum = |x: *mut sys::ggml_tensor| {
-                let slice = |h: usize| sys::ggml_view_2d(c, x, (*x).ne[0], (*x).ne[1], (*x).nb[1], h * (*x).nb[2]);
-                (1..n_head).fold(slice(0), |acc, h| sys::ggml_add(c, acc, slice(h)))
+                let stack = |t: *mut sys::ggml_tensor, h0: usize, k: usize| sys::ggml_view_3d(c, t, (*t).ne[0], (*t).ne[1], k as i64, (*t).nb[1], (*t).nb[2], h0 * (*t).nb[2]);
+                let (mut cur, mut k, mut odd) = (x, n_head, vec![]);
+                while k > 1 {
+                    let half = k / 2;
+                    if k % 2 == 1 {
+                        odd.push(stack(cur, half, 1));
+                    }
+                    cur = sys::ggml_add(c, stack(cur, 0, half), stack(cur, k - half, half));
+                    k = half;
+                }
+                odd.into_iter().fold(cur, |acc, s| sys::ggml_add(c, acc, s))
             };
             let a = alias(c, t, n)?;
             let a3 = sys::ggml_reshape_3d(c, a, ne_kv, ne_tok, ne_head);
@@ -593,6 +719,9 @@ impl Drop for DeviceCompute {
             sys::ggml_gallocr_free(self.measure.as_ptr());
             for old in self.retired.drain(..) {
                 sys::ggml_gallocr_free(old.as_ptr());
+            }
+            for b in self.io.take().into_iter().chain(self.io_retired.drain(..)) {
+                sys::ggml_backend_buffer_free(b.as_ptr());
             }
             sys::ggml_backend_free(self.backend.as_ptr());
         }

@@ -40,8 +40,13 @@ pub fn tiny_model() -> (tempfile::TempDir, TinyModel, Model) {
 /// The tiny model loaded with `params` (default params: every layer on the GPU if any; then
 /// [`expect_device`] checks which).
 pub fn tiny_model_with(params: &ModelParams) -> (tempfile::TempDir, TinyModel, Model) {
+    tiny_model_shaped(params, TinyConfig::default())
+}
+
+/// [`tiny_model_with`] for a model of another shape.
+pub fn tiny_model_shaped(params: &ModelParams, shape: TinyConfig) -> (tempfile::TempDir, TinyModel, Model) {
     let d = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinyConfig::default());
+    let tiny = TinyModel::new(shape);
     let p = d.path().join("tiny.gguf");
     tiny.write_gguf(&p).unwrap();
     let model = Model::load(&p, params).unwrap();
