@@ -7,7 +7,7 @@
 //! there is one, so both paths read the same GPU arithmetic and must agree within 1e-4.
 
 use attractors::capture::attention::AttentionSummary;
-use attractors::capture::{new_capture, CaptureConfig, CaptureHandle, Reduce};
+use attractors::capture::{new_capture, CaptureConfig, CaptureHandle, CaptureSummary, Reduce};
 use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, ModelParams};
 use attractors::session::feed;
 
@@ -23,6 +23,9 @@ fn toks(n: usize) -> Vec<i32> {
 
 fn cfg(reduce: Reduce) -> CaptureConfig {
     CaptureConfig {
+        dims: vec![0, 5, 47],
+        keys: Some("Kcur@MUL_MAT".into()),
+        hidden: Some("l_out".into()),
         values: Some("Vcur".into()),
         flow_pred_start: Some(N - 24),
         window: Some((N - 16, N - 1)),
@@ -76,7 +79,42 @@ fn same(dev: &AttentionSummary, host: &AttentionSummary) {
 /// Prefill `N` tokens in micro-batches of `nu`; with `holes`, positions 20..30 and 77 are
 /// removed after 100 tokens (the cell map then differs from position order). The last
 /// eight tokens are decoded one at a time, the observation window following the last query.
-fn run(shape: &TinyConfig, reduce: Reduce, nu: u32, holes: bool) -> (AttentionSummary, CaptureHandle) {
+/// Activation summaries: the same per-position values (norms summed in f32 on the device;
+/// the median, top-3 magnitudes and chosen dims are the same floats), and the same top-3
+/// dimensions where magnitudes are not tied.
+fn same_acts(dev: &CaptureSummary, host: &CaptureSummary) {
+    let pairs = [(&dev.activation, &host.activation), (&dev.keys, &host.keys), (&dev.values, &host.values), (&dev.hidden, &host.hidden)];
+    for (d, h) in pairs {
+        let (d, h) = (d.as_ref().unwrap(), h.as_ref().unwrap());
+        assert_eq!((d.width, &d.dims, d.heads), (h.width, &h.dims, h.heads), "{}", h.node);
+        for (l, (dl, hl)) in d.layers.iter().zip(&h.layers).enumerate() {
+            let (dl, hl) = (dl.as_ref().unwrap(), hl.as_ref().unwrap());
+            let what = |k: &str, p: usize| format!("{}-{l} {k} at {p}", h.node);
+            assert_eq!(dl.n_pos, hl.n_pos);
+            for p in 0..hl.n_pos {
+                close(dl.norm[p] as f64, hl.norm[p] as f64, &what("norm", p));
+                assert_eq!(dl.median_abs[p], hl.median_abs[p], "{}", what("median |x|", p));
+                for k in 0..3 {
+                    let (dd, dv) = dl.top3[p][k];
+                    let (hd, hv) = hl.top3[p][k];
+                    assert_eq!(dv, hv, "{}", what("top-3 |x|", p));
+                    let tied = (0..3).filter(|&j| hl.top3[p][j].1 == hv).count() > 1;
+                    assert!(dd == hd || tied, "{}: dim {dd} vs {hd}", what("top-3 dim", p));
+                }
+            }
+            assert_eq!(dl.values, hl.values, "{}", what("dims", 0));
+            assert_eq!(dl.head_norm.len(), hl.head_norm.len());
+            for (k, (a, b)) in dl.head_norm.iter().zip(&hl.head_norm).enumerate() {
+                close(*a as f64, *b as f64, &what("head norm", k));
+            }
+        }
+    }
+    // Something was compared: three dims and per-head norms of the keys and values.
+    let h = host.keys.as_ref().unwrap().layers[1].as_ref().unwrap();
+    assert!(h.head_norm.iter().any(|&v| v > 0.0) && host.activation.as_ref().unwrap().dims.len() == 3);
+}
+
+fn run(shape: &TinyConfig, reduce: Reduce, nu: u32, holes: bool) -> (CaptureSummary, CaptureHandle) {
     let (_d, _tiny, model) = tiny_model_shaped(&ModelParams::default(), shape.clone());
     let t = toks(N);
     let (hook, handle) = new_capture(&model, &cfg(reduce), &[], 256).unwrap();
@@ -96,7 +134,7 @@ fn run(shape: &TinyConfig, reduce: Reduce, nu: u32, holes: bool) -> (AttentionSu
         batch.push(tok, pos, true).unwrap();
         ctx.decode(&batch).unwrap();
     }
-    (handle.summary().attention.unwrap(), handle)
+    (handle.summary(), handle)
 }
 
 /// The default tiny model (4 heads, 2 KV heads), then one with 7 heads sharing one KV head:
@@ -111,7 +149,8 @@ fn device_summaries_equal_host_summaries() {
         let (nu, holes) = (*nu, *holes);
         let (host, hh) = run(shape, Reduce::Host, nu, holes);
         let (dev, dh) = run(shape, Reduce::Device, nu, holes);
-        same(&dev, &host);
+        same(dev.attention.as_ref().unwrap(), host.attention.as_ref().unwrap());
+        same_acts(&dev, &host);
         let (th, td) = (hh.transfers(), dh.transfers());
         assert!(th.nodes_device == 0 && th.nodes_in_place + th.nodes_copied > 0, "{th:?}");
         assert!(td.nodes_device > 0 && td.nodes_in_place == 0 && td.fallback.is_none(), "{td:?}");
@@ -119,7 +158,12 @@ fn device_summaries_equal_host_summaries() {
         assert!(td.bytes_down > 0 && td.devices.len() == 1, "{td:?}");
         // Each graph uploads its inputs in one copy and downloads its results in one,
         // however many tensors it has (a GPU pays a fixed latency per copy).
-        assert_eq!((td.copies_down, td.copies_up), (td.nodes_device, td.nodes_device), "{td:?}");
+        assert!(th.act_nodes_device == 0 && th.act_nodes_in_place > 0, "{th:?}");
+        assert!(td.act_nodes_device > 0 && td.act_nodes_in_place + td.act_nodes_copied == 0 && td.act_fallback.is_none(), "{td:?}");
+        // One download per graph; attention graphs always upload (indices), activation
+        // graphs only when there are dims to pick (the attn_norm node here).
+        assert_eq!(td.copies_down, td.nodes_device + td.act_nodes_device, "{td:?}");
+        assert!(td.copies_up > td.nodes_device && td.copies_up < td.copies_down, "{td:?}");
         assert_eq!((th.copies_down, th.copies_up), (0, 0), "{th:?}");
         expect_device(&td.devices[0]);
     }

@@ -60,7 +60,8 @@ fn check_path(handle: &CaptureHandle, reduce: Reduce) {
     let t = handle.transfers();
     assert!(t.fallback.is_none(), "device path turned off: {:?}", t.fallback);
     match reduce {
-        Reduce::Device => assert!(t.nodes_device > 0 && t.nodes_in_place == 0 && t.nodes_copied == 0, "{t:?}"),
+        // Activations too (the attn_norm node, reduced by its own graph).
+        Reduce::Device => assert!(t.nodes_device > 0 && t.nodes_in_place == 0 && t.nodes_copied == 0 && t.act_nodes_device > 0 && t.act_nodes_in_place == 0, "{t:?}"),
         // In place on a CPU build; copied whole when the layers live on a GPU.
         _ => assert!(t.nodes_device == 0 && t.nodes_in_place + t.nodes_copied > 0, "{t:?}"),
     }

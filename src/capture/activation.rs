@@ -55,9 +55,9 @@ impl ActivationAcc {
         self.dims.len()
     }
 
-    /// Add the rows of one micro-batch: `data` row `i` (stride `row_stride` floats, width
-    /// `width`) belongs to position `queries[i]`.
-    pub fn add(&mut self, layer: usize, data: &[f32], width: usize, row_stride: usize, queries: &[i32]) -> Result<(), String> {
+    /// Check a node's `width` against the configuration (dims in range, heads dividing it)
+    /// and adopt it; returns the per-head width and the number of heads (0: no head norms).
+    fn adopt_width(&mut self, layer: usize, width: usize) -> Result<(usize, usize), String> {
         if let Some(&d) = self.dims.iter().find(|&&d| d >= width) {
             return Err(format!("dimension {d} is out of range for node {}-{layer} of width {width}: pick dims below {width}", self.node));
         }
@@ -65,23 +65,37 @@ impl ActivationAcc {
         if self.all_dims && self.dims.len() != width {
             self.dims = (0..width).collect();
         }
+        match self.heads {
+            Some(h) if h > 0 && width % h == 0 => Ok((width / h, h)),
+            Some(h) => Err(format!("node {}-{layer} of width {width} does not split into {h} heads", self.node)),
+            None => Ok((width, 0)),
+        }
+    }
+
+    /// The layer's rows, grown to hold position `p`.
+    fn row_of(&mut self, layer: usize, p: usize, n_heads: usize) -> &mut LayerActivation {
         let nd = self.dims.len();
-        let (hd, n_heads) = match self.heads {
-            Some(h) if h > 0 && width % h == 0 => (width / h, h),
-            Some(h) => return Err(format!("node {}-{layer} of width {width} does not split into {h} heads", self.node)),
-            None => (width, 0),
-        };
         let la = self.layers[layer].get_or_insert_with(LayerActivation::default);
+        if la.n_pos <= p {
+            la.n_pos = p + 1;
+            la.norm.resize(p + 1, 0.0);
+            la.median_abs.resize(p + 1, 0.0);
+            la.top3.resize(p + 1, [(0, 0.0); 3]);
+            la.values.resize((p + 1) * nd, 0.0);
+            la.head_norm.resize((p + 1) * n_heads, 0.0);
+        }
+        la
+    }
+
+    /// Add the rows of one micro-batch: `data` row `i` (stride `row_stride` floats, width
+    /// `width`) belongs to position `queries[i]`.
+    pub fn add(&mut self, layer: usize, data: &[f32], width: usize, row_stride: usize, queries: &[i32]) -> Result<(), String> {
+        let (hd, n_heads) = self.adopt_width(layer, width)?;
+        let (dims, all) = (self.dims.clone(), self.all_dims);
+        let nd = dims.len();
+        let mut scratch = std::mem::take(&mut self.scratch);
         for (i, &p) in queries.iter().enumerate() {
             let p = p as usize;
-            if la.n_pos <= p {
-                la.n_pos = p + 1;
-                la.norm.resize(p + 1, 0.0);
-                la.median_abs.resize(p + 1, 0.0);
-                la.top3.resize(p + 1, [(0, 0.0); 3]);
-                la.values.resize((p + 1) * nd, 0.0);
-                la.head_norm.resize((p + 1) * n_heads, 0.0);
-            }
             let row = &data[i * row_stride..i * row_stride + width];
             let mut ss = 0.0f64;
             let mut top = [(0u32, -1.0f32); 3];
@@ -98,21 +112,52 @@ impl ActivationAcc {
                     }
                 }
             }
+            scratch.clear();
+            scratch.extend(row.iter().map(|x| x.abs()));
+            let median = median_in_place(&mut scratch);
+            let la = self.row_of(layer, p, n_heads);
             la.norm[p] = ss.sqrt() as f32;
             la.top3[p] = top;
-            self.scratch.clear();
-            self.scratch.extend(row.iter().map(|x| x.abs()));
-            la.median_abs[p] = median_in_place(&mut self.scratch);
-            if self.all_dims {
+            la.median_abs[p] = median;
+            if all {
                 la.values[p * nd..(p + 1) * nd].copy_from_slice(row);
             } else {
-                for (k, &d) in self.dims.iter().enumerate() {
+                for (k, &d) in dims.iter().enumerate() {
                     la.values[p * nd + k] = row[d];
                 }
             }
             for g in 0..n_heads {
                 let ss: f64 = row[g * hd..(g + 1) * hd].iter().map(|&x| (x as f64) * (x as f64)).sum();
                 la.head_norm[p * n_heads + g] = ss.sqrt() as f32;
+            }
+        }
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    /// Add one micro-batch reduced on the device ([`crate::ffi::ActPlan`] with this
+    /// accumulator's dims and heads): the same rows [`ActivationAcc::add`] makes, except that
+    /// norms are summed in f32 there and tied magnitudes may list their dimensions in
+    /// another order. Not for `all_dims`, which keeps whole rows.
+    pub fn add_reduced(&mut self, layer: usize, r: &crate::ffi::ActOut, width: usize, queries: &[i32]) -> Result<(), String> {
+        let (_, n_heads) = self.adopt_width(layer, width)?;
+        let (n, nd, k) = (queries.len(), self.dims.len(), r.k_top);
+        if self.all_dims || k > 3 || r.sumsq.len() != n || r.median_abs.len() != n || r.top_abs.len() != n * k || r.top_dim.len() != n * k || r.values.len() != n * nd || r.head_sumsq.len() != n * n_heads {
+            return Err(format!("device summaries of node {}-{layer} do not match {n} rows of width {width}", self.node));
+        }
+        for (i, &p) in queries.iter().enumerate() {
+            let p = p as usize;
+            let la = self.row_of(layer, p, n_heads);
+            la.norm[p] = (r.sumsq[i] as f64).sqrt() as f32;
+            let mut top = [(0u32, -1.0f32); 3];
+            for (j, t) in top.iter_mut().enumerate().take(k) {
+                *t = (r.top_dim[i * k + j] as u32, r.top_abs[i * k + j]);
+            }
+            la.top3[p] = top;
+            la.median_abs[p] = r.median_abs[i];
+            la.values[p * nd..(p + 1) * nd].copy_from_slice(&r.values[i * nd..(i + 1) * nd]);
+            for g in 0..n_heads {
+                la.head_norm[p * n_heads + g] = (r.head_sumsq[i * n_heads + g] as f64).sqrt() as f32;
             }
         }
         Ok(())

@@ -53,6 +53,8 @@ pub struct AttentionAcc {
     pub distance: bool,
     /// Position capacity (grows on demand).
     cap: usize,
+    /// Capacity of the first allocation.
+    first_cap: usize,
     pub layers: Vec<Option<LayerAttention>>,
     /// `(first prediction position, KV heads)` when information flow is on.
     flow: Option<(usize, usize)>,
@@ -75,7 +77,7 @@ pub fn cell_at(cells: &[CellPos], pos: usize) -> Option<usize> {
 impl AttentionAcc {
     pub fn new(n_layer: usize, n_head: usize, max_positions: usize, distance: bool) -> AttentionAcc {
         let n_buckets = distance_bucket(max_positions.max(2) - 1) + 1;
-        AttentionAcc { n_head, n_buckets, distance, cap: 0, layers: vec![None; n_layer], flow: None, obs: None }
+        AttentionAcc { n_head, n_buckets, distance, cap: 0, first_cap: max_positions.clamp(64, 1 << 20), layers: vec![None; n_layer], flow: None, obs: None }
     }
 
     /// Accumulate the gradient-free information flow (needs value norms in `add`).
@@ -124,7 +126,10 @@ impl AttentionAcc {
         if need <= self.cap {
             return;
         }
-        let new_cap = need.next_power_of_two().max(64);
+        // The first allocation holds the context's positions (`max_positions`): growing
+        // copies every layer's rows, which a long prefill would otherwise do once per doubling
+        // while the device waits. Pages never written cost no memory.
+        let new_cap = need.next_power_of_two().max(if self.cap == 0 { self.first_cap } else { 64 });
         let h = self.n_head;
         let obs = self.obs.is_some();
         for l in self.layers.iter_mut().flatten() {
@@ -255,25 +260,40 @@ impl AttentionAcc {
         let (cap, nb, n_head, obs) = (self.cap, self.n_buckets, self.n_head, self.obs);
         let n_w = if obs.is_some() { 3 } else { 1 };
         let la = self.layers[layer].as_mut().expect("layer allocated by prepare");
-        // The query at a position of this micro-batch, if any.
-        let query_of = |pos: usize| (pos >= q0 && pos <= max_q).then(|| pos - q0);
+        // Cells up to the last query, in position order; the queries are the consecutive
+        // positions q0..=max_q (the device path's condition), so a cell at `pos >= q0` is
+        // query `pos - q0`'s own. One pass per head over contiguous slices (this runs once per
+        // layer and micro-batch while the GPU waits).
+        let cells = &cells[..cells.partition_point(|cp| cp.pos <= max_q)];
+        let LayerAttention { received, self_attn, first_sum, window, last, .. } = la;
         for h in 0..n_head {
-            for cp in cells.iter().take_while(|cp| cp.pos <= max_q) {
-                let col = |w: usize| r.cols[w + n_w * (cp.cell + n_kv * h)] as f64;
-                let own = query_of(cp.pos).map_or(0.0, |i| r.gathered[h * n_tok + i] as f64);
-                let k = h * cap + cp.pos;
-                la.received[k] += col(0) - own;
-                if query_of(cp.pos).is_some() {
-                    la.self_attn[k] += own;
+            let cols = &r.cols[n_w * n_kv * h..n_w * n_kv * (h + 1)];
+            let own_row = &r.gathered[h * n_tok..(h + 1) * n_tok];
+            let rec = &mut received[h * cap..(h + 1) * cap];
+            let own_acc = &mut self_attn[h * cap..(h + 1) * cap];
+            for cp in cells {
+                let all = cols[n_w * cp.cell] as f64;
+                if cp.pos >= q0 {
+                    let own = own_row[cp.pos - q0] as f64;
+                    rec[cp.pos] += all - own;
+                    own_acc[cp.pos] += own;
+                } else {
+                    rec[cp.pos] += all;
                 }
-                if cp.pos == 0 {
-                    la.first_sum += col(0) - own;
-                }
-                if let Some((_, last)) = obs {
-                    la.window[k] += col(1);
-                    let v = col(2);
-                    if query_of(last).is_some() && cp.pos <= last && v != 0.0 {
-                        la.last[k] = v;
+            }
+            if let Some(c0) = cells.first().filter(|cp| cp.pos == 0) {
+                let own = if q0 == 0 { own_row[0] as f64 } else { 0.0 };
+                *first_sum += cols[n_w * c0.cell] as f64 - own;
+            }
+            if let Some((_, last_q)) = obs {
+                let win = &mut window[h * cap..(h + 1) * cap];
+                let lst = &mut last[h * cap..(h + 1) * cap];
+                let last_here = (q0..=max_q).contains(&last_q);
+                for cp in cells {
+                    win[cp.pos] += cols[n_w * cp.cell + 1] as f64;
+                    let v = cols[n_w * cp.cell + 2] as f64;
+                    if last_here && cp.pos <= last_q && v != 0.0 {
+                        lst[cp.pos] = v;
                     }
                 }
             }

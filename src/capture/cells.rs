@@ -45,34 +45,65 @@ impl CellMap {
             self.pos.resize(n_kv, -1);
         }
         for (k, &q) in queries.iter().enumerate() {
-            let mut new_cell = None;
-            for c in 0..n_kv {
-                let vis = mask(k, c);
-                let exp = self.expected_visible(self.pos[c], q);
-                match (vis, exp) {
-                    (true, false) => {
-                        if let Some(prev) = new_cell {
-                            return Err(format!(
-                                "cell map lost sync: query at position {q} sees cells {prev} and {c} that no cached position explains"
-                            ));
-                        }
-                        new_cell = Some(c);
-                    }
-                    (false, true) => {
-                        return Err(format!(
-                            "cell map lost sync: cell {c} (position {}) should be visible to position {q} but is masked",
-                            self.pos[c]
-                        ))
-                    }
-                    _ => {}
-                }
-            }
-            match new_cell {
+            self.assign_query(n_kv, q, |c| mask(k, c))?;
+        }
+        Ok(())
+    }
+
+    /// [`CellMap::assign`] from the mask itself: row `k` of `data` (`stride` floats apart)
+    /// holds query `k`'s mask, `-inf` where it does not see a cell. Each row is checked in
+    /// one branch-free pass counting the cells whose visibility the mirror does not
+    /// explain; the usual single one (the query's own cell) is then located, and any other
+    /// count goes through [`CellMap::assign`]'s per-cell checks for its error.
+    pub fn assign_rows(&mut self, n_kv: usize, queries: &[i32], data: &[f32], stride: usize) -> Result<(), String> {
+        if self.pos.len() < n_kv {
+            self.pos.resize(n_kv, -1);
+        }
+        if queries.len() > 1 && stride < n_kv || data.len() < (queries.len().max(1) - 1) * stride + n_kv {
+            return Err(format!("mask of {} floats is too small for {} queries of {n_kv} cells", data.len(), queries.len()));
+        }
+        for (k, &q) in queries.iter().enumerate() {
+            let row = &data[k * stride..k * stride + n_kv];
+            // Expected visible: lo <= position <= q (empty cells are -1).
+            let lo = self.window.map_or(0, |w| (q - w + 1).max(0));
+            let pos = &self.pos[..n_kv];
+            let unexplained: u32 = row.iter().zip(pos).map(|(&m, &p)| ((m > f32::NEG_INFINITY) != (p >= lo && p <= q)) as u32).sum();
+            let own = match unexplained {
+                1 => row.iter().zip(pos).position(|(&m, &p)| m > f32::NEG_INFINITY && !(p >= lo && p <= q)),
+                _ => None,
+            };
+            match own {
                 Some(c) => self.pos[c] = q,
-                None => return Err(format!("cell map lost sync: no cell found for position {q}")),
+                None => self.assign_query(n_kv, q, |c| row[c] > f32::NEG_INFINITY)?,
             }
         }
         Ok(())
+    }
+
+    /// One query at position `q`: `vis(cell)` tells whether it sees `cell`.
+    fn assign_query(&mut self, n_kv: usize, q: i32, vis: impl Fn(usize) -> bool) -> Result<(), String> {
+        let mut new_cell = None;
+        for c in 0..n_kv {
+            let v = vis(c);
+            let exp = self.expected_visible(self.pos[c], q);
+            match (v, exp) {
+                (true, false) => {
+                    if let Some(prev) = new_cell {
+                        return Err(format!("cell map lost sync: query at position {q} sees cells {prev} and {c} that no cached position explains"));
+                    }
+                    new_cell = Some(c);
+                }
+                (false, true) => return Err(format!("cell map lost sync: cell {c} (position {}) should be visible to position {q} but is masked", self.pos[c])),
+                _ => {}
+            }
+        }
+        match new_cell {
+            Some(c) => {
+                self.pos[c] = q;
+                Ok(())
+            }
+            None => Err(format!("cell map lost sync: no cell found for position {q}")),
+        }
     }
 
     /// Positions [p0, p1) were removed (p1 < 0: to the end).
@@ -166,7 +197,7 @@ impl CellTracker {
             self.copied += mask.nbytes() as u64;
         }
         let data = mask.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
-        self.maps[g].assign(n_kv, queries, |k, c| data[k * stride + c] > f32::NEG_INFINITY)?;
+        self.maps[g].assign_rows(n_kv, queries, data, stride)?;
         let map = &self.maps[g];
         let mut cells: Vec<_> = (0..n_kv.min(map.len())).filter_map(|c| map.get(c).map(|p| super::attention::CellPos { cell: c, pos: p as usize })).collect();
         cells.sort_unstable_by_key(|c| c.pos);
@@ -259,6 +290,52 @@ mod tests {
         // Mask shows two unexplained cells for one query.
         let err = m.assign(3, &[0], |_, c| c < 2).unwrap_err();
         assert!(err.contains("lost sync"), "{err}");
+    }
+
+    /// The one-pass row check gives what the per-cell checks give: the same mirror, or the
+    /// same error, on masks that are right, and on masks with one entry flipped.
+    #[test]
+    fn mask_rows_equal_per_cell_checks() {
+        let mut rng = crate::rng::SplitMix64(5);
+        for case in 0..400 {
+            let window = [None, Some(3), Some(6)][case % 3];
+            let n_kv = 4 + rng.next_u64() as usize % 12;
+            // A mirror with some cells empty, then 1..4 consecutive queries placed into empty
+            // (or, with a window, stale) cells, as llama.cpp would.
+            let mut m = CellMap::new(window);
+            m.pos = (0..n_kv as i32).map(|c| if rng.next_u64() % 4 == 0 { -1 } else { c }).collect();
+            let mut truth = m.pos.clone();
+            let q0 = n_kv as i32;
+            let queries: Vec<i32> = (0..1 + rng.next_u64() as usize % 3).map(|i| q0 + i as i32).collect();
+            for &q in &queries {
+                let free = (0..n_kv).filter(|&c| truth[c] < 0 || window.is_some_and(|w| q0 - truth[c] >= w)).collect::<Vec<_>>();
+                if let Some(&c) = free.get(rng.next_u64() as usize % free.len().max(1)) {
+                    truth[c] = q;
+                }
+            }
+            let stride = n_kv + case % 2;
+            let mut data = vec![0f32; queries.len() * stride];
+            for (k, &q) in queries.iter().enumerate() {
+                for c in 0..n_kv {
+                    let p = truth[c];
+                    let vis = p >= 0 && p <= q && window.is_none_or(|w| q - p < w);
+                    data[k * stride + c] = if vis { 0.0 } else { f32::NEG_INFINITY };
+                }
+            }
+            if case % 4 == 3 {
+                let i = rng.next_u64() as usize % data.len();
+                if i % stride < n_kv {
+                    data[i] = if data[i] == 0.0 { f32::NEG_INFINITY } else { -0.5 };
+                }
+            }
+            let (mut a, mut b) = (m.clone(), m.clone());
+            let ra = a.assign(n_kv, &queries, |k, c| data[k * stride + c] > f32::NEG_INFINITY);
+            let rb = b.assign_rows(n_kv, &queries, &data, stride);
+            assert_eq!(ra, rb, "case {case}");
+            if ra.is_ok() {
+                assert_eq!(a.pos, b.pos, "case {case}");
+            }
+        }
     }
 
     #[test]

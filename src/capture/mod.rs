@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
-use crate::ffi::{AttnPlan, Batch, Context, ContextParams, DeviceCompute, DeviceError, DistPlan, EvalHook, FlashAttn, FlowPlan, HookError, KvType, Model, NodeInfo, TensorView};
+use crate::ffi::{ActPlan, AttnPlan, Batch, Context, ContextParams, DeviceCompute, DeviceError, DistPlan, EvalHook, FlashAttn, FlowPlan, HookError, KvType, Model, NodeInfo, TensorView};
 use activation::ActivationAcc;
 use attention::{AttentionAcc, AttentionSummary};
 use cells::CellTracker;
@@ -145,6 +145,16 @@ pub struct TransferStats {
     pub devices: Vec<String>,
     /// Why device reduction was turned off, if it was.
     pub fallback: Option<String>,
+    /// Activation nodes (`attn_norm`, `Kcur`, ...): read in place from host memory, reduced
+    /// by a device graph (per-row norms, top-3, median |x|, chosen dims, head norms), or
+    /// copied whole (device memory with `--attn-reduce host`, or every dimension kept).
+    pub act_nodes_in_place: u64,
+    pub act_nodes_device: u64,
+    pub act_nodes_copied: u64,
+    /// Bytes copied device -> host for activations: whole tensors and device summaries.
+    pub act_bytes_down: u64,
+    /// Why device reduction of activations was turned off, if it was.
+    pub act_fallback: Option<String>,
     /// Wall time inside the capture's callback (reading and reducing observed nodes) and,
     /// of that, in device graphs. Timings: kept out of `meta.json`, which must be the same
     /// for the same run; `bench capture` reports them.
@@ -275,8 +285,22 @@ struct State {
     scratch: Vec<f32>,
     skipped_nodes: Vec<String>,
     reduce: Reduce,
+    /// Devices for attention graphs and, apart (each falls back to host copies on its own),
+    /// for activation graphs.
     devices: Devices,
+    act_devices: Devices,
+    /// Per cache: the index inputs of the attention graphs for the current micro-batch.
+    plans: Vec<Option<PlanIndices>>,
     stats: TransferStats,
+}
+
+/// The inputs of [`AttnPlan`] that are the same for every layer of one cache in one
+/// micro-batch: the diagonal's flat indices and the cells by descending position.
+struct PlanIndices {
+    /// `(micro-batch, n_kv, n_tok, n_head)` they were made for.
+    key: (u64, usize, usize, usize),
+    gather: Vec<i32>,
+    cells_desc: Vec<i32>,
 }
 
 /// The eval hook; shares its state with a [`CaptureHandle`].
@@ -358,6 +382,8 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         skipped_nodes: vec![],
         reduce: cfg.reduce,
         devices: Devices::default(),
+        act_devices: Devices::default(),
+        plans: vec![None, None],
         stats: TransferStats::default(),
     };
     let arc = Arc::new(Mutex::new(state));
@@ -406,9 +432,20 @@ impl CaptureHandle {
         t.bytes_down += down + s.cells.bytes_copied();
         t.bytes_up += up;
         (t.copies_down, t.copies_up) = s.devices.copies();
+        let (act_down, act_up) = s.act_devices.bytes();
+        t.act_bytes_down += act_down;
+        t.bytes_up += act_up;
+        let (cd, cu) = s.act_devices.copies();
+        (t.copies_down, t.copies_up) = (t.copies_down + cd, t.copies_up + cu);
         t.devices = s.devices.names();
+        for d in s.act_devices.names() {
+            if !t.devices.contains(&d) {
+                t.devices.push(d);
+            }
+        }
         t.fallback = s.devices.off.clone();
-        t.device_seconds = s.devices.seconds();
+        t.act_fallback = s.act_devices.off.clone();
+        t.device_seconds = s.devices.seconds() + s.act_devices.seconds();
         t
     }
 
@@ -570,21 +607,29 @@ impl State {
                 vec![(0, n_tok), (row(w0), n_tok), last]
             }
         };
-        let mut gather = Vec::with_capacity(n_head * n_tok);
-        for h in 0..n_head {
-            for (i, &q) in queries.iter().enumerate() {
-                let c = attention::cell_at(cells, q as usize).ok_or_else(|| format!("{}: no cell for query position {q}", t.name()))?;
-                gather.push((c + n_kv * (i + n_tok * h)) as i32);
+        // The diagonal's indices and the cells by descending position depend only on the cache's
+        // cell map and the micro-batch: made once per micro-batch and cache, for all its layers.
+        let g = self.cells.cache_of(layer);
+        let key = (self.cursor.ubatch_id, n_kv, n_tok, n_head);
+        if self.plans[g].as_ref().is_none_or(|p| p.key != key) {
+            let mut gather = Vec::with_capacity(n_head * n_tok);
+            for h in 0..n_head {
+                for (i, &q) in queries.iter().enumerate() {
+                    let c = attention::cell_at(cells, q as usize).ok_or_else(|| format!("{}: no cell for query position {q}", t.name()))?;
+                    gather.push((c + n_kv * (i + n_tok * h)) as i32);
+                }
             }
+            let p_lo = cells.first().map_or(q0, |c| c.pos.min(q0));
+            let mut cells_desc = vec![n_kv as i32; p_hi - p_lo + 1];
+            for cp in cells.iter().take_while(|c| c.pos <= p_hi) {
+                cells_desc[p_hi - cp.pos] = cp.cell as i32;
+            }
+            self.plans[g] = Some(PlanIndices { key, gather, cells_desc });
         }
-        let p_lo = cells.first().map_or(q0, |c| c.pos.min(q0));
-        let mut cells_desc = vec![n_kv as i32; p_hi - p_lo + 1];
-        for cp in cells.iter().take_while(|c| c.pos <= p_hi) {
-            cells_desc[p_hi - cp.pos] = cp.cell as i32;
-        }
+        let PlanIndices { gather, cells_desc, .. } = self.plans[g].as_ref().expect("made above");
         let n_buckets = acc.n_buckets;
         let bucket = |d: usize| attention::distance_bucket(d);
-        let distance = acc.distance.then(|| DistPlan { cells_desc: &cells_desc, offset: p_hi - q0, n_buckets, bucket: &bucket });
+        let distance = acc.distance.then(|| DistPlan { cells_desc, offset: p_hi - q0, n_buckets, bucket: &bucket });
         let vscale = match (acc.flow(), &self.acts[ROLE_VALUES]) {
             (Some((_, n_kv_head)), Some(v)) => {
                 let la = v.acc.layers[layer].as_ref().ok_or_else(|| format!("{}: no value norms captured for layer {layer}", t.name()))?;
@@ -601,7 +646,7 @@ impl State {
         };
         let pred_from = acc.flow_pred_start().map_or(n_tok, |s| s.saturating_sub(q0).min(n_tok));
         let flow = vscale.as_deref().map(|scale| FlowPlan { scale, pred_from });
-        let plan = AttnPlan { ranges: &ranges, gather: &gather, distance, flow };
+        let plan = AttnPlan { ranges: &ranges, gather, distance, flow };
         let Some(out) = self.devices.try_run(self.reduce, t, |d| d.reduce_attention(t, &plan))? else { return Ok(false) };
         let cells = self.cells.cells(layer);
         let acc = self.attention.as_mut().expect("attention node asked only when capturing attention");
@@ -625,9 +670,24 @@ impl State {
             (w0, w1, nb[1] / 4)
         };
         let Some((start, len)) = self.locate(1 + role, layer, n_rows, t.name())? else { return Ok(()) };
-        let data = t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
         let queries = &self.cursor.positions[start..start + len];
-        self.acts[role].as_mut().expect("activation node asked only when capturing").acc.add(layer, data, width, stride, queries)
+        let acc = &mut self.acts[role].as_mut().expect("activation node asked only when capturing").acc;
+        // On the device unless every dimension is kept (then the rows are the summary).
+        if !acc.all_dims && self.act_devices.wanted(self.reduce, t) {
+            let plan = ActPlan { width, n_rows, row_stride: stride, dims: &acc.dims, n_heads: acc.heads.unwrap_or(0) };
+            if let Some(out) = self.act_devices.try_run(self.reduce, t, |d| d.reduce_activation(t, &plan))? {
+                self.stats.act_nodes_device += 1;
+                return acc.add_reduced(layer, &out, width, queries);
+            }
+        }
+        if t.is_host() {
+            self.stats.act_nodes_in_place += 1;
+        } else {
+            self.stats.act_nodes_copied += 1;
+            self.stats.act_bytes_down += t.nbytes() as u64;
+        }
+        let data = t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
+        acc.add(layer, data, width, stride, queries)
     }
 }
 

@@ -95,6 +95,35 @@ pub struct AttnOut {
     pub flow_pred: Vec<f32>,
 }
 
+/// One activation node's rows: `n_rows` rows of `width` floats, `row_stride` floats apart.
+pub struct ActPlan<'a> {
+    pub width: usize,
+    pub n_rows: usize,
+    pub row_stride: usize,
+    /// Dimensions whose values come back.
+    pub dims: &'a [usize],
+    /// Per-head sums of squares over this many equal blocks of each row (0: none).
+    pub n_heads: usize,
+}
+
+/// Per row `i` of an activation, from the device.
+#[derive(Debug, Default, Clone)]
+pub struct ActOut {
+    /// `[i]`: sum of squares.
+    pub sumsq: Vec<f32>,
+    /// `[k_top * i + k]`: the `k`-th largest |x| and its dimension (ties in any order).
+    pub top_abs: Vec<f32>,
+    pub top_dim: Vec<i32>,
+    /// `min(3, width)`.
+    pub k_top: usize,
+    /// `[i]`: the median |x|, computed as [`crate::capture::activation::median_in_place`] does.
+    pub median_abs: Vec<f32>,
+    /// `[i * dims.len() + k]`.
+    pub values: Vec<f32>,
+    /// `[i * n_heads + g]`: sums of squares per head.
+    pub head_sumsq: Vec<f32>,
+}
+
 /// Which (cell, query, head group) entries of `kq` to hide: cell `c` of head group `g` is
 /// hidden from query `i` when `hidden[g * n_kv + c] == 1` and `0 < q_i - p_c < window`.
 pub struct HidePlan<'a> {
@@ -587,6 +616,77 @@ impl DeviceCompute {
         Ok(out)
     }
 
+    /// Reduce one activation node on its device (see [`ActPlan`]): per row, the sum of
+    /// squares, the three largest |x| with their dimensions and the median |x| (from one
+    /// descending `argsort` of |x|), the chosen dimensions' values and per-head sums of
+    /// squares. Only these come back, not the `width x n_rows` activation.
+    pub fn reduce_activation(&mut self, t: &TensorView, plan: &ActPlan) -> Result<ActOut, DeviceError> {
+        let (w, n_rows, stride) = (plan.width, plan.n_rows, plan.row_stride);
+        if !t.is_f32() || t.nb()[0] != 4 {
+            return Err(DeviceError::Layout { name: t.name().into(), ty: t.type_name().into() });
+        }
+        let extent = (n_rows.max(1) - 1) * stride + w;
+        if w == 0 || n_rows == 0 || stride < w || extent * 4 > t.nbytes() {
+            return Err(DeviceError::Plan(format!("{n_rows} rows of {w} floats {stride} apart in a {}-byte tensor", t.nbytes())));
+        }
+        if plan.dims.iter().any(|&d| d >= w) || plan.n_heads > 0 && w % plan.n_heads != 0 {
+            return Err(DeviceError::Plan(format!("dims {:?} or {} heads for rows of {w}", plan.dims, plan.n_heads)));
+        }
+        let k_top = w.min(3);
+        let mid = w / 2;
+        let nd = plan.dims.len();
+        let dims_idx: Vec<i32> = (0..n_rows).flat_map(|_| plan.dims.iter().map(|&d| d as i32)).collect();
+        let ctx = GraphCtx::new(32);
+        let c = ctx.ptr();
+        let (ne_w, ne_r) = (w as i64, n_rows as i64);
+        let mut inputs: Vec<(*mut sys::ggml_tensor, Upload)> = vec![];
+        // SAFETY: tensors of `ctx` and the aliased scheduler memory, extents checked above;
+        // every view below lies inside the tensor it views (checked again in `run`).
+        let (graph, outs) = unsafe {
+            let x = alias(c, t, extent)?;
+            let rows = sys::ggml_view_2d(c, x, ne_w, ne_r, stride * 4, 0);
+            let x2 = if stride == w { rows } else { sys::ggml_cont(c, rows) };
+            let a = sys::ggml_abs(c, x2);
+            let a3 = sys::ggml_reshape_3d(c, a, 1, ne_w, ne_r);
+            let idx = sys::ggml_argsort(c, a, sys::GGML_SORT_ORDER_DESC);
+            let pick = |i0: usize, k: usize| sys::ggml_view_2d(c, idx, k as i64, ne_r, (*idx).nb[1], i0 * 4);
+            let top_i = pick(0, k_top);
+            // Descending order: the median's one or two middle values (see `median_in_place`).
+            let med_i = if w % 2 == 1 { pick(mid, 1) } else { pick(mid - 1, 2) };
+            let sq = sys::ggml_sqr(c, x2);
+            let mut o = vec![sys::ggml_sum_rows(c, sq), sys::ggml_get_rows(c, a3, top_i), sys::ggml_cont(c, top_i), sys::ggml_get_rows(c, a3, med_i)];
+            if plan.n_heads > 0 {
+                o.push(sys::ggml_sum_rows(c, sys::ggml_reshape_2d(c, sq, (w / plan.n_heads) as i64, (plan.n_heads * n_rows) as i64)));
+            }
+            if nd > 0 {
+                let di = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_I32, nd as i64, ne_r);
+                sys::ggml_set_input(di);
+                inputs.push((di, Upload::I32(&dims_idx)));
+                o.push(sys::ggml_get_rows(c, sys::ggml_reshape_3d(c, x2, 1, ne_w, ne_r), di));
+            }
+            let gf = sys::ggml_new_graph(c);
+            for &t in &o {
+                sys::ggml_set_output(t);
+                sys::ggml_build_forward_expand(gf, t);
+            }
+            (gf, o)
+        };
+        let mut data = vec![vec![]; outs.len()];
+        let mut outputs: Vec<(*mut sys::ggml_tensor, &mut Vec<f32>)> = outs.iter().copied().zip(data.iter_mut()).collect();
+        self.run(&ctx, graph, &inputs, &mut outputs)?;
+        let mut it = data.into_iter();
+        let mut next = || it.next().unwrap_or_default();
+        let (sumsq, top_abs, top_bits, med) = (next(), next(), next(), next());
+        let median_abs = match w % 2 {
+            1 => med,
+            // `[hi, lo]` per row: the lower half's maximum is the second.
+            _ => med.chunks_exact(2).map(|p| (p[1] + p[0]) / 2.0).collect(),
+        };
+        let head_sumsq = if plan.n_heads > 0 { next() } else { vec![] };
+        let values = if nd > 0 { next() } else { vec![] };
+        Ok(ActOut { sumsq, top_abs, top_dim: top_bits.iter().map(|x| x.to_bits() as i32).collect(), k_top, median_abs, values, head_sumsq })
+    }
+
     /// Add `log(keep)` to a `kq` tensor in place: `-inf` where [`HidePlan`] hides, `+0` elsewhere.
     pub fn hide(&mut self, t: &TensorView, plan: &HidePlan) -> Result<(), DeviceError> {
         let [n_kv, n_tok, n_head, _] = t.ne();
@@ -769,6 +869,61 @@ pub fn devices() -> Vec<DeviceInfo> {
 mod tests {
     use super::*;
     use crate::capture::attention::{bucket_range, distance_bucket};
+
+    /// The activation graph, run on the CPU backend over a tensor of known values, gives the
+    /// host reduction's rows: odd and even widths (the median's one or two middle values),
+    /// rows further apart than their width, tied magnitudes, chosen dims and head norms.
+    #[test]
+    fn activation_graph_equals_host_rows() {
+        use crate::capture::activation::ActivationAcc;
+        super::super::init_backend();
+        for (width, stride, heads) in [(7usize, 7usize, 0usize), (6, 9, 3), (1, 1, 0), (2, 5, 2), (64, 64, 4), (9, 12, 0)] {
+            let n_rows = 5;
+            let mut rng = crate::rng::SplitMix64(width as u64 * 31 + stride as u64);
+            // Every fourth value is -1 or 1: ties among the magnitudes.
+            let data: Vec<f32> = (0..(n_rows - 1) * stride + width).map(|i| if i % 4 == 0 { [1.0, -1.0][i % 8 / 4] } else { 3.0 * rng.gauss() as f32 }).collect();
+            let dims = vec![0, width - 1, width / 2];
+            let queries: Vec<i32> = (0..n_rows as i32).map(|i| 2 * i).collect();
+            let ctx = GraphCtx::new(1);
+            // SAFETY: a CPU buffer sized for one tensor of `data.len()` floats, placed at its
+            // base and filled; the view and the device object are dropped before the buffer.
+            unsafe {
+                let t = sys::ggml_new_tensor_1d(ctx.ptr(), sys::GGML_TYPE_F32, data.len() as i64);
+                let buft = sys::ggml_backend_dev_buffer_type(sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU));
+                let buf = sys::ggml_backend_buft_alloc_buffer(buft, sys::ggml_nbytes(t) + 256);
+                assert!(!buf.is_null());
+                assert_eq!(sys::ggml_backend_tensor_alloc(buf, t, sys::ggml_backend_buffer_get_base(buf)), sys::GGML_STATUS_SUCCESS);
+                sys::ggml_backend_tensor_set(t, data.as_ptr() as *const _, 0, data.len() * 4);
+                {
+                    let view = TensorView::new(NonNull::new(t).unwrap());
+                    let mut dc = DeviceCompute::for_tensor(&view).unwrap();
+                    let plan = ActPlan { width, n_rows, row_stride: stride, dims: &dims, n_heads: heads };
+                    let out = dc.reduce_activation(&view, &plan).unwrap();
+                    assert_eq!((dc.copies_up, dc.copies_down), (1, 1));
+                    let mut host = ActivationAcc::new("x", 1, dims.clone());
+                    host.heads = (heads > 0).then_some(heads);
+                    let mut dev = host.clone();
+                    host.add(0, &data, width, stride, &queries).unwrap();
+                    dev.add_reduced(0, &out, width, &queries).unwrap();
+                    let (h, d) = (host.layers[0].as_ref().unwrap(), dev.layers[0].as_ref().unwrap());
+                    let case = format!("width {width}, stride {stride}, heads {heads}");
+                    assert_eq!((h.n_pos, &h.median_abs, &h.values), (d.n_pos, &d.median_abs, &d.values), "{case}");
+                    for (a, b) in h.norm.iter().chain(&h.head_norm).zip(d.norm.iter().chain(&d.head_norm)) {
+                        assert!((a - b).abs() <= 1e-6 * a.abs(), "{case}: norm {a} vs {b}");
+                    }
+                    for (p, (ht, dt)) in h.top3.iter().zip(&d.top3).enumerate() {
+                        for k in 0..3 {
+                            assert_eq!(ht[k].1, dt[k].1, "{case}: top |x| {k} at {p}");
+                            let tied = ht.iter().filter(|x| x.1 == ht[k].1).count() > 1;
+                            assert!(ht[k].0 == dt[k].0 || tied, "{case}: top dim {k} at {p}: {ht:?} vs {dt:?}");
+                        }
+                    }
+                    assert!(h.median_abs.iter().step_by(2).all(|&m| m > 0.0), "{case}: rows were written");
+                }
+                sys::ggml_backend_buffer_free(buf);
+            }
+        }
+    }
 
     /// The runs cover every distance below the span once, in bucket order, and name the
     /// buckets they end at; neighbouring one-distance buckets are merged, wider ones kept apart.
