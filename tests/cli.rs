@@ -442,4 +442,17 @@ fn bench_capture_reports_bytes_and_time_split_per_mode() {
     } else {
         assert!(naive_bytes > device_bytes, "the naive path copies whole tensors: {naive_bytes} vs {device_bytes}");
     }
+    // By default the activation node `capture` takes is captured too, reduced by its own
+    // device graphs; each graph downloads once. `--activation none` times attention alone.
+    assert!(line("captured:").ends_with("and activation attn_norm"), "{out}");
+    let tr = |out: &str| -> serde_json::Value { serde_json::from_str(out.lines().find(|l| l.starts_with("device transfers ")).unwrap().trim_start_matches("device transfers ")).unwrap() };
+    let t = tr(&out);
+    assert!(t["act_nodes_device"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(t["copies_down"].as_u64().unwrap(), t["nodes_device"].as_u64().unwrap() + t["act_nodes_device"].as_u64().unwrap(), "{t}");
+    let o = bin().args(["bench", "capture", "--tokens", "96", "--ubatch", "32", "--reps", "1", "--modes", "plain,device", "--activation", "none", "--model"]).arg(&p).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{out}", String::from_utf8_lossy(&o.stderr));
+    let t = tr(&out);
+    assert!(out.lines().any(|l| l.starts_with("captured: attention") && !l.contains("activation")), "{out}");
+    assert!(t["nodes_device"].as_u64().unwrap() > 0 && t["act_nodes_device"] == 0 && t["act_nodes_in_place"] == 0, "{t}");
 }

@@ -45,7 +45,8 @@ fn child(a: &BenchCaptureArgs, mode: &str) -> anyhow::Result<()> {
     for _ in 0..a.reps.max(1) {
         let (hook, handle): (Option<Box<dyn EvalHook>>, _) = match reduce {
             Some(reduce) => {
-                let cfg = CaptureConfig { reduce, ..CaptureConfig::default() };
+                let activation = (a.activation != "none").then(|| a.activation.clone());
+                let cfg = CaptureConfig { reduce, activation, ..CaptureConfig::default() };
                 let (h, hd) = new_capture(&model, &cfg, &swa, n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
                 (Some(Box::new(h)), Some(hd))
             }
@@ -87,11 +88,15 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
         bail!("--modes needs plain and at least one capture mode (capture, device, naive)");
     }
     let mut results: Vec<(&str, serde_json::Value)> = vec![];
+    match a.activation.as_str() {
+        "none" => println!("captured: attention (received per head and cell, self-attention, first-token share, distance buckets)"),
+        node => println!("captured: attention (received per head and cell, self-attention, first-token share, distance buckets) and activation {node}"),
+    }
     for mode in &a.modes {
         eprintln!("bench capture: {mode} prefill of {} tokens ({} reps)", a.tokens, a.reps);
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["bench", "capture", "--child", mode, "--tokens", &a.tokens.to_string(), "--reps", &a.reps.to_string()]);
-        cmd.args(["--ubatch", &a.ubatch.to_string(), "--model"]).arg(&model_path);
+        cmd.args(["--ubatch", &a.ubatch.to_string(), "--activation", &a.activation, "--model"]).arg(&model_path);
         if let Some(t) = a.threads {
             cmd.args(["--threads", &t.to_string()]);
         }

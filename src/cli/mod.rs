@@ -664,6 +664,10 @@ pub struct BenchCaptureArgs {
     /// copied to the host).
     #[arg(long, value_delimiter = ',', default_value = "plain,capture,naive")]
     pub modes: Vec<String>,
+    /// Activation node captured alongside attention, as `capture` does by default; `none`
+    /// times attention capture alone.
+    #[arg(long, default_value = crate::capture::DEFAULT_ACTIVATION_NODE)]
+    pub activation: String,
     /// Internal: run one mode in this process and print its measurement.
     #[arg(long, hide = true)]
     pub child: Option<String>,

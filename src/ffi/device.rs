@@ -6,10 +6,13 @@
 //! On a GPU, copying it to the host costs `n_kv * n_tok * n_head * 4` bytes per layer and
 //! micro-batch; [`DeviceCompute::reduce_attention`] instead aliases the tensor's memory in a
 //! graph of reductions and copies back only the column sums, the diagonal, per-query distance
-//! sums and flow rows.
+//! sums and flow rows. [`DeviceCompute::reduce_activation`] does the same for activation
+//! nodes (`[width, tokens]`): per-row norms, top-3 and median |x|, chosen dims, head norms.
+//! Each graph's inputs and outputs are packed into one device buffer, so a graph costs one
+//! upload and one download.
 //!
 //! The graphs use only ops that every backend computes in f32: element-wise ops, copies,
-//! views, `pad`, `get_rows` and `sum_rows`. Never `mul_mat` or `out_prod`: CUDA runs those
+//! views, `pad`, `get_rows`, `sum_rows` and `argsort`. Never `mul_mat` or `out_prod`: CUDA runs those
 //! through cuBLAS in TF32 (ggml sets `CUBLAS_TF32_TENSOR_OP_MATH`) or its own TF32 tensor-core
 //! kernels, and Vulkan rounds their inputs to f16 on devices with f16 arithmetic; either costs
 //! about 1e-3 of relative precision (found on Mesa's llvmpipe Vulkan device, where distance
