@@ -159,6 +159,9 @@ fn device_summaries_equal_host_summaries() {
         // Each graph uploads its inputs in one copy and downloads its results in one,
         // however many tensors it has (a GPU pays a fixed latency per copy).
         assert!(th.act_nodes_device == 0 && th.act_nodes_in_place + th.act_nodes_copied > 0, "{th:?}");
+        // The cell maps learn each micro-batch from a device check of its mask (counts only),
+        // the host path from the mask itself.
+        assert!(td.masks_device > 0 && td.masks_host == 0 && th.masks_device == 0 && th.masks_host > 0, "{td:?} {th:?}");
         assert!(td.act_nodes_device > 0 && td.act_nodes_in_place + td.act_nodes_copied == 0 && td.act_fallback.is_none(), "{td:?}");
         // One download per graph; attention graphs always upload (indices), activation
         // graphs only when there are dims to pick (the attn_norm node here).

@@ -80,6 +80,45 @@ impl CellMap {
         Ok(())
     }
 
+    /// [`CellMap::assign`] from a device check's counts ([`crate::ffi::MaskOut`]) for `n`
+    /// consecutive queries that all fit in the window, which is what they prove: no expected
+    /// cell is hidden; every cell seen unexpectedly is seen by a suffix of the queries (its
+    /// count `s` and the sum of their indices, `(n - s) + ... + (n - 1)`, allow nothing
+    /// else); the suffix lengths are exactly 1..=n, once each. Query `n - s` then sees its own
+    /// cell first, and each query sees its own and the earlier queries' new cells, as
+    /// [`CellMap::assign`] would accept them one by one. Anything else returns false and
+    /// changes nothing (the host then reads the mask).
+    pub fn assign_counted(&mut self, n_kv: usize, queries: &[i32], out: &crate::ffi::MaskOut) -> bool {
+        let n = queries.len();
+        if out.unexplained.len() != n || out.hidden.len() != n || out.col_count.len() != n_kv || out.col_index_sum.len() != n_kv {
+            return false;
+        }
+        if out.hidden.iter().any(|&h| h != 0.0) || out.unexplained.iter().enumerate().any(|(k, &u)| u != (k + 1) as f32) {
+            return false;
+        }
+        let mut owner = vec![usize::MAX; n];
+        for (c, (&s, &w)) in out.col_count.iter().zip(&out.col_index_sum).enumerate() {
+            if s == 0.0 {
+                continue;
+            }
+            let su = s as usize;
+            if s != su as f32 || su > n || w != (su * (2 * n - su - 1) / 2) as f32 || owner[n - su] != usize::MAX {
+                return false;
+            }
+            owner[n - su] = c;
+        }
+        if owner.contains(&usize::MAX) {
+            return false;
+        }
+        if self.pos.len() < n_kv {
+            self.pos.resize(n_kv, -1);
+        }
+        for (k, &c) in owner.iter().enumerate() {
+            self.pos[c] = queries[k];
+        }
+        true
+    }
+
     /// One query at position `q`: `vis(cell)` tells whether it sees `cell`.
     fn assign_query(&mut self, n_kv: usize, q: i32, vis: impl Fn(usize) -> bool) -> Result<(), String> {
         let mut new_cell = None;
@@ -147,7 +186,6 @@ impl CellMap {
 
 /// The cell maps of a model's caches (global, and sliding-window when the model has one),
 /// updated once per micro-batch and cache from a `kq_soft_max` node's mask.
-#[derive(Debug, Clone)]
 pub struct CellTracker {
     maps: Vec<CellMap>,
     map_of_layer: Vec<usize>,
@@ -157,6 +195,13 @@ pub struct CellTracker {
     scratch: Vec<f32>,
     /// Bytes of masks copied from device memory.
     copied: u64,
+    /// Where masks are checked: with a device graph when `reduce` wants one for the mask
+    /// (then only counts come back), else on the host.
+    reduce: super::Reduce,
+    devices: super::Devices,
+    /// Micro-batch masks checked on the device, and read on the host (in place or copied).
+    pub masks_device: u64,
+    pub masks_host: u64,
 }
 
 impl CellTracker {
@@ -170,7 +215,28 @@ impl CellTracker {
             }
         }
         let n = maps.len();
-        CellTracker { maps, map_of_layer, map_ubatch: vec![0; n], map_cells: vec![vec![]; n], scratch: vec![], copied: 0 }
+        CellTracker {
+            maps,
+            map_of_layer,
+            map_ubatch: vec![0; n],
+            map_cells: vec![vec![]; n],
+            scratch: vec![],
+            copied: 0,
+            reduce: super::default_reduce(),
+            devices: super::Devices::default(),
+            masks_device: 0,
+            masks_host: 0,
+        }
+    }
+
+    /// Check masks where `reduce` says (the capture's or mask hook's setting).
+    pub fn set_reduce(&mut self, reduce: super::Reduce) {
+        self.reduce = reduce;
+    }
+
+    /// Device -> host bytes of the device mask checks.
+    pub fn device_bytes(&self) -> u64 {
+        self.devices.bytes().0
     }
 
     /// The cache a layer uses (0: global, 1: sliding window).
@@ -192,18 +258,40 @@ impl CellTracker {
         }
         let n_kv = softmax.ne()[0];
         let mask = softmax.src(1).ok_or_else(|| format!("{} has no mask source", softmax.name()))?;
-        let stride = mask.nb()[1] / 4;
-        if !mask.is_host() {
-            self.copied += mask.nbytes() as u64;
+        if !self.check_on_device(g, n_kv, &mask, queries)? {
+            let stride = mask.nb()[1] / 4;
+            if !mask.is_host() {
+                self.copied += mask.nbytes() as u64;
+            }
+            let data = mask.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
+            self.maps[g].assign_rows(n_kv, queries, data, stride)?;
+            self.masks_host += 1;
         }
-        let data = mask.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
-        self.maps[g].assign_rows(n_kv, queries, data, stride)?;
         let map = &self.maps[g];
         let mut cells: Vec<_> = (0..n_kv.min(map.len())).filter_map(|c| map.get(c).map(|p| super::attention::CellPos { cell: c, pos: p as usize })).collect();
         cells.sort_unstable_by_key(|c| c.pos);
         self.map_cells[g] = cells;
         self.map_ubatch[g] = ubatch;
         Ok(())
+    }
+
+    /// The usual micro-batch, checked by a device graph without copying the mask: consecutive
+    /// queries that all fit in the window. `Ok(false)`: not checked there (the host reads the
+    /// mask, and names the problem if there is one).
+    fn check_on_device(&mut self, g: usize, n_kv: usize, mask: &crate::ffi::TensorView, queries: &[i32]) -> Result<bool, String> {
+        let map = &self.maps[g];
+        let consecutive = queries.windows(2).all(|w| w[1] == w[0] + 1);
+        if queries.is_empty() || !consecutive || map.window.is_some_and(|w| (w as usize) < queries.len()) || !self.devices.wanted(self.reduce, mask) {
+            return Ok(false);
+        }
+        let cell_pos: Vec<f32> = (0..n_kv).map(|c| map.pos.get(c).copied().unwrap_or(-1) as f32).collect();
+        let lo: Vec<f32> = queries.iter().map(|&q| map.window.map_or(0, |w| (q - w + 1).max(0)) as f32).collect();
+        let q: Vec<f32> = queries.iter().map(|&q| q as f32).collect();
+        let plan = crate::ffi::MaskPlan { cell_pos: &cell_pos, lo: &lo, q: &q };
+        let Some(out) = self.devices.try_run(self.reduce, mask, |d| d.check_mask(mask, &plan))? else { return Ok(false) };
+        let ok = self.maps[g].assign_counted(n_kv, queries, &out);
+        self.masks_device += ok as u64;
+        Ok(ok)
     }
 
     /// Bytes of masks copied from device memory so far.

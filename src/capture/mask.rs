@@ -63,7 +63,8 @@ pub fn new_mask(model: &Model, swa_layers: &[usize]) -> (MaskHook, MaskHandle) {
 /// included), in host memory (`Host`: a device tensor is copied out and back), or as fits (`Auto`).
 pub fn new_mask_with(model: &Model, swa_layers: &[usize], reduce: Reduce) -> (MaskHook, MaskHandle) {
     let n_layer = model.n_layer();
-    let cells = CellTracker::new(n_layer, swa_layers, model.n_swa() as i32);
+    let mut cells = CellTracker::new(n_layer, swa_layers, model.n_swa() as i32);
+    cells.set_reduce(reduce);
     let mut window = vec![None; n_layer];
     for &l in swa_layers {
         window[l] = Some(model.n_swa() as i32);

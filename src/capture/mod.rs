@@ -155,6 +155,10 @@ pub struct TransferStats {
     pub act_bytes_down: u64,
     /// Why device reduction of activations was turned off, if it was.
     pub act_fallback: Option<String>,
+    /// Micro-batch masks (one per cache) checked against the cell maps by a device graph
+    /// (counts come back) and read on the host (in place, or copied from a device).
+    pub masks_device: u64,
+    pub masks_host: u64,
     /// Wall time inside the capture's callback (reading and reducing observed nodes) and,
     /// of that, in device graphs. Timings: kept out of `meta.json`, which must be the same
     /// for the same run; `bench capture` reports them.
@@ -375,7 +379,11 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         }),
         acts,
         include_self: cfg.include_self,
-        cells: CellTracker::new(n_layer, swa_layers, model.n_swa() as i32),
+        cells: {
+            let mut c = CellTracker::new(n_layer, swa_layers, model.n_swa() as i32);
+            c.set_reduce(cfg.reduce);
+            c
+        },
         cursor: Cursor::default(),
         swa_layers: swa_layers.to_vec(),
         scratch: vec![],
@@ -429,7 +437,8 @@ impl CaptureHandle {
         let mut t = s.stats.clone();
         t.reduce = Some(s.reduce);
         let (down, up) = s.devices.bytes();
-        t.bytes_down += down + s.cells.bytes_copied();
+        t.bytes_down += down + s.cells.bytes_copied() + s.cells.device_bytes();
+        (t.masks_device, t.masks_host) = (s.cells.masks_device, s.cells.masks_host);
         t.bytes_up += up;
         (t.copies_down, t.copies_up) = s.devices.copies();
         let (act_down, act_up) = s.act_devices.bytes();

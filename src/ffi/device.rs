@@ -127,6 +127,28 @@ pub struct ActOut {
     pub head_sumsq: Vec<f32>,
 }
 
+/// A micro-batch's attention mask against the cell mirror before it: entry `(c, k)` is
+/// expected visible when `lo[k] <= cell_pos[c] <= q[k]` (the query's window and causality;
+/// empty cells are -1). The caller decides from [`MaskOut`] whether the mask is the usual
+/// pattern (each query's own cell new, seen by every later query).
+pub struct MaskPlan<'a> {
+    pub cell_pos: &'a [f32],
+    pub lo: &'a [f32],
+    pub q: &'a [f32],
+}
+
+/// Counts of mask entries the mirror does not explain.
+#[derive(Debug, Default, Clone)]
+pub struct MaskOut {
+    /// Per query: cells it sees that the mirror does not expect.
+    pub unexplained: Vec<f32>,
+    /// Per query: cells the mirror expects it to see that the mask hides.
+    pub hidden: Vec<f32>,
+    /// Per cell: the queries that see it unexpectedly, and the sum of their indices.
+    pub col_count: Vec<f32>,
+    pub col_index_sum: Vec<f32>,
+}
+
 /// Which (cell, query, head group) entries of `kq` to hide: cell `c` of head group `g` is
 /// hidden from query `i` when `hidden[g * n_kv + c] == 1` and `0 < q_i - p_c < window`.
 pub struct HidePlan<'a> {
@@ -690,6 +712,62 @@ impl DeviceCompute {
         Ok(ActOut { sumsq, top_abs, top_dim: top_bits.iter().map(|x| x.to_bits() as i32).collect(), k_top, median_abs, values, head_sumsq })
     }
 
+    /// Check one micro-batch's attention mask against the cell mirror on the device (see
+    /// [`MaskPlan`]); only per-query and per-cell counts come back, not the mask.
+    pub fn check_mask(&mut self, mask: &TensorView, plan: &MaskPlan) -> Result<MaskOut, DeviceError> {
+        let (n_kv, n_tok) = (plan.cell_pos.len(), plan.q.len());
+        let stride = mask.nb()[1] / 4;
+        let extent = (n_tok.max(1) - 1) * stride + n_kv;
+        if !mask.is_f32() || mask.nb()[0] != 4 {
+            return Err(DeviceError::Layout { name: mask.name().into(), ty: mask.type_name().into() });
+        }
+        if n_kv == 0 || n_tok == 0 || plan.lo.len() != n_tok || mask.ne()[0] < n_kv || stride < n_kv || extent * 4 > mask.nbytes() {
+            return Err(DeviceError::Plan(format!("mask check of {n_tok} queries and {n_kv} cells on a {:?} mask", mask.ne())));
+        }
+        let index: Vec<f32> = (0..n_tok).map(|k| k as f32).collect();
+        let ctx = GraphCtx::new(48);
+        let c = ctx.ptr();
+        let (ne_kv, ne_tok) = (n_kv as i64, n_tok as i64);
+        let mut inputs: Vec<(*mut sys::ggml_tensor, Upload)> = vec![];
+        // SAFETY: tensors of `ctx` and the aliased mask memory, extents checked above.
+        let (graph, outs) = unsafe {
+            let m = sys::ggml_view_2d(c, alias(c, mask, extent)?, ne_kv, ne_tok, stride * 4, 0);
+            let input = |ne0: i64, ne1: i64| {
+                let t = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, ne0, ne1);
+                sys::ggml_set_input(t);
+                t
+            };
+            let (cp, lo, q, k) = (input(ne_kv, 1), input(1, ne_tok), input(1, ne_tok), input(ne_tok, 1));
+            for (t, d) in [(cp, plan.cell_pos), (lo, plan.lo), (q, plan.q), (k, &index[..])] {
+                inputs.push((t, Upload::F32(d)));
+            }
+            // Visible: the mask entry is above -inf (x + 1e30 > 0 for every finite x).
+            let vis = sys::ggml_step(c, sys::ggml_scale_bias(c, m, 1.0, 1e30));
+            // Expected: lo_k <= p_c <= q_k (positions are integers; empty cells are -1).
+            let half_step = |x: *mut sys::ggml_tensor| sys::ggml_step(c, sys::ggml_scale_bias(c, x, 1.0, 0.5));
+            let ge = half_step(sys::ggml_sub(c, sys::ggml_repeat_4d(c, cp, ne_kv, ne_tok, 1, 1), lo));
+            let le = half_step(sys::ggml_sub(c, sys::ggml_repeat_4d(c, q, ne_kv, ne_tok, 1, 1), cp));
+            let d = sys::ggml_sub(c, vis, sys::ggml_mul(c, ge, le));
+            let unexplained = sys::ggml_relu(c, d);
+            let hidden = sys::ggml_relu(c, sys::ggml_neg(c, d));
+            // Per cell, over queries: rows of the transpose.
+            let ut = sys::ggml_cont(c, sys::ggml_transpose(c, unexplained));
+            let o = vec![sys::ggml_sum_rows(c, unexplained), sys::ggml_sum_rows(c, hidden), sys::ggml_sum_rows(c, ut), sys::ggml_sum_rows(c, sys::ggml_mul(c, ut, k))];
+            let gf = sys::ggml_new_graph(c);
+            for &t in &o {
+                sys::ggml_set_output(t);
+                sys::ggml_build_forward_expand(gf, t);
+            }
+            (gf, o)
+        };
+        let mut data = vec![vec![]; outs.len()];
+        let mut outputs: Vec<(*mut sys::ggml_tensor, &mut Vec<f32>)> = outs.iter().copied().zip(data.iter_mut()).collect();
+        self.run(&ctx, graph, &inputs, &mut outputs)?;
+        let mut it = data.into_iter();
+        let mut next = || it.next().unwrap_or_default();
+        Ok(MaskOut { unexplained: next(), hidden: next(), col_count: next(), col_index_sum: next() })
+    }
+
     /// Add `log(keep)` to a `kq` tensor in place: `-inf` where [`HidePlan`] hides, `+0` elsewhere.
     pub fn hide(&mut self, t: &TensorView, plan: &HidePlan) -> Result<(), DeviceError> {
         let [n_kv, n_tok, n_head, _] = t.ne();
@@ -926,6 +1004,80 @@ mod tests {
                 sys::ggml_backend_buffer_free(buf);
             }
         }
+    }
+
+    /// The device mask check, run on the CPU backend, accepts the usual micro-batches and then
+    /// learns what the host's per-cell checks learn; a corrupted mask is never accepted
+    /// (it goes to the host, which names the problem).
+    #[test]
+    fn device_mask_check_learns_what_the_host_learns() {
+        use crate::capture::cells::CellMap;
+        super::super::init_backend();
+        let mut rng = crate::rng::SplitMix64(11);
+        let (mut accepted, mut refused) = (0, 0);
+        for case in 0..120 {
+            let window = [None, Some(8), Some(5)][case % 3];
+            let n_kv = 8 + rng.next_u64() as usize % 9;
+            let n0 = 3 + rng.next_u64() as usize % 4;
+            let n = 1 + rng.next_u64() as usize % window.map_or(4, |w: i32| (w as usize).min(4));
+            // The mirror after a first micro-batch of n0 tokens in cells 0.., some then removed.
+            let mut map = CellMap::new(window);
+            let first: Vec<i32> = (0..n0 as i32).collect();
+            let vis0 = |p: i32, q: i32| p <= q && window.is_none_or(|w| q - p < w);
+            map.assign(n_kv, &first, |k, c| c < n0 && vis0(c as i32, first[k])).unwrap();
+            let mut truth: Vec<i32> = (0..n_kv as i32).map(|c| if (c as usize) < n0 { c } else { -1 }).collect();
+            if case % 2 == 1 {
+                let p = (rng.next_u64() % n0 as u64) as i32;
+                map.remove(p, p + 1);
+                truth[p as usize] = -1;
+            }
+            // The next micro-batch: consecutive queries, each in a free (or stale) cell.
+            let queries: Vec<i32> = (0..n as i32).map(|i| n0 as i32 + 2 + i).collect();
+            for &q in &queries {
+                let free: Vec<usize> = (0..n_kv).filter(|&c| truth[c] < 0 || window.is_some_and(|w| queries[0] - truth[c] >= w)).collect();
+                let c = free[rng.next_u64() as usize % free.len()];
+                truth[c] = q;
+            }
+            let mut data: Vec<f32> = queries.iter().flat_map(|&q| truth.iter().map(move |&p| if p >= 0 && vis0(p, q) { 0.0 } else { f32::NEG_INFINITY })).collect();
+            let corrupt = case % 4 == 2;
+            if corrupt {
+                let i = rng.next_u64() as usize % data.len();
+                data[i] = if data[i] == 0.0 { f32::NEG_INFINITY } else { 0.0 };
+            }
+            let cell_pos: Vec<f32> = (0..n_kv).map(|c| map.get(c).unwrap_or(-1) as f32).collect();
+            let lo: Vec<f32> = queries.iter().map(|&q| window.map_or(0, |w| (q - w + 1).max(0)) as f32).collect();
+            let q: Vec<f32> = queries.iter().map(|&q| q as f32).collect();
+            let ctx = GraphCtx::new(1);
+            // SAFETY: a CPU buffer holding one [n_kv, n] f32 tensor at its base, filled; the
+            // view and the device object are dropped before the buffer.
+            let out = unsafe {
+                let t = sys::ggml_new_tensor_2d(ctx.ptr(), sys::GGML_TYPE_F32, n_kv as i64, n as i64);
+                let buft = sys::ggml_backend_dev_buffer_type(sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU));
+                let buf = sys::ggml_backend_buft_alloc_buffer(buft, sys::ggml_nbytes(t) + 256);
+                assert_eq!(sys::ggml_backend_tensor_alloc(buf, t, sys::ggml_backend_buffer_get_base(buf)), sys::GGML_STATUS_SUCCESS);
+                sys::ggml_backend_tensor_set(t, data.as_ptr() as *const _, 0, data.len() * 4);
+                let out = {
+                    let view = TensorView::new(NonNull::new(t).unwrap());
+                    let mut dc = DeviceCompute::for_tensor(&view).unwrap();
+                    dc.check_mask(&view, &MaskPlan { cell_pos: &cell_pos, lo: &lo, q: &q }).unwrap()
+                };
+                sys::ggml_backend_buffer_free(buf);
+                out
+            };
+            let (mut dev, mut host) = (map.clone(), map.clone());
+            let by_device = dev.assign_counted(n_kv, &queries, &out);
+            let by_host = host.assign_rows(n_kv, &queries, &data, n_kv);
+            if by_device {
+                accepted += 1;
+                assert!(by_host.is_ok(), "case {case}: the device accepted what the host refuses: {by_host:?}");
+                assert_eq!((0..n_kv).map(|c| dev.get(c)).collect::<Vec<_>>(), (0..n_kv).map(|c| host.get(c)).collect::<Vec<_>>(), "case {case}");
+            } else {
+                refused += 1;
+                assert!(corrupt, "case {case}: a clean micro-batch was left to the host: {out:?}");
+                assert_eq!((0..n_kv).map(|c| dev.get(c)).collect::<Vec<_>>(), (0..n_kv).map(|c| map.get(c)).collect::<Vec<_>>(), "case {case}: refused but changed");
+            }
+        }
+        assert!(accepted > 60 && refused > 10, "accepted {accepted}, refused {refused}");
     }
 
     /// The runs cover every distance below the span once, in bucket order, and name the

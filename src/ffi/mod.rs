@@ -17,7 +17,7 @@ pub use backend::{init_backend, last_llama_error, set_verbose};
 pub use batch::{Batch, BatchError};
 pub use callback::{EvalHook, HookError, Hooks, NodeInfo};
 pub use context::{interrupted, request_interrupt, Context, ContextError, ContextParams, DecodeError, FlashAttn, KvType, StateError};
-pub use device::{devices, ActOut, ActPlan, AttnOut, AttnPlan, DeviceCompute, DeviceError, DeviceInfo, DistPlan, FlowPlan, HidePlan};
+pub use device::{devices, ActOut, ActPlan, AttnOut, AttnPlan, DeviceCompute, DeviceError, DeviceInfo, DistPlan, FlowPlan, HidePlan, MaskOut, MaskPlan};
 pub use model::{LoadError, Model, ModelMeta, ModelParams, RunDevice, TemplateError, TokenizeError};
 pub use quantize::{quant_type, quantize, QuantizeError, QUANT_TYPES};
 pub use tensor::{TensorView, ViewError};
