@@ -957,7 +957,6 @@ mod tests {
     #[test]
     fn activation_graph_equals_host_rows() {
         use crate::capture::activation::ActivationAcc;
-        super::super::init_backend();
         for (width, stride, heads) in [(7usize, 7usize, 0usize), (6, 9, 3), (1, 1, 0), (2, 5, 2), (64, 64, 4), (9, 12, 0)] {
             let n_rows = 5;
             let mut rng = crate::rng::SplitMix64(width as u64 * 31 + stride as u64);
@@ -965,44 +964,51 @@ mod tests {
             let data: Vec<f32> = (0..(n_rows - 1) * stride + width).map(|i| if i % 4 == 0 { [1.0, -1.0][i % 8 / 4] } else { 3.0 * rng.gauss() as f32 }).collect();
             let dims = vec![0, width - 1, width / 2];
             let queries: Vec<i32> = (0..n_rows as i32).map(|i| 2 * i).collect();
-            let ctx = GraphCtx::new(1);
-            // SAFETY: a CPU buffer sized for one tensor of `data.len()` floats, placed at its
-            // base and filled; the view and the device object are dropped before the buffer.
-            unsafe {
-                let t = sys::ggml_new_tensor_1d(ctx.ptr(), sys::GGML_TYPE_F32, data.len() as i64);
-                let buft = sys::ggml_backend_dev_buffer_type(sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU));
-                let buf = sys::ggml_backend_buft_alloc_buffer(buft, sys::ggml_nbytes(t) + 256);
-                assert!(!buf.is_null());
-                assert_eq!(sys::ggml_backend_tensor_alloc(buf, t, sys::ggml_backend_buffer_get_base(buf)), sys::GGML_STATUS_SUCCESS);
-                sys::ggml_backend_tensor_set(t, data.as_ptr() as *const _, 0, data.len() * 4);
-                {
-                    let view = TensorView::new(NonNull::new(t).unwrap());
-                    let mut dc = DeviceCompute::for_tensor(&view).unwrap();
-                    let plan = ActPlan { width, n_rows, row_stride: stride, dims: &dims, n_heads: heads };
-                    let out = dc.reduce_activation(&view, &plan).unwrap();
-                    assert_eq!((dc.copies_up, dc.copies_down), (1, 1));
-                    let mut host = ActivationAcc::new("x", 1, dims.clone());
-                    host.heads = (heads > 0).then_some(heads);
-                    let mut dev = host.clone();
-                    host.add(0, &data, width, stride, &queries).unwrap();
-                    dev.add_reduced(0, &out, width, &queries).unwrap();
-                    let (h, d) = (host.layers[0].as_ref().unwrap(), dev.layers[0].as_ref().unwrap());
-                    let case = format!("width {width}, stride {stride}, heads {heads}");
-                    assert_eq!((h.n_pos, &h.median_abs, &h.values), (d.n_pos, &d.median_abs, &d.values), "{case}");
-                    for (a, b) in h.norm.iter().chain(&h.head_norm).zip(d.norm.iter().chain(&d.head_norm)) {
-                        assert!((a - b).abs() <= 1e-6 * a.abs(), "{case}: norm {a} vs {b}");
-                    }
-                    for (p, (ht, dt)) in h.top3.iter().zip(&d.top3).enumerate() {
-                        for k in 0..3 {
-                            assert_eq!(ht[k].1, dt[k].1, "{case}: top |x| {k} at {p}");
-                            let tied = ht.iter().filter(|x| x.1 == ht[k].1).count() > 1;
-                            assert!(ht[k].0 == dt[k].0 || tied, "{case}: top dim {k} at {p}: {ht:?} vs {dt:?}");
-                        }
-                    }
-                    assert!(h.median_abs.iter().step_by(2).all(|&m| m > 0.0), "{case}: rows were written");
+            on_cpu_tensor(data.len(), 1, &data, |view| {
+                let mut dc = DeviceCompute::for_tensor(view).unwrap();
+                let plan = ActPlan { width, n_rows, row_stride: stride, dims: &dims, n_heads: heads };
+                let out = dc.reduce_activation(view, &plan).unwrap();
+                assert_eq!((dc.copies_up, dc.copies_down), (1, 1));
+                let mut host = ActivationAcc::new("x", 1, dims.clone());
+                host.heads = (heads > 0).then_some(heads);
+                let mut dev = host.clone();
+                host.add(0, &data, width, stride, &queries).unwrap();
+                dev.add_reduced(0, &out, width, &queries).unwrap();
+                let (h, d) = (host.layers[0].as_ref().unwrap(), dev.layers[0].as_ref().unwrap());
+                let case = format!("width {width}, stride {stride}, heads {heads}");
+                assert_eq!((h.n_pos, &h.median_abs, &h.values), (d.n_pos, &d.median_abs, &d.values), "{case}");
+                for (a, b) in h.norm.iter().chain(&h.head_norm).zip(d.norm.iter().chain(&d.head_norm)) {
+                    assert!((a - b).abs() <= 1e-6 * a.abs(), "{case}: norm {a} vs {b}");
                 }
-                sys::ggml_backend_buffer_free(buf);
-            }
+                for (p, (ht, dt)) in h.top3.iter().zip(&d.top3).enumerate() {
+                    for k in 0..3 {
+                        assert_eq!(ht[k].1, dt[k].1, "{case}: top |x| {k} at {p}");
+                        let tied = ht.iter().filter(|x| x.1 == ht[k].1).count() > 1;
+                        assert!(ht[k].0 == dt[k].0 || tied, "{case}: top dim {k} at {p}: {ht:?} vs {dt:?}");
+                    }
+                }
+                assert!(h.median_abs.iter().step_by(2).all(|&m| m > 0.0), "{case}: rows were written");
+            });
+        }
+    }
+
+    /// `f` over a tensor `[ne0, ne1]` of the CPU backend holding `data`.
+    fn on_cpu_tensor<T>(ne0: usize, ne1: usize, data: &[f32], f: impl FnOnce(&TensorView) -> T) -> T {
+        assert_eq!(data.len(), ne0 * ne1);
+        super::super::init_backend();
+        let ctx = GraphCtx::new(1);
+        // SAFETY: a CPU buffer sized for the one tensor, placed at its base and filled; the
+        // view (and whatever `f` made of it) is gone before the buffer is freed.
+        unsafe {
+            let t = sys::ggml_new_tensor_2d(ctx.ptr(), sys::GGML_TYPE_F32, ne0 as i64, ne1 as i64);
+            let buft = sys::ggml_backend_dev_buffer_type(sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU));
+            let buf = sys::ggml_backend_buft_alloc_buffer(buft, sys::ggml_nbytes(t) + 256);
+            assert!(!buf.is_null());
+            assert_eq!(sys::ggml_backend_tensor_alloc(buf, t, sys::ggml_backend_buffer_get_base(buf)), sys::GGML_STATUS_SUCCESS);
+            sys::ggml_backend_tensor_set(t, data.as_ptr() as *const _, 0, data.len() * 4);
+            let r = f(&TensorView::new(NonNull::new(t).unwrap()));
+            sys::ggml_backend_buffer_free(buf);
+            r
         }
     }
 
@@ -1012,7 +1018,6 @@ mod tests {
     #[test]
     fn device_mask_check_learns_what_the_host_learns() {
         use crate::capture::cells::CellMap;
-        super::super::init_backend();
         let mut rng = crate::rng::SplitMix64(11);
         let (mut accepted, mut refused) = (0, 0);
         for case in 0..120 {
@@ -1047,23 +1052,7 @@ mod tests {
             let cell_pos: Vec<f32> = (0..n_kv).map(|c| map.get(c).unwrap_or(-1) as f32).collect();
             let lo: Vec<f32> = queries.iter().map(|&q| window.map_or(0, |w| (q - w + 1).max(0)) as f32).collect();
             let q: Vec<f32> = queries.iter().map(|&q| q as f32).collect();
-            let ctx = GraphCtx::new(1);
-            // SAFETY: a CPU buffer holding one [n_kv, n] f32 tensor at its base, filled; the
-            // view and the device object are dropped before the buffer.
-            let out = unsafe {
-                let t = sys::ggml_new_tensor_2d(ctx.ptr(), sys::GGML_TYPE_F32, n_kv as i64, n as i64);
-                let buft = sys::ggml_backend_dev_buffer_type(sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU));
-                let buf = sys::ggml_backend_buft_alloc_buffer(buft, sys::ggml_nbytes(t) + 256);
-                assert_eq!(sys::ggml_backend_tensor_alloc(buf, t, sys::ggml_backend_buffer_get_base(buf)), sys::GGML_STATUS_SUCCESS);
-                sys::ggml_backend_tensor_set(t, data.as_ptr() as *const _, 0, data.len() * 4);
-                let out = {
-                    let view = TensorView::new(NonNull::new(t).unwrap());
-                    let mut dc = DeviceCompute::for_tensor(&view).unwrap();
-                    dc.check_mask(&view, &MaskPlan { cell_pos: &cell_pos, lo: &lo, q: &q }).unwrap()
-                };
-                sys::ggml_backend_buffer_free(buf);
-                out
-            };
+            let out = on_cpu_tensor(n_kv, n, &data, |view| DeviceCompute::for_tensor(view).unwrap().check_mask(view, &MaskPlan { cell_pos: &cell_pos, lo: &lo, q: &q }).unwrap());
             let (mut dev, mut host) = (map.clone(), map.clone());
             let by_device = dev.assign_counted(n_kv, &queries, &out);
             let by_host = host.assign_rows(n_kv, &queries, &data, n_kv);
