@@ -34,8 +34,14 @@ impl CellMap {
         self.pos.iter().all(|&p| p < 0)
     }
 
+    /// The lowest position a query at `query` sees (0, or the window's start).
+    fn lowest_visible(&self, query: i32) -> i32 {
+        self.window.map_or(0, |w| (query - w + 1).max(0))
+    }
+
+    /// Whether a query at `query` sees a key at `key` (-1: an empty cell, never seen).
     fn expected_visible(&self, key: i32, query: i32) -> bool {
-        key >= 0 && key <= query && self.window.map_or(true, |w| query - key < w)
+        key >= self.lowest_visible(query) && key <= query
     }
 
     /// Update the mirror from one micro-batch's mask.
@@ -64,8 +70,9 @@ impl CellMap {
         }
         for (k, &q) in queries.iter().enumerate() {
             let row = &data[k * stride..k * stride + n_kv];
-            // Expected visible: lo <= position <= q (empty cells are -1).
-            let lo = self.window.map_or(0, |w| (q - w + 1).max(0));
+            // Expected visible: lo <= position <= q, as `expected_visible` (written out here
+            // so the pass vectorizes).
+            let lo = self.lowest_visible(q);
             let pos = &self.pos[..n_kv];
             let unexplained: u32 = row.iter().zip(pos).map(|(&m, &p)| ((m > f32::NEG_INFINITY) != (p >= lo && p <= q)) as u32).sum();
             let own = match unexplained {
@@ -285,7 +292,7 @@ impl CellTracker {
             return Ok(false);
         }
         let cell_pos: Vec<f32> = (0..n_kv).map(|c| map.pos.get(c).copied().unwrap_or(-1) as f32).collect();
-        let lo: Vec<f32> = queries.iter().map(|&q| map.window.map_or(0, |w| (q - w + 1).max(0)) as f32).collect();
+        let lo: Vec<f32> = queries.iter().map(|&q| map.lowest_visible(q) as f32).collect();
         let q: Vec<f32> = queries.iter().map(|&q| q as f32).collect();
         let plan = crate::ffi::MaskPlan { cell_pos: &cell_pos, lo: &lo, q: &q };
         let Some(out) = self.devices.try_run(self.reduce, mask, |d| d.check_mask(mask, &plan))? else { return Ok(false) };
