@@ -258,7 +258,6 @@ impl AttentionAcc {
         let max_q = q0 + n_tok - 1;
         self.prepare(layer, max_q);
         let (cap, nb, n_head, obs) = (self.cap, self.n_buckets, self.n_head, self.obs);
-        let n_w = if obs.is_some() { 3 } else { 1 };
         let la = self.layers[layer].as_mut().expect("layer allocated by prepare");
         // Cells up to the last query, in position order; the queries are the consecutive
         // positions q0..=max_q (the device path's condition), so a cell at `pos >= q0` is
@@ -266,13 +265,16 @@ impl AttentionAcc {
         // layer and micro-batch while the GPU waits).
         let cells = &cells[..cells.partition_point(|cp| cp.pos <= max_q)];
         let LayerAttention { received, self_attn, first_sum, window, last, .. } = la;
+        // Column sums of range `w` for head `h` (an empty range summed nothing: zeros).
+        let col = |w: usize, h: usize| r.cols.get(w).filter(|v| !v.is_empty()).map(|v| &v[n_kv * h..n_kv * (h + 1)]);
+        let zeros = vec![0.0f32; n_kv];
         for h in 0..n_head {
-            let cols = &r.cols[n_w * n_kv * h..n_w * n_kv * (h + 1)];
+            let cols = col(0, h).unwrap_or(&zeros);
             let own_row = &r.gathered[h * n_tok..(h + 1) * n_tok];
             let rec = &mut received[h * cap..(h + 1) * cap];
             let own_acc = &mut self_attn[h * cap..(h + 1) * cap];
             for cp in cells {
-                let all = cols[n_w * cp.cell] as f64;
+                let all = cols[cp.cell] as f64;
                 if cp.pos >= q0 {
                     let own = own_row[cp.pos - q0] as f64;
                     rec[cp.pos] += all - own;
@@ -283,15 +285,16 @@ impl AttentionAcc {
             }
             if let Some(c0) = cells.first().filter(|cp| cp.pos == 0) {
                 let own = if q0 == 0 { own_row[0] as f64 } else { 0.0 };
-                *first_sum += cols[n_w * c0.cell] as f64 - own;
+                *first_sum += cols[c0.cell] as f64 - own;
             }
             if let Some((_, last_q)) = obs {
                 let win = &mut window[h * cap..(h + 1) * cap];
                 let lst = &mut last[h * cap..(h + 1) * cap];
                 let last_here = (q0..=max_q).contains(&last_q);
+                let (in_window, at_last) = (col(1, h).unwrap_or(&zeros), col(2, h).unwrap_or(&zeros));
                 for cp in cells {
-                    win[cp.pos] += cols[n_w * cp.cell + 1] as f64;
-                    let v = cols[n_w * cp.cell + 2] as f64;
+                    win[cp.pos] += in_window[cp.cell] as f64;
+                    let v = at_last[cp.cell] as f64;
                     if last_here && cp.pos <= last_q && v != 0.0 {
                         lst[cp.pos] = v;
                     }

@@ -230,7 +230,7 @@ impl CellTracker {
             scratch: vec![],
             copied: 0,
             reduce: super::default_reduce(),
-            devices: super::Devices::default(),
+            devices: super::Devices::new(1),
             masks_device: 0,
             masks_host: 0,
         }

@@ -84,7 +84,7 @@ pub fn new_mask_with(model: &Model, swa_layers: &[usize], reduce: Reduce) -> (Ma
         written: 0,
         lookup: vec![],
         reduce,
-        devices: Devices::default(),
+        devices: Devices::new(2),
         scratch: vec![],
         nodes: [0; 3],
     };

@@ -62,14 +62,20 @@ pub fn default_reduce() -> Reduce {
 }
 
 /// Devices for a hook's graphs, one per device that handed it a tensor (layers may be split).
-#[derive(Default)]
 pub struct Devices {
     list: Vec<DeviceCompute>,
+    /// Graphs each device keeps built (see [`DeviceCompute::for_tensor`]).
+    slots: usize,
     /// Why device work was turned off (an op the device lacks); host copies from then on.
     pub off: Option<String>,
 }
 
 impl Devices {
+    /// Devices started on first use, each keeping `slots` graphs built.
+    pub fn new(slots: usize) -> Devices {
+        Devices { list: vec![], slots, off: None }
+    }
+
     /// Whether a tensor goes through a device graph under `mode`.
     pub fn wanted(&self, mode: Reduce, t: &TensorView) -> bool {
         self.off.is_none() && (mode == Reduce::Device || mode == Reduce::Auto && !t.is_host())
@@ -80,7 +86,7 @@ impl Devices {
         let k = match self.list.iter().position(|d| d.owns(t)) {
             Some(k) => k,
             None => {
-                self.list.push(DeviceCompute::for_tensor(t)?);
+                self.list.push(DeviceCompute::for_tensor(t, self.slots.max(1))?);
                 self.list.len() - 1
             }
         };
@@ -114,6 +120,11 @@ impl Devices {
         self.list.iter().fold((0, 0), |(d, u), x| (d + x.copies_down, u + x.copies_up))
     }
 
+    /// Graphs built and graphs run (a run reuses a graph built for the same shape and plan).
+    pub fn graphs(&self) -> (u64, u64) {
+        self.list.iter().fold((0, 0), |(b, r), x| (b + x.builds, r + x.runs))
+    }
+
     /// Wall time spent running device graphs.
     pub fn seconds(&self) -> f64 {
         self.list.iter().fold(0.0, |s, d| s + d.seconds)
@@ -139,6 +150,10 @@ pub struct TransferStats {
     /// downloads its results in one (a GPU pays a fixed latency per copy).
     pub copies_down: u64,
     pub copies_up: u64,
+    /// Attention and activation graphs built, and run: a graph is built once per shape and
+    /// plan (a micro-batch and cache) and rerun for each layer, over that layer's memory.
+    pub graphs_built: u64,
+    pub graphs_run: u64,
     /// Bytes of the attention tensors themselves (what copying them whole would move).
     pub tensor_bytes: u64,
     /// Devices the graphs ran on.
@@ -389,8 +404,10 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         scratch: vec![],
         skipped_nodes: vec![],
         reduce: cfg.reduce,
-        devices: Devices::default(),
-        act_devices: Devices::default(),
+        // Attention: one shape per cache in a micro-batch (two for sliding-window models);
+        // activations: one per captured node kind (the node, values, keys...).
+        devices: Devices::new(2),
+        act_devices: Devices::new(4),
         plans: vec![None, None],
         stats: TransferStats::default(),
     };
@@ -446,6 +463,8 @@ impl CaptureHandle {
         t.bytes_up += act_up;
         let (cd, cu) = s.act_devices.copies();
         (t.copies_down, t.copies_up) = (t.copies_down + cd, t.copies_up + cu);
+        let ((ab, ar), (vb, vr)) = (s.devices.graphs(), s.act_devices.graphs());
+        (t.graphs_built, t.graphs_run) = (ab + vb, ar + vr);
         t.devices = s.devices.names();
         for d in s.act_devices.names() {
             if !t.devices.contains(&d) {

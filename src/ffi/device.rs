@@ -86,8 +86,8 @@ pub struct FlowPlan<'a> {
 /// Results copied back from the device.
 #[derive(Debug, Default, Clone)]
 pub struct AttnOut {
-    /// `[w + ranges.len() * (c + n_kv * h)]`.
-    pub cols: Vec<f32>,
+    /// Per range `w`: `[c + n_kv * h]` (empty for an empty range).
+    pub cols: Vec<Vec<f32>>,
     /// In the order of `AttnPlan::gather`.
     pub gathered: Vec<f32>,
     /// `[b + n_buckets * i]`.
@@ -159,39 +159,91 @@ pub struct HidePlan<'a> {
     pub window: f32,
 }
 
-/// A ggml backend on the device that owns a tensor's buffer, with a graph allocator that
-/// keeps its device memory between calls.
+/// A ggml backend on the device that owns a tensor's buffer. A graph is built, checked,
+/// planned and placed in device memory once for a shape and plan ([`Prepared`]), then run
+/// again for every tensor that matches them: the layers of a micro-batch differ only in the
+/// memory they read, so each of them costs one repointing of the alias, at most one upload
+/// (none when the inputs are the ones already there), the kernels and one download.
 pub struct DeviceCompute {
     dev: sys::ggml_backend_dev_t,
     backend: NonNull<sys::ggml_backend>,
-    galloc: NonNull<sys::ggml_gallocr>,
-    /// Allocators whose buffers were outgrown, kept until this object is dropped (see
-    /// [`DeviceCompute::run`]).
-    retired: Vec<NonNull<sys::ggml_gallocr>>,
+    /// Graphs kept ready, each in its own memory: attention needs two when a model's layers
+    /// alternate between a sliding-window and a global cache; activations one per node kind.
+    slots: Vec<Slot>,
     /// An allocator that only plans (it never holds a buffer): the size a graph needs.
     measure: NonNull<sys::ggml_gallocr>,
     name: String,
-    /// A buffer of this device for each graph's inputs and outputs, packed so that each
-    /// direction is one copy (see [`DeviceCompute::run`]); grows by doubling.
-    io: Option<NonNull<sys::ggml_backend_buffer>>,
-    /// Outgrown `io` buffers, kept until this object is dropped (as `retired`).
-    io_retired: Vec<NonNull<sys::ggml_backend_buffer>>,
-    /// Host staging for the packed inputs and outputs.
-    stage_up: Vec<u8>,
-    stage_down: Vec<u8>,
+    /// Host staging for the packed inputs and outputs, in 4-byte words (f32 or i32).
+    stage_up: Vec<u32>,
+    stage_down: Vec<f32>,
+    /// Runs so far: the slot least recently run is the one rebuilt.
+    clock: u64,
     /// Bytes copied device -> host and host -> device by this object.
     pub bytes_down: u64,
     pub bytes_up: u64,
-    /// Copies made each way (one per graph that has inputs, one per graph that has outputs).
+    /// Copies made each way: one download per graph run that has outputs, one upload per run
+    /// whose inputs differ from the ones its slot holds.
     pub copies_down: u64,
     pub copies_up: u64,
-    /// Wall time spent running graphs (allocation, uploads, compute, downloads).
+    /// Graphs built, and graphs run (a run reuses a built graph when it can).
+    pub builds: u64,
+    pub runs: u64,
+    /// Wall time spent building and running graphs (uploads, compute, downloads).
     pub seconds: f64,
 }
 
-// SAFETY: the backend and allocator are used only through `&mut self`, from one thread at a
-// time (the thread running `llama_decode`); ggml backends are not tied to their creating thread.
+// SAFETY: the backend, allocators and graphs are used only through `&mut self`, from one
+// thread at a time (the thread running `llama_decode`); ggml backends are not tied to their
+// creating thread.
 unsafe impl Send for DeviceCompute {}
+
+/// Device memory for one prepared graph: a graph allocator for its intermediate tensors and
+/// a buffer for its packed inputs and outputs. Outgrown ones are kept until the
+/// [`DeviceCompute`] is dropped: letting ggml free a buffer while its backend lives crashed
+/// Mesa's llvmpipe Vulkan device (its threads later read the destroyed buffer); growth by
+/// doubling keeps what is kept below the live buffer's size.
+struct Slot {
+    galloc: NonNull<sys::ggml_gallocr>,
+    retired: Vec<NonNull<sys::ggml_gallocr>>,
+    io: Option<NonNull<sys::ggml_backend_buffer>>,
+    io_retired: Vec<NonNull<sys::ggml_backend_buffer>>,
+    prepared: Option<Prepared>,
+    /// The clock of its last run.
+    used: u64,
+}
+
+/// What a graph builder makes: the graph, the tensor aliasing the observed tensor's memory,
+/// the inputs (filled from the run's [`Upload`]s, in this order) and the outputs (read back
+/// in this order).
+struct Built {
+    graph: *mut sys::ggml_cgraph,
+    alias: *mut sys::ggml_tensor,
+    inputs: Vec<*mut sys::ggml_tensor>,
+    outputs: Vec<*mut sys::ggml_tensor>,
+}
+
+/// A built graph with its memory placed, ready to run over any tensor of its signature.
+struct Prepared {
+    /// Everything the graph's structure depends on: kind, shapes, plan sizes and parameters.
+    sig: Vec<i64>,
+    /// The graph's tensors (and the two spans over the io buffer).
+    _ctx: GraphCtx,
+    graph: *mut sys::ggml_cgraph,
+    alias: *mut sys::ggml_tensor,
+    /// Nodes viewing the alias (ggml points every view at its root tensor): re-derived when
+    /// the alias is pointed at another tensor.
+    alias_views: Vec<*mut sys::ggml_tensor>,
+    /// Per input: word offset in the packed region and element count.
+    inputs: Vec<(usize, usize)>,
+    in_words: usize,
+    in_span: *mut sys::ggml_tensor,
+    /// Per output: word offset in the downloaded region and element count.
+    outputs: Vec<(usize, usize)>,
+    out_words: usize,
+    out_span: *mut sys::ggml_tensor,
+    /// The words last uploaded, which the io buffer still holds (graphs never write inputs).
+    last_up: Option<Vec<u32>>,
+}
 
 fn cstr(p: *const std::os::raw::c_char) -> String {
     if p.is_null() {
@@ -225,15 +277,31 @@ impl Drop for GraphCtx {
     }
 }
 
-/// Host data to upload into an input tensor after allocation.
+/// Host data to upload into an input tensor.
 enum Upload<'a> {
     F32(&'a [f32]),
     I32(&'a [i32]),
 }
 
+impl Upload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Upload::F32(d) => d.len(),
+            Upload::I32(d) => d.len(),
+        }
+    }
+    fn write(&self, dst: &mut [u32]) {
+        match self {
+            Upload::F32(d) => dst.iter_mut().zip(d.iter()).for_each(|(w, x)| *w = x.to_bits()),
+            Upload::I32(d) => dst.iter_mut().zip(d.iter()).for_each(|(w, x)| *w = *x as u32),
+        }
+    }
+}
+
 impl DeviceCompute {
-    /// A backend on the device whose buffer holds `t`.
-    pub fn for_tensor(t: &TensorView) -> Result<DeviceCompute, DeviceError> {
+    /// A backend on the device whose buffer holds `t`, keeping up to `slots` graphs built
+    /// (each in its own device memory, sized for the largest graph it has held).
+    pub fn for_tensor(t: &TensorView, slots: usize) -> Result<DeviceCompute, DeviceError> {
         let raw = t.raw();
         // SAFETY: the tensor is live during the callback; its buffer (if any) is the scheduler's.
         let buf = unsafe { (*raw).buffer };
@@ -250,35 +318,35 @@ impl DeviceCompute {
         // SAFETY: valid device; null params select the defaults.
         let backend = NonNull::new(unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) }).ok_or_else(|| DeviceError::Init(name.clone()))?;
         // SAFETY: valid backend; the allocators allocate from its default buffer type.
-        let new_alloc = || NonNull::new(unsafe { sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(backend.as_ptr())) });
-        let (galloc, measure) = match (new_alloc(), new_alloc()) {
-            (Some(g), Some(m)) => (g, m),
-            (g, m) => {
-                // SAFETY: each was created above and is freed once, before the backend.
-                unsafe {
-                    for a in [g, m].into_iter().flatten() {
-                        sys::ggml_gallocr_free(a.as_ptr());
-                    }
-                    sys::ggml_backend_free(backend.as_ptr());
+        let allocs: Vec<Option<NonNull<sys::ggml_gallocr>>> = (0..=slots.max(1)).map(|_| NonNull::new(unsafe { sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(backend.as_ptr())) })).collect();
+        if allocs.iter().any(|a| a.is_none()) {
+            // SAFETY: each was created above and is freed once, before the backend.
+            unsafe {
+                for a in allocs.into_iter().flatten() {
+                    sys::ggml_gallocr_free(a.as_ptr());
                 }
-                return Err(DeviceError::Init(name));
+                sys::ggml_backend_free(backend.as_ptr());
             }
-        };
+            return Err(DeviceError::Init(name));
+        }
+        let mut allocs = allocs.into_iter().flatten();
+        let measure = allocs.next().expect("slots + 1 allocators");
+        let slots = allocs.map(|galloc| Slot { galloc, retired: vec![], io: None, io_retired: vec![], prepared: None, used: 0 }).collect();
         Ok(DeviceCompute {
             dev,
             backend,
-            galloc,
-            retired: vec![],
+            slots,
             measure,
             name,
-            io: None,
-            io_retired: vec![],
             stage_up: vec![],
             stage_down: vec![],
+            clock: 0,
             bytes_down: 0,
             bytes_up: 0,
             copies_down: 0,
             copies_up: 0,
+            builds: 0,
+            runs: 0,
             seconds: 0.0,
         })
     }
@@ -297,8 +365,8 @@ impl DeviceCompute {
         &self.name
     }
 
-    /// Replace the live allocator by one whose buffer holds `bytes`, keeping the old one.
-    fn grow(&mut self, bytes: usize) -> Result<(), DeviceError> {
+    /// Replace slot `k`'s allocator by one whose buffer holds `bytes`, keeping the old one.
+    fn grow(&mut self, k: usize, bytes: usize) -> Result<(), DeviceError> {
         // SAFETY: valid backend; a null result is checked.
         let fresh = NonNull::new(unsafe { sys::ggml_gallocr_new(sys::ggml_backend_get_default_buffer_type(self.backend.as_ptr())) }).ok_or_else(|| DeviceError::Alloc(bytes, self.name.clone()))?;
         let ctx = GraphCtx::new(1);
@@ -316,21 +384,23 @@ impl DeviceCompute {
             unsafe { sys::ggml_gallocr_free(fresh.as_ptr()) };
             return Err(DeviceError::Alloc(bytes, self.name.clone()));
         }
-        let old = std::mem::replace(&mut self.galloc, fresh);
+        let slot = &mut self.slots[k];
+        let old = std::mem::replace(&mut slot.galloc, fresh);
         // SAFETY: valid allocator.
         if unsafe { sys::ggml_gallocr_get_buffer_size(old.as_ptr(), 0) } == 0 {
             // SAFETY: never held a buffer, so nothing on the device refers to it; freed once.
             unsafe { sys::ggml_gallocr_free(old.as_ptr()) };
         } else {
-            self.retired.push(old);
+            slot.retired.push(old);
         }
         Ok(())
     }
 
-    /// A buffer of at least `bytes` for inputs and outputs: the live one, or a new one with
-    /// twice the room (the outgrown one kept until drop, as for the graph allocators).
-    fn io_buffer(&mut self, bytes: usize) -> Result<sys::ggml_backend_buffer_t, DeviceError> {
-        if let Some(b) = self.io {
+    /// Slot `k`'s buffer for inputs and outputs, of at least `bytes`: the live one, or a new
+    /// one with twice the room (the outgrown one kept, as for the graph allocators).
+    fn io_buffer(&mut self, k: usize, bytes: usize) -> Result<sys::ggml_backend_buffer_t, DeviceError> {
+        let slot = &mut self.slots[k];
+        if let Some(b) = slot.io {
             // SAFETY: a live buffer of this object.
             if unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) } >= bytes {
                 return Ok(b.as_ptr());
@@ -339,21 +409,58 @@ impl DeviceCompute {
         let want = (2 * bytes).max(1 << 16);
         // SAFETY: valid backend; a null result is checked.
         let fresh = NonNull::new(unsafe { sys::ggml_backend_buft_alloc_buffer(sys::ggml_backend_get_default_buffer_type(self.backend.as_ptr()), want) }).ok_or_else(|| DeviceError::Alloc(want, self.name.clone()))?;
-        if let Some(old) = self.io.replace(fresh) {
-            self.io_retired.push(old);
+        if let Some(old) = slot.io.replace(fresh) {
+            slot.io_retired.push(old);
         }
         Ok(fresh.as_ptr())
     }
 
-    /// Check every node, place the inputs and outputs in the io buffer, allocate the rest,
-    /// upload the inputs, compute, and download `outputs`. Inputs are packed into one region
-    /// and outputs into the next, so each direction is a single copy whatever the number of
-    /// tensors (a GPU pays a fixed latency per copy, more than a small kernel costs). The
-    /// graph's tensors live in `_ctx`, which the borrow keeps alive for the call.
-    fn run(&mut self, _ctx: &GraphCtx, graph: *mut sys::ggml_cgraph, inputs: &[(*mut sys::ggml_tensor, Upload)], outputs: &mut [(*mut sys::ggml_tensor, &mut Vec<f32>)]) -> Result<(), DeviceError> {
+    /// Run the graph of signature `sig` over `t`'s memory with `uploads` as its inputs. A slot
+    /// holding that graph runs it; otherwise the least recently run slot gets it, built by
+    /// `build` in a context of `n_tensors` tensors and prepared there. Returns the slot, whose
+    /// outputs [`DeviceCompute::outputs`] reads.
+    fn exec(&mut self, t: &TensorView, sig: Vec<i64>, n_tensors: usize, build: impl FnOnce(*mut sys::ggml_context) -> Result<Built, DeviceError>, uploads: &[Upload]) -> Result<usize, DeviceError> {
         let t0 = std::time::Instant::now();
+        self.clock += 1;
+        let k = match self.slots.iter().position(|s| s.prepared.as_ref().is_some_and(|p| p.sig == sig)) {
+            Some(k) => k,
+            None => {
+                let k = (0..self.slots.len()).min_by_key(|&k| self.slots[k].used).expect("at least one slot");
+                // Frees the replaced graph's tensors (metadata only; its memory is the slot's).
+                self.slots[k].prepared = None;
+                let ctx = GraphCtx::new(n_tensors + 2);
+                let built = build(ctx.ptr())?;
+                let p = self.prepare(k, sig, ctx, built)?;
+                self.slots[k].prepared = Some(p);
+                self.builds += 1;
+                k
+            }
+        };
+        self.slots[k].used = self.clock;
+        let r = self.run_slot(k, t, uploads);
+        if r.is_err() {
+            // A failed run may leave the alias unplaced: build afresh next time.
+            self.slots[k].prepared = None;
+        }
+        self.seconds += t0.elapsed().as_secs_f64();
+        r.map(|_| k)
+    }
+
+    /// The outputs of slot `k`'s last run, in the order its builder listed them.
+    fn outputs(&self, k: usize) -> Vec<&[f32]> {
+        let p = self.slots[k].prepared.as_ref().expect("a slot that ran");
+        p.outputs.iter().map(|&(o, n)| &self.stage_down[o..o + n]).collect()
+    }
+
+    /// Check every node of a built graph, place its inputs and outputs in slot `k`'s io
+    /// buffer (inputs packed from 0, outputs after them: each direction is a single copy
+    /// whatever the number of tensors, and a GPU pays a fixed latency per copy), and allocate
+    /// the rest in the slot's allocator.
+    fn prepare(&mut self, k: usize, sig: Vec<i64>, ctx: GraphCtx, b: Built) -> Result<Prepared, DeviceError> {
         let backend = self.backend.as_ptr();
-        // SAFETY: `graph` and its nodes belong to `ctx`, alive for this call.
+        let graph = b.graph;
+        let mut alias_views = vec![];
+        // SAFETY: `graph` and its nodes belong to `ctx`, alive here.
         unsafe {
             for i in 0..sys::ggml_graph_n_nodes(graph) {
                 let node = sys::ggml_graph_node(graph, i);
@@ -368,13 +475,18 @@ impl DeviceCompute {
                         return Err(DeviceError::Plan(format!("a view of {} bytes at {} reads past its {}-byte tensor", sys::ggml_nbytes(src), (*src).view_offs, sys::ggml_nbytes(base))));
                     }
                 }
+                if (*node).view_src == b.alias {
+                    alias_views.push(node);
+                }
             }
         }
-        // Offsets in the io buffer: inputs from 0, outputs from `in_end`, each aligned.
+        // Offsets in the io buffer: inputs from 0, outputs from `in_end`, each aligned (to
+        // whole 4-byte words too: the staging is in words).
         // SAFETY: valid backend; size queries on live tensors of `ctx`.
         let (buft, align) = unsafe {
             let buft = sys::ggml_backend_get_default_buffer_type(backend);
-            (buft, sys::ggml_backend_buft_get_alignment(buft).max(1))
+            let a = sys::ggml_backend_buft_get_alignment(buft).max(1);
+            (buft, if a % 4 == 0 { a } else { a * 4 })
         };
         let place = |end: &mut usize, t: *mut sys::ggml_tensor| {
             let off = *end;
@@ -383,50 +495,48 @@ impl DeviceCompute {
             off
         };
         let mut end = 0usize;
-        let in_offs: Vec<usize> = inputs.iter().map(|(t, _)| place(&mut end, *t)).collect();
+        let in_offs: Vec<usize> = b.inputs.iter().map(|&t| place(&mut end, t)).collect();
         let in_end = end;
-        let out_offs: Vec<usize> = outputs.iter().map(|(t, _)| place(&mut end, *t)).collect();
+        let out_offs: Vec<usize> = b.outputs.iter().map(|&t| place(&mut end, t)).collect();
         let total = end;
-        let io = self.io_buffer(total)?;
+        let io = self.io_buffer(k, total)?;
         // SAFETY: `io` is live and at least `total` bytes; every tensor is placed inside it at
         // its own aligned offset, computed from its allocation size above. Tensors that already
         // have memory are left alone by the allocator below.
         unsafe {
             let base = sys::ggml_backend_buffer_get_base(io) as *mut u8;
-            for (&t, &off) in inputs.iter().map(|(t, _)| t).chain(outputs.iter().map(|(t, _)| t)).zip(in_offs.iter().chain(&out_offs)) {
+            for (&t, &off) in b.inputs.iter().chain(&b.outputs).zip(in_offs.iter().chain(&out_offs)) {
                 if sys::ggml_backend_tensor_alloc(io, t, base.add(off) as *mut _) != sys::GGML_STATUS_SUCCESS {
                     return Err(DeviceError::Alloc(total, self.name.clone()));
                 }
             }
         }
-        // A graph larger than the allocator's buffer gets a new allocator with twice the room,
-        // and the outgrown one is kept until this object is dropped. Letting ggml free it
-        // while the backend lives crashed Mesa's llvmpipe Vulkan device (its threads later
-        // read the destroyed buffer); doubling keeps what is kept below the live buffer's size
-        // and the reallocations to a few per run.
         let mut need = 0usize;
         // SAFETY: plans the graph's memory on the allocator that never holds a buffer (planning
-        // an outgrown allocator frees its buffer, so it must not be the live one); writes one
+        // an outgrown allocator frees its buffer, so it must not be a live one); writes one
         // size per buffer (one).
         unsafe { sys::ggml_gallocr_reserve_n_size(self.measure.as_ptr(), graph, std::ptr::null(), std::ptr::null(), &mut need) };
         // SAFETY: valid allocator with one buffer.
-        let have = unsafe { sys::ggml_gallocr_get_buffer_size(self.galloc.as_ptr(), 0) };
+        let have = unsafe { sys::ggml_gallocr_get_buffer_size(self.slots[k].galloc.as_ptr(), 0) };
         if need > have {
-            self.grow(2 * need)?;
+            self.grow(k, 2 * need)?;
         }
         // SAFETY: the allocator places every unallocated tensor of the graph in its buffer;
         // tensors aliasing the scheduler's memory or placed in `io` already have memory and
-        // are left alone.
-        if !unsafe { sys::ggml_gallocr_alloc_graph(self.galloc.as_ptr(), graph) } {
+        // are left alone. Only this slot's graph uses the buffer, so the placement holds for
+        // every later run of the graph.
+        if !unsafe { sys::ggml_gallocr_alloc_graph(self.slots[k].galloc.as_ptr(), graph) } {
             return Err(DeviceError::Alloc(0, self.name.clone()));
         }
         // Two 1-d byte tensors spanning the packed inputs and outputs, for the two copies.
-        let spans = GraphCtx::new(2);
         let span = |off: usize, len: usize| {
-            // SAFETY: a tensor of `spans` placed in `io` over `off..off + len`, inside its
-            // `total` bytes.
+            if len == 0 {
+                return Ok(std::ptr::null_mut());
+            }
+            // SAFETY: a tensor of `ctx` (room for two was reserved) placed in `io` over
+            // `off..off + len`, inside its `total` bytes.
             unsafe {
-                let t = sys::ggml_new_tensor_1d(spans.ptr(), sys::GGML_TYPE_I8, len as i64);
+                let t = sys::ggml_new_tensor_1d(ctx.ptr(), sys::GGML_TYPE_I8, len as i64);
                 let base = sys::ggml_backend_buffer_get_base(io) as *mut u8;
                 if sys::ggml_backend_tensor_alloc(io, t, base.add(off) as *mut _) != sys::GGML_STATUS_SUCCESS {
                     return Err(DeviceError::Alloc(total, self.name.clone()));
@@ -434,55 +544,99 @@ impl DeviceCompute {
                 Ok(t)
             }
         };
-        if in_end > 0 {
-            self.stage_up.clear();
-            self.stage_up.resize(in_end, 0);
-            for ((_, data), &off) in inputs.iter().zip(&in_offs) {
-                let mut at = off;
-                let mut put = |w: [u8; 4]| {
-                    self.stage_up[at..at + 4].copy_from_slice(&w);
-                    at += 4;
-                };
-                match data {
-                    Upload::F32(d) => d.iter().for_each(|x| put(x.to_ne_bytes())),
-                    Upload::I32(d) => d.iter().for_each(|x| put(x.to_ne_bytes())),
+        let (in_span, out_span) = (span(0, in_end)?, span(in_end, total - in_end)?);
+        // SAFETY: element counts of live tensors of `ctx`.
+        let count = |t: *mut sys::ggml_tensor| unsafe { sys::ggml_nelements(t) } as usize;
+        Ok(Prepared {
+            sig,
+            graph,
+            alias: b.alias,
+            alias_views,
+            inputs: b.inputs.iter().zip(&in_offs).map(|(&t, &o)| (o / 4, count(t))).collect(),
+            in_words: in_end / 4,
+            in_span,
+            outputs: b.outputs.iter().zip(&out_offs).map(|(&t, &o)| ((o - in_end) / 4, count(t))).collect(),
+            out_words: (total - in_end) / 4,
+            out_span,
+            last_up: None,
+            _ctx: ctx,
+        })
+    }
+
+    /// Point slot `k`'s graph at `t`, upload the inputs unless the slot holds them already,
+    /// compute, and download the outputs into `stage_down`.
+    fn run_slot(&mut self, k: usize, t: &TensorView, uploads: &[Upload]) -> Result<(), DeviceError> {
+        let backend = self.backend.as_ptr();
+        let p = self.slots[k].prepared.as_mut().expect("prepared by exec");
+        let raw = t.raw();
+        // SAFETY: the alias and its views are tensors of the slot's live context; `t` is live
+        // and at least as large as the alias (the signature fixes the alias's size and every
+        // reduction checks it against the tensor before running).
+        unsafe {
+            if (*raw).buffer.is_null() || (*raw).data.is_null() {
+                return Err(DeviceError::NoBuffer(t.name().into()));
+            }
+            if (*p.alias).data != (*raw).data || (*p.alias).buffer != (*raw).buffer {
+                (*p.alias).buffer = std::ptr::null_mut();
+                (*p.alias).data = std::ptr::null_mut();
+                if sys::ggml_backend_tensor_alloc((*raw).buffer, p.alias, (*raw).data) != sys::GGML_STATUS_SUCCESS {
+                    return Err(DeviceError::NoBuffer(t.name().into()));
+                }
+                for &v in &p.alias_views {
+                    (*v).buffer = std::ptr::null_mut();
+                    if sys::ggml_backend_view_init(v) != sys::GGML_STATUS_SUCCESS {
+                        return Err(DeviceError::NoBuffer(t.name().into()));
+                    }
                 }
             }
-            let t = span(0, in_end)?;
-            // SAFETY: `t` spans `in_end` bytes of `io`; the staging data outlives the
-            // synchronize below.
-            unsafe { sys::ggml_backend_tensor_set_async(backend, t, self.stage_up.as_ptr() as *const _, 0, in_end) };
-            self.bytes_up += in_end as u64;
-            self.copies_up += 1;
         }
-        // SAFETY: graph allocated on this backend; compute waits for completion.
-        let status = unsafe { sys::ggml_backend_graph_compute(backend, graph) };
+        if uploads.len() != p.inputs.len() || uploads.iter().zip(&p.inputs).any(|(u, &(_, n))| u.len() != n) {
+            return Err(DeviceError::Plan("inputs do not match the graph's".into()));
+        }
+        if p.in_words > 0 {
+            self.stage_up.clear();
+            self.stage_up.resize(p.in_words, 0);
+            for (u, &(o, n)) in uploads.iter().zip(&p.inputs) {
+                u.write(&mut self.stage_up[o..o + n]);
+            }
+            if p.last_up.as_deref() != Some(&self.stage_up[..]) {
+                // SAFETY: the span covers `in_words` words of the io buffer; the staging data
+                // outlives the synchronize below.
+                unsafe { sys::ggml_backend_tensor_set_async(backend, p.in_span, self.stage_up.as_ptr() as *const _, 0, p.in_words * 4) };
+                self.bytes_up += (p.in_words * 4) as u64;
+                self.copies_up += 1;
+                match &mut p.last_up {
+                    Some(v) => v.clone_from(&self.stage_up),
+                    None => p.last_up = Some(self.stage_up.clone()),
+                }
+            }
+        }
+        // SAFETY: graph allocated on this backend; the download below is ordered after it on
+        // the backend's queue, and the synchronize waits for both.
+        let status = unsafe { sys::ggml_backend_graph_compute_async(backend, p.graph) };
         if status != sys::GGML_STATUS_SUCCESS {
+            // SAFETY: valid backend.
+            unsafe { sys::ggml_backend_synchronize(backend) };
+            p.last_up = None;
             return Err(DeviceError::Compute(self.name.clone()));
         }
-        if total > in_end {
-            let t = span(in_end, total - in_end)?;
-            self.stage_down.resize(total - in_end, 0);
-            // SAFETY: `t` spans the outputs' `total - in_end` bytes of `io`, and the staging
-            // buffer has that room until the synchronize below.
+        if p.out_words > 0 {
+            if self.stage_down.len() < p.out_words {
+                self.stage_down.resize(p.out_words, 0.0);
+            }
+            // SAFETY: the span covers the outputs' `out_words` words of the io buffer, and the
+            // staging buffer has that room until the synchronize below.
             unsafe {
-                sys::ggml_backend_tensor_get_async(backend, t, self.stage_down.as_mut_ptr() as *mut _, 0, total - in_end);
+                sys::ggml_backend_tensor_get_async(backend, p.out_span, self.stage_down.as_mut_ptr() as *mut _, 0, p.out_words * 4);
                 sys::ggml_backend_synchronize(backend);
             }
-            self.bytes_down += (total - in_end) as u64;
+            self.bytes_down += (p.out_words * 4) as u64;
             self.copies_down += 1;
-            for ((t, out), &off) in outputs.iter_mut().zip(&out_offs) {
-                // SAFETY: output tensors are contiguous f32 results of the computed graph.
-                let n = unsafe { sys::ggml_nelements(*t) } as usize;
-                let at = off - in_end;
-                out.clear();
-                out.extend(self.stage_down[at..at + 4 * n].chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
-            }
         } else {
             // SAFETY: valid backend; waits for the upload and the graph.
             unsafe { sys::ggml_backend_synchronize(backend) };
         }
-        self.seconds += t0.elapsed().as_secs_f64();
+        self.runs += 1;
         Ok(())
     }
 
@@ -514,128 +668,123 @@ impl DeviceCompute {
             }
             None => vec![],
         };
-        let ctx = GraphCtx::new(64 + 4 * n_head + plan.ranges.len() * 2 + runs.len() * 2);
-        let c = ctx.ptr();
-        let (ne_kv, ne_tok, ne_head) = (n_kv as i64, n_tok as i64, n_head as i64);
-        let mut inputs: Vec<(*mut sys::ggml_tensor, Upload)> = vec![];
-        let mut cols: Vec<(usize, *mut sys::ggml_tensor)> = vec![];
-        let (mut t_rows, mut t_pred) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // Distance sums per run: the tensor `[n_cols, n_tok]`, its first bucket and width.
-        let mut t_dist: Vec<(*mut sys::ggml_tensor, usize, usize)> = vec![];
-        let t_gath;
-        // SAFETY: every tensor below is created in `ctx` from tensors of `ctx` (or the aliased
-        // scheduler memory), with shapes and view extents checked above; nothing is computed
-        // until `run`.
-        let graph = unsafe {
-            let input = |ty: sys::ggml_type, ne0: i64, ne1: i64| {
-                let t = sys::ggml_new_tensor_2d(c, ty, ne0, ne1);
-                sys::ggml_set_input(t);
-                t
-            };
-            let out = |gf: *mut sys::ggml_cgraph, o: *mut sys::ggml_tensor| {
-                sys::ggml_set_output(o);
-                sys::ggml_build_forward_expand(gf, o);
-            };
-            // Sum of the `n_head` slices `[.., .., h]` of a contiguous 3-d tensor: a tree of
-            // adds of half-stacks, about log2(n_head) kernels instead of n_head - 1 (a kernel
-            // launch costs a GPU more than these adds do).
-            let head_sum = |x: *mut sys::ggml_tensor| {
-                let stack = |t: *mut sys::ggml_tensor, h0: usize, k: usize| sys::ggml_view_3d(c, t, (*t).ne[0], (*t).ne[1], k as i64, (*t).nb[1], (*t).nb[2], h0 * (*t).nb[2]);
-                let (mut cur, mut k, mut odd) = (x, n_head, vec![]);
-                while k > 1 {
-                    let half = k / 2;
-                    if k % 2 == 1 {
-                        odd.push(stack(cur, half, 1));
+        let dist = plan.distance.as_ref().filter(|_| !runs.is_empty());
+        // The graph's structure: shapes, ranges, index counts, bucket runs, flow rows.
+        let mut sig: Vec<i64> = vec![1, n_kv as i64, n_tok as i64, n_head as i64, plan.gather.len() as i64, plan.ranges.len() as i64];
+        sig.extend(plan.ranges.iter().flat_map(|&(i0, i1)| [i0 as i64, i1 as i64]));
+        match dist {
+            Some(d) => sig.extend([d.cells_desc.len() as i64, d.offset as i64, runs.len() as i64]),
+            None => sig.push(-1),
+        }
+        sig.extend(runs.iter().flat_map(|r| [r.e0 as i64, r.e1 as i64, r.single as i64, r.bucket_end as i64]));
+        sig.push(plan.flow.as_ref().map_or(-1, |f| f.pred_from as i64));
+        let mut uploads = vec![Upload::I32(plan.gather)];
+        if let Some(d) = dist {
+            uploads.push(Upload::I32(d.cells_desc));
+        }
+        if let Some(f) = &plan.flow {
+            uploads.push(Upload::F32(f.scale));
+        }
+        let n_tensors = 64 + 4 * n_head + plan.ranges.len() * 2 + runs.len() * 2;
+        let build = |c: *mut sys::ggml_context| {
+            let (ne_kv, ne_tok, ne_head) = (n_kv as i64, n_tok as i64, n_head as i64);
+            // SAFETY: every tensor below is created in `c` from tensors of `c` (or the aliased
+            // scheduler memory), with shapes and view extents checked above; nothing is
+            // computed until the graph runs.
+            unsafe {
+                let mut b = Built { graph: sys::ggml_new_graph(c), alias: alias(c, t, n)?, inputs: vec![], outputs: vec![] };
+                let gf = b.graph;
+                let mut out = |o: *mut sys::ggml_tensor| {
+                    sys::ggml_set_output(o);
+                    sys::ggml_build_forward_expand(gf, o);
+                    b.outputs.push(o);
+                };
+                let input = |ty: sys::ggml_type, ne0: i64, ne1: i64, ne2: i64| {
+                    let t = sys::ggml_new_tensor_3d(c, ty, ne0, ne1, ne2);
+                    sys::ggml_set_input(t);
+                    t
+                };
+                // Sum of the `n_head` slices `[.., .., h]` of a contiguous 3-d tensor: a tree of
+                // adds of half-stacks, about log2(n_head) kernels instead of n_head - 1 (a kernel
+                // launch costs a GPU more than these adds do).
+                let head_sum = |x: *mut sys::ggml_tensor| {
+                    let stack = |t: *mut sys::ggml_tensor, h0: usize, k: usize| sys::ggml_view_3d(c, t, (*t).ne[0], (*t).ne[1], k as i64, (*t).nb[1], (*t).nb[2], h0 * (*t).nb[2]);
+                    let (mut cur, mut k, mut odd) = (x, n_head, vec![]);
+                    while k > 1 {
+                        let half = k / 2;
+                        if k % 2 == 1 {
+                            odd.push(stack(cur, half, 1));
+                        }
+                        cur = sys::ggml_add(c, stack(cur, 0, half), stack(cur, k - half, half));
+                        k = half;
                     }
-                    cur = sys::ggml_add(c, stack(cur, 0, half), stack(cur, k - half, half));
-                    k = half;
+                    odd.into_iter().fold(cur, |acc, s| sys::ggml_add(c, acc, s))
+                };
+                let a = b.alias;
+                let a3 = sys::ggml_reshape_3d(c, a, ne_kv, ne_tok, ne_head);
+                // The gathered elements (each query's own cell).
+                let idx = input(sys::GGML_TYPE_I32, plan.gather.len() as i64, 1, 1);
+                b.inputs.push(idx);
+                out(sys::ggml_get_rows(c, sys::ggml_reshape_2d(c, a, 1, n as i64), sys::ggml_reshape_1d(c, idx, plan.gather.len() as i64)));
+                // Queries as rows: [n_tok, n_kv, n_head]; column sums are row sums of its views.
+                let at = sys::ggml_cont(c, sys::ggml_permute(c, a3, 1, 0, 2, 3));
+                for &(i0, i1) in plan.ranges.iter().filter(|r| r.1 > r.0) {
+                    out(sys::ggml_sum_rows(c, sys::ggml_view_3d(c, at, (i1 - i0) as i64, ne_kv, ne_head, (*at).nb[1], (*at).nb[2], i0 * 4)));
                 }
-                odd.into_iter().fold(cur, |acc, s| sys::ggml_add(c, acc, s))
-            };
-            let a = alias(c, t, n)?;
-            let a3 = sys::ggml_reshape_3d(c, a, ne_kv, ne_tok, ne_head);
-            let gf = sys::ggml_new_graph(c);
-            // Queries as rows: [n_tok, n_kv, n_head]; column sums are row sums of its views.
-            let at = sys::ggml_cont(c, sys::ggml_permute(c, a3, 1, 0, 2, 3));
-            for (w, &(i0, i1)) in plan.ranges.iter().enumerate() {
-                if i1 > i0 {
-                    let v = sys::ggml_view_3d(c, at, (i1 - i0) as i64, ne_kv, ne_head, (*at).nb[1], (*at).nb[2], i0 * 4);
-                    let s = sys::ggml_sum_rows(c, v);
-                    out(gf, s);
-                    cols.push((w, s));
+                if let Some(d) = dist {
+                    let p = d.cells_desc.len() as i64;
+                    // Head mean with cells as rows [n_tok, n_kv], plus a zero row at n_kv.
+                    let mt = sys::ggml_pad(c, sys::ggml_scale(c, head_sum(at), 1.0 / n_head as f32), 0, 1, 0, 0);
+                    let rows = input(sys::GGML_TYPE_I32, p, 1, 1);
+                    b.inputs.push(rows);
+                    // Positions p_hi, p_hi - 1, ... as columns of each query's row, zero-padded.
+                    let g = sys::ggml_get_rows(c, mt, sys::ggml_reshape_1d(c, rows, p));
+                    let x = sys::ggml_pad(c, sys::ggml_cont(c, sys::ggml_transpose(c, g)), (p - 1) as i32, 0, 0, 0);
+                    // Skewed rows: element e of row i is query i's attention at distance e.
+                    let nb1 = ((2 * p - 2) * 4) as usize;
+                    let skew = |e0: usize, len: usize| sys::ggml_view_2d(c, x, len as i64, ne_tok, nb1, (d.offset + e0) * 4);
+                    for r in &runs {
+                        out(match r.single {
+                            true => sys::ggml_cont(c, skew(r.e0, r.e1 - r.e0)),
+                            false => sys::ggml_sum_rows(c, skew(r.e0, r.e1 - r.e0)),
+                        });
+                    }
                 }
+                if let Some(f) = &plan.flow {
+                    let s = input(sys::GGML_TYPE_F32, ne_kv, 1, ne_head);
+                    b.inputs.push(s);
+                    let fm = head_sum(sys::ggml_mul(c, a3, s));
+                    out(sys::ggml_sum_rows(c, fm));
+                    if f.pred_from < n_tok {
+                        let k = (n_tok - f.pred_from) as i64;
+                        out(sys::ggml_cont(c, sys::ggml_view_2d(c, fm, ne_kv, k, (*fm).nb[1], f.pred_from * (*fm).nb[1])));
+                    }
+                }
+                Ok(b)
             }
-            // The gathered elements (each query's own cell).
-            let idx = input(sys::GGML_TYPE_I32, plan.gather.len() as i64, 1);
-            inputs.push((idx, Upload::I32(plan.gather)));
-            t_gath = sys::ggml_get_rows(c, sys::ggml_reshape_2d(c, a, 1, n as i64), sys::ggml_reshape_1d(c, idx, plan.gather.len() as i64));
-            out(gf, t_gath);
-            if let (Some(d), false) = (&plan.distance, runs.is_empty()) {
-                let p = d.cells_desc.len() as i64;
-                // Head mean with cells as rows [n_tok, n_kv], plus a zero row at n_kv.
-                let mt = sys::ggml_pad(c, sys::ggml_scale(c, head_sum(at), 1.0 / n_head as f32), 0, 1, 0, 0);
-                let rows = input(sys::GGML_TYPE_I32, p, 1);
-                inputs.push((rows, Upload::I32(d.cells_desc)));
-                // Positions p_hi, p_hi - 1, ... as columns of each query's row, zero-padded.
-                let g = sys::ggml_get_rows(c, mt, sys::ggml_reshape_1d(c, rows, p));
-                let x = sys::ggml_pad(c, sys::ggml_cont(c, sys::ggml_transpose(c, g)), (p - 1) as i32, 0, 0, 0);
-                // Skewed rows: element e of row i is query i's attention at distance e.
-                let nb1 = ((2 * p - 2) * 4) as usize;
-                let skew = |e0: usize, len: usize| sys::ggml_view_2d(c, x, len as i64, ne_tok, nb1, (d.offset + e0) * 4);
-                for r in &runs {
-                    let (t, n_cols) = match r.single {
-                        true => (sys::ggml_cont(c, skew(r.e0, r.e1 - r.e0)), r.e1 - r.e0),
-                        false => (sys::ggml_sum_rows(c, skew(r.e0, r.e1 - r.e0)), 1),
-                    };
-                    out(gf, t);
-                    t_dist.push((t, r.bucket_end - n_cols, n_cols));
-                }
-            }
-            if let Some(f) = &plan.flow {
-                let s = sys::ggml_new_tensor_3d(c, sys::GGML_TYPE_F32, ne_kv, 1, ne_head);
-                sys::ggml_set_input(s);
-                inputs.push((s, Upload::F32(f.scale)));
-                let fm = head_sum(sys::ggml_mul(c, a3, s));
-                t_rows = sys::ggml_sum_rows(c, fm);
-                out(gf, t_rows);
-                if f.pred_from < n_tok {
-                    let k = (n_tok - f.pred_from) as i64;
-                    t_pred = sys::ggml_cont(c, sys::ggml_view_2d(c, fm, ne_kv, k, (*fm).nb[1], f.pred_from * (*fm).nb[1]));
-                    out(gf, t_pred);
-                }
-            }
-            gf
         };
-        let mut col_data = vec![vec![]; cols.len()];
-        let mut out = AttnOut::default();
-        let mut dist = vec![vec![]; t_dist.len()];
-        let mut outputs: Vec<(*mut sys::ggml_tensor, &mut Vec<f32>)> = vec![(t_gath, &mut out.gathered)];
-        for (&(_, t), v) in cols.iter().zip(col_data.iter_mut()) {
-            outputs.push((t, v));
-        }
-        for (&(t, _, _), v) in t_dist.iter().zip(dist.iter_mut()) {
-            outputs.push((t, v));
-        }
-        for (t, v) in [(t_rows, &mut out.flow_rows), (t_pred, &mut out.flow_pred)] {
-            if !t.is_null() {
-                outputs.push((t, v));
-            }
-        }
-        self.run(&ctx, graph, &inputs, &mut outputs)?;
-        let n_w = plan.ranges.len();
-        out.cols = vec![0.0; n_w * n_kv * n_head];
-        for (&(w, _), v) in cols.iter().zip(&col_data) {
-            for (ch, x) in v.iter().enumerate() {
-                out.cols[w + n_w * ch] = *x;
-            }
-        }
+        let k = self.exec(t, sig, n_tensors, build, &uploads)?;
+        let outs = self.outputs(k);
+        let mut it = outs.into_iter();
+        let mut next = || it.next().unwrap_or_default();
+        let mut out = AttnOut { gathered: next().to_vec(), ..Default::default() };
+        out.cols = plan.ranges.iter().map(|r| if r.1 > r.0 { next().to_vec() } else { vec![] }).collect();
         if let Some(d) = &plan.distance {
             let nb = d.n_buckets;
             out.distance = vec![0.0; nb * n_tok];
-            for (&(_, b0, n_cols), v) in t_dist.iter().zip(&dist) {
+            for r in &runs {
+                let v = next();
+                let n_cols = if r.single { r.e1 - r.e0 } else { 1 };
+                let b0 = r.bucket_end - n_cols;
                 for i in 0..n_tok {
                     out.distance[i * nb + b0..i * nb + b0 + n_cols].copy_from_slice(&v[i * n_cols..(i + 1) * n_cols]);
                 }
+            }
+        }
+        if let Some(f) = &plan.flow {
+            out.flow_rows = next().to_vec();
+            if f.pred_from < n_tok {
+                out.flow_pred = next().to_vec();
             }
         }
         Ok(out)
@@ -661,46 +810,46 @@ impl DeviceCompute {
         let mid = w / 2;
         let nd = plan.dims.len();
         let dims_idx: Vec<i32> = (0..n_rows).flat_map(|_| plan.dims.iter().map(|&d| d as i32)).collect();
-        let ctx = GraphCtx::new(32);
-        let c = ctx.ptr();
-        let (ne_w, ne_r) = (w as i64, n_rows as i64);
-        let mut inputs: Vec<(*mut sys::ggml_tensor, Upload)> = vec![];
-        // SAFETY: tensors of `ctx` and the aliased scheduler memory, extents checked above;
-        // every view below lies inside the tensor it views (checked again in `run`).
-        let (graph, outs) = unsafe {
-            let x = alias(c, t, extent)?;
-            let rows = sys::ggml_view_2d(c, x, ne_w, ne_r, stride * 4, 0);
-            let x2 = if stride == w { rows } else { sys::ggml_cont(c, rows) };
-            let a = sys::ggml_abs(c, x2);
-            let a3 = sys::ggml_reshape_3d(c, a, 1, ne_w, ne_r);
-            let idx = sys::ggml_argsort(c, a, sys::GGML_SORT_ORDER_DESC);
-            let pick = |i0: usize, k: usize| sys::ggml_view_2d(c, idx, k as i64, ne_r, (*idx).nb[1], i0 * 4);
-            let top_i = pick(0, k_top);
-            // Descending order: the median's one or two middle values (see `median_in_place`).
-            let med_i = if w % 2 == 1 { pick(mid, 1) } else { pick(mid - 1, 2) };
-            let sq = sys::ggml_sqr(c, x2);
-            let mut o = vec![sys::ggml_sum_rows(c, sq), sys::ggml_get_rows(c, a3, top_i), sys::ggml_cont(c, top_i), sys::ggml_get_rows(c, a3, med_i)];
-            if plan.n_heads > 0 {
-                o.push(sys::ggml_sum_rows(c, sys::ggml_reshape_2d(c, sq, (w / plan.n_heads) as i64, (plan.n_heads * n_rows) as i64)));
+        let sig = vec![2, w as i64, n_rows as i64, stride as i64, nd as i64, plan.n_heads as i64];
+        let uploads: Vec<Upload> = if nd > 0 { vec![Upload::I32(&dims_idx)] } else { vec![] };
+        let build = |c: *mut sys::ggml_context| {
+            let (ne_w, ne_r) = (w as i64, n_rows as i64);
+            // SAFETY: tensors of `c` and the aliased scheduler memory, extents checked above;
+            // every view below lies inside the tensor it views (checked again when prepared).
+            unsafe {
+                let x = alias(c, t, extent)?;
+                let rows = sys::ggml_view_2d(c, x, ne_w, ne_r, stride * 4, 0);
+                let x2 = if stride == w { rows } else { sys::ggml_cont(c, rows) };
+                let a = sys::ggml_abs(c, x2);
+                let a3 = sys::ggml_reshape_3d(c, a, 1, ne_w, ne_r);
+                let idx = sys::ggml_argsort(c, a, sys::GGML_SORT_ORDER_DESC);
+                let pick = |i0: usize, k: usize| sys::ggml_view_2d(c, idx, k as i64, ne_r, (*idx).nb[1], i0 * 4);
+                let top_i = pick(0, k_top);
+                // Descending order: the median's one or two middle values (see `median_in_place`).
+                let med_i = if w % 2 == 1 { pick(mid, 1) } else { pick(mid - 1, 2) };
+                let sq = sys::ggml_sqr(c, x2);
+                let mut b = Built { graph: sys::ggml_new_graph(c), alias: x, inputs: vec![], outputs: vec![] };
+                b.outputs = vec![sys::ggml_sum_rows(c, sq), sys::ggml_get_rows(c, a3, top_i), sys::ggml_cont(c, top_i), sys::ggml_get_rows(c, a3, med_i)];
+                if plan.n_heads > 0 {
+                    b.outputs.push(sys::ggml_sum_rows(c, sys::ggml_reshape_2d(c, sq, (w / plan.n_heads) as i64, (plan.n_heads * n_rows) as i64)));
+                }
+                if nd > 0 {
+                    let di = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_I32, nd as i64, ne_r);
+                    sys::ggml_set_input(di);
+                    b.inputs.push(di);
+                    b.outputs.push(sys::ggml_get_rows(c, sys::ggml_reshape_3d(c, x2, 1, ne_w, ne_r), di));
+                }
+                for &o in &b.outputs {
+                    sys::ggml_set_output(o);
+                    sys::ggml_build_forward_expand(b.graph, o);
+                }
+                Ok(b)
             }
-            if nd > 0 {
-                let di = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_I32, nd as i64, ne_r);
-                sys::ggml_set_input(di);
-                inputs.push((di, Upload::I32(&dims_idx)));
-                o.push(sys::ggml_get_rows(c, sys::ggml_reshape_3d(c, x2, 1, ne_w, ne_r), di));
-            }
-            let gf = sys::ggml_new_graph(c);
-            for &t in &o {
-                sys::ggml_set_output(t);
-                sys::ggml_build_forward_expand(gf, t);
-            }
-            (gf, o)
         };
-        let mut data = vec![vec![]; outs.len()];
-        let mut outputs: Vec<(*mut sys::ggml_tensor, &mut Vec<f32>)> = outs.iter().copied().zip(data.iter_mut()).collect();
-        self.run(&ctx, graph, &inputs, &mut outputs)?;
-        let mut it = data.into_iter();
-        let mut next = || it.next().unwrap_or_default();
+        let k = self.exec(t, sig, 32, build, &uploads)?;
+        let outs = self.outputs(k);
+        let mut it = outs.into_iter();
+        let mut next = || it.next().unwrap_or_default().to_vec();
         let (sumsq, top_abs, top_bits, med) = (next(), next(), next(), next());
         let median_abs = match w % 2 {
             1 => med,
@@ -725,46 +874,44 @@ impl DeviceCompute {
             return Err(DeviceError::Plan(format!("mask check of {n_tok} queries and {n_kv} cells on a {:?} mask", mask.ne())));
         }
         let index: Vec<f32> = (0..n_tok).map(|k| k as f32).collect();
-        let ctx = GraphCtx::new(48);
-        let c = ctx.ptr();
-        let (ne_kv, ne_tok) = (n_kv as i64, n_tok as i64);
-        let mut inputs: Vec<(*mut sys::ggml_tensor, Upload)> = vec![];
-        // SAFETY: tensors of `ctx` and the aliased mask memory, extents checked above.
-        let (graph, outs) = unsafe {
-            let m = sys::ggml_view_2d(c, alias(c, mask, extent)?, ne_kv, ne_tok, stride * 4, 0);
-            let input = |ne0: i64, ne1: i64| {
-                let t = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, ne0, ne1);
-                sys::ggml_set_input(t);
-                t
-            };
-            let (cp, lo, q, k) = (input(ne_kv, 1), input(1, ne_tok), input(1, ne_tok), input(ne_tok, 1));
-            for (t, d) in [(cp, plan.cell_pos), (lo, plan.lo), (q, plan.q), (k, &index[..])] {
-                inputs.push((t, Upload::F32(d)));
+        let sig = vec![3, n_kv as i64, n_tok as i64, stride as i64];
+        let uploads = [Upload::F32(plan.cell_pos), Upload::F32(plan.lo), Upload::F32(plan.q), Upload::F32(&index)];
+        let build = |c: *mut sys::ggml_context| {
+            let (ne_kv, ne_tok) = (n_kv as i64, n_tok as i64);
+            // SAFETY: tensors of `c` and the aliased mask memory, extents checked above.
+            unsafe {
+                let mut b = Built { graph: sys::ggml_new_graph(c), alias: alias(c, mask, extent)?, inputs: vec![], outputs: vec![] };
+                let m = sys::ggml_view_2d(c, b.alias, ne_kv, ne_tok, stride * 4, 0);
+                let input = |ne0: i64, ne1: i64| {
+                    let t = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, ne0, ne1);
+                    sys::ggml_set_input(t);
+                    t
+                };
+                let (cp, lo, q, k) = (input(ne_kv, 1), input(1, ne_tok), input(1, ne_tok), input(ne_tok, 1));
+                b.inputs = vec![cp, lo, q, k];
+                // Visible: the mask entry is above -inf (x + 1e30 > 0 for every finite x).
+                let vis = sys::ggml_step(c, sys::ggml_scale_bias(c, m, 1.0, 1e30));
+                // Expected: lo_k <= p_c <= q_k (positions are integers; empty cells are -1).
+                let half_step = |x: *mut sys::ggml_tensor| sys::ggml_step(c, sys::ggml_scale_bias(c, x, 1.0, 0.5));
+                let ge = half_step(sys::ggml_sub(c, sys::ggml_repeat_4d(c, cp, ne_kv, ne_tok, 1, 1), lo));
+                let le = half_step(sys::ggml_sub(c, sys::ggml_repeat_4d(c, q, ne_kv, ne_tok, 1, 1), cp));
+                let d = sys::ggml_sub(c, vis, sys::ggml_mul(c, ge, le));
+                let unexplained = sys::ggml_relu(c, d);
+                let hidden = sys::ggml_relu(c, sys::ggml_neg(c, d));
+                // Per cell, over queries: rows of the transpose.
+                let ut = sys::ggml_cont(c, sys::ggml_transpose(c, unexplained));
+                b.outputs = vec![sys::ggml_sum_rows(c, unexplained), sys::ggml_sum_rows(c, hidden), sys::ggml_sum_rows(c, ut), sys::ggml_sum_rows(c, sys::ggml_mul(c, ut, k))];
+                for &o in &b.outputs {
+                    sys::ggml_set_output(o);
+                    sys::ggml_build_forward_expand(b.graph, o);
+                }
+                Ok(b)
             }
-            // Visible: the mask entry is above -inf (x + 1e30 > 0 for every finite x).
-            let vis = sys::ggml_step(c, sys::ggml_scale_bias(c, m, 1.0, 1e30));
-            // Expected: lo_k <= p_c <= q_k (positions are integers; empty cells are -1).
-            let half_step = |x: *mut sys::ggml_tensor| sys::ggml_step(c, sys::ggml_scale_bias(c, x, 1.0, 0.5));
-            let ge = half_step(sys::ggml_sub(c, sys::ggml_repeat_4d(c, cp, ne_kv, ne_tok, 1, 1), lo));
-            let le = half_step(sys::ggml_sub(c, sys::ggml_repeat_4d(c, q, ne_kv, ne_tok, 1, 1), cp));
-            let d = sys::ggml_sub(c, vis, sys::ggml_mul(c, ge, le));
-            let unexplained = sys::ggml_relu(c, d);
-            let hidden = sys::ggml_relu(c, sys::ggml_neg(c, d));
-            // Per cell, over queries: rows of the transpose.
-            let ut = sys::ggml_cont(c, sys::ggml_transpose(c, unexplained));
-            let o = vec![sys::ggml_sum_rows(c, unexplained), sys::ggml_sum_rows(c, hidden), sys::ggml_sum_rows(c, ut), sys::ggml_sum_rows(c, sys::ggml_mul(c, ut, k))];
-            let gf = sys::ggml_new_graph(c);
-            for &t in &o {
-                sys::ggml_set_output(t);
-                sys::ggml_build_forward_expand(gf, t);
-            }
-            (gf, o)
         };
-        let mut data = vec![vec![]; outs.len()];
-        let mut outputs: Vec<(*mut sys::ggml_tensor, &mut Vec<f32>)> = outs.iter().copied().zip(data.iter_mut()).collect();
-        self.run(&ctx, graph, &inputs, &mut outputs)?;
-        let mut it = data.into_iter();
-        let mut next = || it.next().unwrap_or_default();
+        let k = self.exec(mask, sig, 48, build, &uploads)?;
+        let outs = self.outputs(k);
+        let mut it = outs.into_iter();
+        let mut next = || it.next().unwrap_or_default().to_vec();
         Ok(MaskOut { unexplained: next(), hidden: next(), col_count: next(), col_index_sum: next() })
     }
 
@@ -776,32 +923,31 @@ impl DeviceCompute {
         if g == 0 || n_head % g != 0 || plan.cell_pos.len() != n_kv || plan.query_pos.len() != n_tok || plan.hidden.len() != n_kv * g {
             return Err(DeviceError::Plan(format!("hide plan for {n_kv} cells, {n_tok} queries, {n_head} heads in {g} groups")));
         }
-        let ctx = GraphCtx::new(32);
-        let c = ctx.ptr();
-        let (ne_kv, ne_tok, ne_g) = (n_kv as i64, n_tok as i64, g as i64);
-        let mut inputs: Vec<(*mut sys::ggml_tensor, Upload)> = vec![];
-        // SAFETY: tensors of `ctx` and the aliased scheduler memory, shapes checked above.
-        let graph = unsafe {
-            let kq = alias(c, t, n_kv * n_tok * n_head)?;
-            let kq4 = sys::ggml_reshape_4d(c, kq, ne_kv, ne_tok, (n_head / g) as i64, ne_g);
-            let cp = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, ne_kv, 1);
-            let qp = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, 1, ne_tok);
-            let hid = sys::ggml_new_tensor_4d(c, sys::GGML_TYPE_F32, ne_kv, 1, 1, ne_g);
-            for (x, d) in [(cp, plan.cell_pos), (qp, plan.query_pos), (hid, plan.hidden)] {
-                sys::ggml_set_input(x);
-                inputs.push((x, Upload::F32(d)));
+        let sig = vec![4, n_kv as i64, n_tok as i64, n_head as i64, g as i64, plan.window.to_bits() as i64];
+        let uploads = [Upload::F32(plan.cell_pos), Upload::F32(plan.query_pos), Upload::F32(plan.hidden)];
+        let build = |c: *mut sys::ggml_context| {
+            let (ne_kv, ne_tok, ne_g) = (n_kv as i64, n_tok as i64, g as i64);
+            // SAFETY: tensors of `c` and the aliased scheduler memory, shapes checked above.
+            unsafe {
+                let mut b = Built { graph: sys::ggml_new_graph(c), alias: alias(c, t, n_kv * n_tok * n_head)?, inputs: vec![], outputs: vec![] };
+                let kq4 = sys::ggml_reshape_4d(c, b.alias, ne_kv, ne_tok, (n_head / g) as i64, ne_g);
+                let cp = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, ne_kv, 1);
+                let qp = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_F32, 1, ne_tok);
+                let hid = sys::ggml_new_tensor_4d(c, sys::GGML_TYPE_F32, ne_kv, 1, 1, ne_g);
+                b.inputs = vec![cp, qp, hid];
+                for &x in &b.inputs {
+                    sys::ggml_set_input(x);
+                }
+                // dist[c, i] = q_i - p_c; visible where 0 < dist < window.
+                let dist = sys::ggml_sub(c, sys::ggml_repeat_4d(c, qp, ne_kv, ne_tok, 1, 1), cp);
+                let vis = sys::ggml_mul(c, sys::ggml_step(c, dist), sys::ggml_step(c, sys::ggml_scale_bias(c, dist, -1.0, plan.window)));
+                let hide = sys::ggml_mul(c, sys::ggml_repeat_4d(c, vis, ne_kv, ne_tok, 1, ne_g), hid);
+                let log_keep = sys::ggml_log(c, sys::ggml_scale_bias(c, hide, -1.0, 1.0));
+                sys::ggml_build_forward_expand(b.graph, sys::ggml_add_inplace(c, kq4, log_keep));
+                Ok(b)
             }
-            // dist[c, i] = q_i - p_c; visible where 0 < dist < window.
-            let dist = sys::ggml_sub(c, sys::ggml_repeat_4d(c, qp, ne_kv, ne_tok, 1, 1), cp);
-            let vis = sys::ggml_mul(c, sys::ggml_step(c, dist), sys::ggml_step(c, sys::ggml_scale_bias(c, dist, -1.0, plan.window)));
-            let hide = sys::ggml_mul(c, sys::ggml_repeat_4d(c, vis, ne_kv, ne_tok, 1, ne_g), hid);
-            let log_keep = sys::ggml_log(c, sys::ggml_scale_bias(c, hide, -1.0, 1.0));
-            let r = sys::ggml_add_inplace(c, kq4, log_keep);
-            let gf = sys::ggml_new_graph(c);
-            sys::ggml_build_forward_expand(gf, r);
-            gf
         };
-        self.run(&ctx, graph, &inputs, &mut [])
+        self.exec(t, sig, 32, build, &uploads).map(|_| ())
     }
 }
 
@@ -894,16 +1040,19 @@ unsafe fn alias(ctx: *mut sys::ggml_context, t: &TensorView, n: usize) -> Result
 
 impl Drop for DeviceCompute {
     fn drop(&mut self) {
-        // SAFETY: created in `for_tensor`, freed once, allocator before its backend.
+        // SAFETY: created in `for_tensor` (or grown), freed once: graphs' metadata, then the
+        // allocators and buffers, then their backend.
         unsafe {
-            sys::ggml_gallocr_free(self.galloc.as_ptr());
+            for slot in self.slots.drain(..) {
+                drop(slot.prepared);
+                for a in std::iter::once(slot.galloc).chain(slot.retired) {
+                    sys::ggml_gallocr_free(a.as_ptr());
+                }
+                for b in slot.io.into_iter().chain(slot.io_retired) {
+                    sys::ggml_backend_buffer_free(b.as_ptr());
+                }
+            }
             sys::ggml_gallocr_free(self.measure.as_ptr());
-            for old in self.retired.drain(..) {
-                sys::ggml_gallocr_free(old.as_ptr());
-            }
-            for b in self.io.take().into_iter().chain(self.io_retired.drain(..)) {
-                sys::ggml_backend_buffer_free(b.as_ptr());
-            }
             sys::ggml_backend_free(self.backend.as_ptr());
         }
     }
@@ -965,7 +1114,7 @@ mod tests {
             let dims = vec![0, width - 1, width / 2];
             let queries: Vec<i32> = (0..n_rows as i32).map(|i| 2 * i).collect();
             on_cpu_tensor(data.len(), 1, &data, |view| {
-                let mut dc = DeviceCompute::for_tensor(view).unwrap();
+                let mut dc = DeviceCompute::for_tensor(view, 2).unwrap();
                 let plan = ActPlan { width, n_rows, row_stride: stride, dims: &dims, n_heads: heads };
                 let out = dc.reduce_activation(view, &plan).unwrap();
                 assert_eq!((dc.copies_up, dc.copies_down), (1, 1));
@@ -994,22 +1143,93 @@ mod tests {
 
     /// `f` over a tensor `[ne0, ne1]` of the CPU backend holding `data`.
     fn on_cpu_tensor<T>(ne0: usize, ne1: usize, data: &[f32], f: impl FnOnce(&TensorView) -> T) -> T {
-        assert_eq!(data.len(), ne0 * ne1);
+        on_cpu_tensors(&[([ne0, ne1, 1], data)], |v| f(&v[0]))
+    }
+
+    /// `f` over tensors `[ne0, ne1, ne2]` of the CPU backend holding the data, each in a
+    /// buffer of its own (so at its own address).
+    fn on_cpu_tensors<T>(specs: &[([usize; 3], &[f32])], f: impl FnOnce(&[TensorView]) -> T) -> T {
         super::super::init_backend();
-        let ctx = GraphCtx::new(1);
-        // SAFETY: a CPU buffer sized for the one tensor, placed at its base and filled; the
-        // view (and whatever `f` made of it) is gone before the buffer is freed.
+        let ctx = GraphCtx::new(specs.len());
+        let mut bufs = vec![];
+        let mut views = vec![];
+        // SAFETY: a CPU buffer sized for each tensor, placed at its base and filled; the views
+        // (and whatever `f` made of them) are gone before the buffers are freed.
         unsafe {
-            let t = sys::ggml_new_tensor_2d(ctx.ptr(), sys::GGML_TYPE_F32, ne0 as i64, ne1 as i64);
             let buft = sys::ggml_backend_dev_buffer_type(sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU));
-            let buf = sys::ggml_backend_buft_alloc_buffer(buft, sys::ggml_nbytes(t) + 256);
-            assert!(!buf.is_null());
-            assert_eq!(sys::ggml_backend_tensor_alloc(buf, t, sys::ggml_backend_buffer_get_base(buf)), sys::GGML_STATUS_SUCCESS);
-            sys::ggml_backend_tensor_set(t, data.as_ptr() as *const _, 0, data.len() * 4);
-            let r = f(&TensorView::new(NonNull::new(t).unwrap()));
-            sys::ggml_backend_buffer_free(buf);
+            for &([ne0, ne1, ne2], data) in specs {
+                assert_eq!(data.len(), ne0 * ne1 * ne2);
+                let t = sys::ggml_new_tensor_3d(ctx.ptr(), sys::GGML_TYPE_F32, ne0 as i64, ne1 as i64, ne2 as i64);
+                let buf = sys::ggml_backend_buft_alloc_buffer(buft, sys::ggml_nbytes(t) + 256);
+                assert!(!buf.is_null());
+                assert_eq!(sys::ggml_backend_tensor_alloc(buf, t, sys::ggml_backend_buffer_get_base(buf)), sys::GGML_STATUS_SUCCESS);
+                sys::ggml_backend_tensor_set(t, data.as_ptr() as *const _, 0, data.len() * 4);
+                bufs.push(buf);
+                views.push(TensorView::new(NonNull::new(t).unwrap()));
+            }
+            let r = f(&views);
+            drop(views);
+            for b in bufs {
+                sys::ggml_backend_buffer_free(b);
+            }
             r
         }
+    }
+
+    /// A graph built for one tensor and run again over another (the next layer) reads the
+    /// other: results equal those of a graph built for it alone. Shapes alternate and a third
+    /// one replaces the least recently run of two slots; inputs already on the device are not
+    /// uploaded again.
+    #[test]
+    fn reused_graphs_read_each_tensor() {
+        // [n_kv, n_tok, n_head]: two tensors of the first shape, one of each other.
+        let shapes = [[80usize, 4, 3], [100, 5, 3], [80, 4, 3], [70, 3, 3]];
+        let mut rng = crate::rng::SplitMix64(7);
+        let datas: Vec<Vec<f32>> = shapes.iter().map(|s| (0..s.iter().product::<usize>()).map(|_| rng.gauss() as f32).collect()).collect();
+        let scales: Vec<Vec<f32>> = shapes.iter().map(|s| (0..s[0] * s[2]).map(|_| rng.gauss() as f32).collect()).collect();
+        // Cells hold positions 0..n_kv, the queries are the last n_tok of them.
+        let plan_parts = |[n_kv, n_tok, n_head]: [usize; 3]| {
+            let gather: Vec<i32> = (0..n_head).flat_map(|h| (0..n_tok).map(move |i| (n_kv - n_tok + i + n_kv * (i + n_tok * h)) as i32)).collect();
+            let cells_desc: Vec<i32> = (0..n_kv).rev().map(|c| c as i32).collect();
+            (gather, cells_desc, vec![(0, n_tok), (1, n_tok), (0, 0), (n_tok - 1, n_tok)])
+        };
+        let bucket = |d: usize| distance_bucket(d);
+        let reduce = |dc: &mut DeviceCompute, v: &TensorView, k: usize| {
+            let (gather, cells_desc, ranges) = plan_parts(shapes[k]);
+            let [n_kv, n_tok, _] = shapes[k];
+            let distance = Some(DistPlan { cells_desc: &cells_desc, offset: n_tok - 1, n_buckets: distance_bucket(n_kv) + 1, bucket: &bucket });
+            let plan = AttnPlan { ranges: &ranges, gather: &gather, distance, flow: Some(FlowPlan { scale: &scales[k], pred_from: 1 }) };
+            dc.reduce_attention(v, &plan).unwrap()
+        };
+        let specs: Vec<([usize; 3], &[f32])> = shapes.iter().zip(&datas).map(|(&s, d)| (s, &d[..])).collect();
+        on_cpu_tensors(&specs, |views| {
+            let mut shared = DeviceCompute::for_tensor(&views[0], 2).unwrap();
+            // Built for 0, then 1; 2 reuses 0's graph; 3 replaces 1's; 0 again reuses; 1 rebuilds.
+            for (step, &k) in [0usize, 1, 2, 3, 0, 1].iter().enumerate() {
+                let got = reduce(&mut shared, &views[k], k);
+                let want = reduce(&mut DeviceCompute::for_tensor(&views[k], 2).unwrap(), &views[k], k);
+                assert_eq!(format!("{got:?}"), format!("{want:?}"), "step {step}, tensor {k}");
+                assert!(got.cols[0].iter().any(|&x| x != 0.0) && got.cols[2].is_empty() && !got.distance.is_empty(), "step {step}");
+                // An independent check of one number: the first column sum of head 0.
+                let [n_kv, n_tok, _] = shapes[k];
+                let direct: f32 = (0..n_tok).map(|i| datas[k][n_kv * i]).sum();
+                assert!((got.cols[0][0] - direct).abs() < 1e-5, "step {step}: {} vs {direct}", got.cols[0][0]);
+            }
+            assert_eq!((shared.builds, shared.runs), (4, 6));
+        });
+        // Activations: the same dims on every run, so their indices are uploaded once.
+        let data: Vec<f32> = (0..3 * 4 * 6).map(|i| (i as f32 * 0.37).sin()).collect();
+        on_cpu_tensors(&[([6, 4, 1], &data[..24]), ([6, 4, 1], &data[24..48]), ([6, 4, 1], &data[48..])], |views| {
+            let mut dc = DeviceCompute::for_tensor(&views[0], 2).unwrap();
+            let plan = ActPlan { width: 6, n_rows: 4, row_stride: 6, dims: &[1, 4], n_heads: 2 };
+            for (k, v) in views.iter().enumerate() {
+                let got = dc.reduce_activation(v, &plan).unwrap();
+                let want = DeviceCompute::for_tensor(v, 2).unwrap().reduce_activation(v, &plan).unwrap();
+                assert_eq!(format!("{got:?}"), format!("{want:?}"), "tensor {k}");
+                assert_eq!(got.values[0], data[24 * k + 1], "tensor {k}");
+            }
+            assert_eq!((dc.builds, dc.runs, dc.copies_up, dc.copies_down), (1, 3, 1, 3));
+        });
     }
 
     /// The device mask check, run on the CPU backend, accepts the usual micro-batches and then
@@ -1052,7 +1272,7 @@ mod tests {
             let cell_pos: Vec<f32> = (0..n_kv).map(|c| map.get(c).unwrap_or(-1) as f32).collect();
             let lo: Vec<f32> = queries.iter().map(|&q| window.map_or(0, |w| (q - w + 1).max(0)) as f32).collect();
             let q: Vec<f32> = queries.iter().map(|&q| q as f32).collect();
-            let out = on_cpu_tensor(n_kv, n, &data, |view| DeviceCompute::for_tensor(view).unwrap().check_mask(view, &MaskPlan { cell_pos: &cell_pos, lo: &lo, q: &q }).unwrap());
+            let out = on_cpu_tensor(n_kv, n, &data, |view| DeviceCompute::for_tensor(view, 2).unwrap().check_mask(view, &MaskPlan { cell_pos: &cell_pos, lo: &lo, q: &q }).unwrap());
             let (mut dev, mut host) = (map.clone(), map.clone());
             let by_device = dev.assign_counted(n_kv, &queries, &out);
             let by_host = host.assign_rows(n_kv, &queries, &data, n_kv);
