@@ -181,6 +181,10 @@ pub struct TransferStats {
     pub callback_seconds: f64,
     #[serde(skip)]
     pub device_seconds: f64,
+    /// Wall time merging device results into the accumulators after the callback returned
+    /// (on the merger thread while the device computes on, or at the next lock).
+    #[serde(skip)]
+    pub merge_seconds: f64,
 }
 
 impl TransferStats {
@@ -291,8 +295,11 @@ struct Cursor {
 }
 
 struct State {
-    n_layer: usize,
-    layer_on: Vec<bool>,
+    filter: NodeFilter,
+    /// The last attention node's device results, not merged yet.
+    pending: Option<PendingMerge>,
+    /// A merge that panicked on the merger thread (a bug), raised by every later lock.
+    merge_failed: Option<String>,
     n_layers_on: usize,
     attention: Option<AttentionAcc>,
     /// Indexed by role.
@@ -322,8 +329,107 @@ struct PlanIndices {
     cells_desc: Vec<i32>,
 }
 
+/// Which nodes a capture observes: fixed when it is made, so the ask phase reads it without
+/// the state's lock (which a deferred merge may hold while the scheduler asks).
+#[derive(Clone)]
+struct NodeFilter {
+    layer_on: Vec<bool>,
+    attention: bool,
+    /// Per role: the node name and, for names that repeat within a layer, its op.
+    acts: [Option<(String, Option<String>)>; 4],
+}
+
+impl NodeFilter {
+    /// The activation role a node `prefix-<l>` computed by `op` fills, if any.
+    fn role_of(&self, prefix: &str, op: &str) -> Option<usize> {
+        self.acts.iter().position(|a| {
+            a.as_ref().is_some_and(|(name, want_op)| {
+                name == prefix
+                    && match want_op {
+                        Some(o) => op == o,
+                        None => !is_view_op(op),
+                    }
+            })
+        })
+    }
+
+    fn wants(&self, node: &NodeInfo) -> bool {
+        if !node.computed {
+            return false;
+        }
+        let Some((prefix, layer)) = split_node_name(node.name) else { return false };
+        if !self.layer_on.get(layer).copied().unwrap_or(false) {
+            return false;
+        }
+        if prefix == ATTENTION_NODE && self.attention {
+            return node.op == "SOFT_MAX";
+        }
+        self.role_of(prefix, node.op).is_some()
+    }
+}
+
+/// An attention node's device results, merged into the accumulators after the callback
+/// returns (see [`CaptureHook`]).
+struct PendingMerge {
+    layer: usize,
+    out: crate::ffi::AttnOut,
+    n_kv: usize,
+    start: usize,
+    len: usize,
+    vscale: Option<Vec<f32>>,
+}
+
 /// The eval hook; shares its state with a [`CaptureHandle`].
-pub struct CaptureHook(Arc<Mutex<State>>);
+///
+/// On the device path, merging an attention node's summaries into the accumulators is host
+/// work the GPU would wait for: the callback leaves it pending and a merger thread does it
+/// while the scheduler computes the next layers. Every lock of the state first runs a pending
+/// merge (see [`lock`]), so whoever comes next (the next callback, a reader of the results)
+/// sees exactly what an immediate merge would have left, in the same order.
+pub struct CaptureHook {
+    state: Arc<Mutex<State>>,
+    filter: NodeFilter,
+    merger: Option<Merger>,
+}
+
+/// The merger thread and the channel that wakes it (closed and joined on drop, so the state
+/// is never dropped on that thread).
+struct Merger {
+    wake: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Merger {
+    fn start(state: Arc<Mutex<State>>) -> Option<Merger> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("attractors-merge".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // The pending merge, if the next callback has not run it already. A panic
+                    // (a bug) is kept and raised by every later lock, on the threads that
+                    // report errors (a callback turns it into a decode error).
+                    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.merge_pending())) {
+                        s.merge_failed = Some(crate::ffi::panic_message(e.as_ref()));
+                    }
+                }
+            })
+            .ok()?;
+        Some(Merger { wake: Some(tx), thread: Some(thread) })
+    }
+}
+
+impl Drop for CaptureHook {
+    fn drop(&mut self) {
+        if let Some(m) = &mut self.merger {
+            drop(m.wake.take());
+            if let Some(t) = m.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
 
 /// Read results after (or between) decodes.
 #[derive(Clone)]
@@ -343,8 +449,14 @@ pub struct CaptureSummary {
     pub skipped_nodes: Vec<String>,
 }
 
+/// The state, with any pending merge done first.
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(msg) = &s.merge_failed {
+        panic!("merging attention summaries failed: {msg}");
+    }
+    s.merge_pending();
+    s
 }
 
 /// Build a capture for `model`. `swa_layers` come from [`sliding_window_layers`].
@@ -378,10 +490,16 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         make(&cfg.values, vec![], false, true),
         make(&cfg.hidden, vec![], false, false),
     ];
+    let filter = NodeFilter {
+        layer_on: layer_on.clone(),
+        attention: cfg.attention,
+        acts: std::array::from_fn(|r| acts[r].as_ref().map(|a| (a.name.clone(), a.op.clone()))),
+    };
     let state = State {
-        n_layer,
+        filter,
+        pending: None,
+        merge_failed: None,
         n_layers_on: layer_on.iter().filter(|&&b| b).count(),
-        layer_on,
         attention: cfg.attention.then(|| {
             let mut a = AttentionAcc::new(n_layer, model.n_head(), max_positions, cfg.distance);
             if let Some(p) = cfg.flow_pred_start {
@@ -411,8 +529,12 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         plans: vec![None, None],
         stats: TransferStats::default(),
     };
+    let filter = state.filter.clone();
     let arc = Arc::new(Mutex::new(state));
-    Ok((CaptureHook(arc.clone()), CaptureHandle(arc)))
+    // Merges are deferred only for the device path's attention (the host path reads the
+    // tensor in place, on the CPU that computes the next layer anyway).
+    let merger = (cfg.attention && cfg.reduce != Reduce::Host).then(|| Merger::start(arc.clone())).flatten();
+    Ok((CaptureHook { state: arc.clone(), filter, merger }, CaptureHandle(arc)))
 }
 
 impl CaptureHandle {
@@ -525,15 +647,18 @@ impl State {
 
     /// Which activation role a node (name prefix, op) is captured for.
     fn role_of(&self, prefix: &str, op: &str) -> Option<usize> {
-        self.acts.iter().position(|a| {
-            a.as_ref().is_some_and(|a| {
-                a.name == prefix
-                    && match &a.op {
-                        Some(o) => op == o,
-                        None => !is_view_op(op),
-                    }
-            })
-        })
+        self.filter.role_of(prefix, op)
+    }
+
+    /// Merge the pending attention results, if any, as the callback would have.
+    fn merge_pending(&mut self) {
+        let Some(p) = self.pending.take() else { return };
+        let t0 = std::time::Instant::now();
+        let queries = &self.cursor.positions[p.start..p.start + p.len];
+        let cells = self.cells.cells(p.layer);
+        let acc = self.attention.as_mut().expect("a merge is left only when capturing attention");
+        acc.add_reduced(p.layer, &p.out, p.n_kv, queries, cells, p.vscale.as_deref());
+        self.stats.merge_seconds += t0.elapsed().as_secs_f64();
     }
 
     /// Locate the micro-batch of a node of `kind` at `layer` with `n_rows` rows.
@@ -676,9 +801,9 @@ impl State {
         let flow = vscale.as_deref().map(|scale| FlowPlan { scale, pred_from });
         let plan = AttnPlan { ranges: &ranges, gather, distance, flow };
         let Some(out) = self.devices.try_run(self.reduce, t, |d| d.reduce_attention(t, &plan))? else { return Ok(false) };
-        let cells = self.cells.cells(layer);
-        let acc = self.attention.as_mut().expect("attention node asked only when capturing attention");
-        acc.add_reduced(layer, &out, n_kv, queries, cells, vscale.as_deref());
+        // Merged after the callback returns (by the merger thread, or by whoever locks the
+        // state next): nothing between here and then changes what the merge reads.
+        self.pending = Some(PendingMerge { layer, out, n_kv, start, len, vscale });
         Ok(true)
     }
 
@@ -721,23 +846,12 @@ impl State {
 
 impl EvalHook for CaptureHook {
     fn wants(&mut self, node: &NodeInfo) -> bool {
-        if !node.computed {
-            return false;
-        }
-        let Some((prefix, layer)) = split_node_name(node.name) else { return false };
-        let s = lock(&self.0);
-        if layer >= s.n_layer || !s.layer_on[layer] {
-            return false;
-        }
-        if prefix == ATTENTION_NODE && s.attention.is_some() {
-            return node.op == "SOFT_MAX";
-        }
-        s.role_of(prefix, node.op).is_some()
+        self.filter.wants(node)
     }
 
     fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
         let Some((prefix, layer)) = split_node_name(t.name()) else { return Ok(()) };
-        let mut s = lock(&self.0);
+        let mut s = lock(&self.state);
         let t0 = std::time::Instant::now();
         let r = if prefix == ATTENTION_NODE && t.is_softmax() {
             s.observe_attention(layer, t)
@@ -747,31 +861,37 @@ impl EvalHook for CaptureHook {
             Ok(())
         };
         s.stats.callback_seconds += t0.elapsed().as_secs_f64();
+        if s.pending.is_some() {
+            if let Some(w) = self.merger.as_ref().and_then(|m| m.wake.as_ref()) {
+                // A closed channel only means the merge waits for the next lock.
+                let _ = w.send(());
+            }
+        }
         r.map_err(HookError)
     }
 
     fn on_batch(&mut self, positions: &[i32]) {
-        let mut s = lock(&self.0);
+        let mut s = lock(&self.state);
         let id = s.cursor.ubatch_id;
         s.cursor = Cursor { positions: positions.to_vec(), ubatch_id: id, ..Default::default() };
     }
 
     fn on_batch_failed(&mut self) {
-        let mut s = lock(&self.0);
+        let mut s = lock(&self.state);
         let positions = s.cursor.positions.clone();
         s.cells.forget(&positions);
     }
 
     fn on_seq_rm(&mut self, p0: i32, p1: i32) {
-        lock(&self.0).cells.remove(p0, p1);
+        lock(&self.state).cells.remove(p0, p1);
     }
 
     fn on_seq_add(&mut self, p0: i32, p1: i32, delta: i32) {
-        lock(&self.0).cells.shift(p0, p1, delta);
+        lock(&self.state).cells.shift(p0, p1, delta);
     }
 
     fn on_clear(&mut self) {
-        lock(&self.0).cells.clear();
+        lock(&self.state).cells.clear();
     }
 }
 

@@ -69,7 +69,7 @@ fn child(a: &BenchCaptureArgs, mode: &str) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"mode": mode, "seconds": best, "peak_mb": peak_rss_mb(), "accumulator_mb": acc_mb, "tokens": toks.len(),
             "bytes_down_per_layer": per_layer, "bytes_down_per_node": transfers.bytes_per_node(), "transfers": transfers, "layers": model.n_layer(), "device": model.meta().device,
-            "callback_seconds": transfers.callback_seconds, "device_seconds": transfers.device_seconds})
+            "callback_seconds": transfers.callback_seconds, "device_seconds": transfers.device_seconds, "merge_seconds": transfers.merge_seconds})
     );
     Ok(())
 }
@@ -130,11 +130,13 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
         // and synchronising before each callback.
         let cb = v["callback_seconds"].as_f64().unwrap_or(f64::NAN);
         let dev = v["device_seconds"].as_f64().unwrap_or(f64::NAN);
+        let merge = v["merge_seconds"].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{mode} time: {:.4} s in the callback ({:.4} s of it in device graphs), {:.4} s more outside it than plain (graph splits, synchronisation)",
+            "{mode} time: {:.4} s in the callback ({:.4} s of it in device graphs), {:.4} s more outside it than plain (graph splits, synchronisation; device results merged after the callback: {:.4} s, mostly on a thread of their own while the device computes on)",
             cb,
             dev,
-            secs(v) - cb - secs(p)
+            secs(v) - cb - secs(p),
+            merge
         );
     }
     if let Some(c) = get("capture") {

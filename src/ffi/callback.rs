@@ -94,7 +94,8 @@ pub(crate) struct HookState {
     pub error: Option<HookError>,
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+/// The message a panic carried (its `&str` or `String` payload).
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {

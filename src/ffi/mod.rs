@@ -15,7 +15,7 @@ mod tensor;
 
 pub use backend::{init_backend, last_llama_error, set_verbose};
 pub use batch::{Batch, BatchError};
-pub use callback::{EvalHook, HookError, Hooks, NodeInfo};
+pub use callback::{panic_message, EvalHook, HookError, Hooks, NodeInfo};
 pub use context::{interrupted, request_interrupt, Context, ContextError, ContextParams, DecodeError, FlashAttn, KvType, StateError};
 pub use device::{devices, ActOut, ActPlan, AttnOut, AttnPlan, DeviceCompute, DeviceError, DeviceInfo, DistPlan, FlowPlan, HidePlan, MaskOut, MaskPlan};
 pub use model::{LoadError, Model, ModelMeta, ModelParams, RunDevice, TemplateError, TokenizeError};
