@@ -8,8 +8,9 @@
 //! graph of reductions and copies back only the column sums, the diagonal, per-query distance
 //! sums and flow rows. [`DeviceCompute::reduce_activation`] does the same for activation
 //! nodes (`[width, tokens]`): per-row norms, top-3 and median |x|, chosen dims, head norms.
-//! Each graph's inputs and outputs are packed into one device buffer, so a graph costs one
-//! upload and one download.
+//! Each graph's inputs and outputs are packed into one device buffer, so a run costs at most
+//! one upload and one download; a graph is built once per shape and plan and rerun for every
+//! layer over that layer's memory.
 //!
 //! The graphs use only ops that every backend computes in f32: element-wise ops, copies,
 //! views, `pad`, `get_rows`, `sum_rows` and `argsort`. Never `mul_mat` or `out_prod`: CUDA runs those
