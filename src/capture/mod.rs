@@ -86,7 +86,7 @@ impl Devices {
         let k = match self.list.iter().position(|d| d.owns(t)) {
             Some(k) => k,
             None => {
-                self.list.push(DeviceCompute::for_tensor(t, self.slots.max(1))?);
+                self.list.push(DeviceCompute::for_tensor(t, self.slots)?);
                 self.list.len() - 1
             }
         };
@@ -295,7 +295,6 @@ struct Cursor {
 }
 
 struct State {
-    filter: NodeFilter,
     /// The last attention node's device results, not merged yet.
     pending: Option<PendingMerge>,
     /// A merge that panicked on the merger thread (a bug), raised by every later lock.
@@ -420,13 +419,11 @@ impl Merger {
     }
 }
 
-impl Drop for CaptureHook {
+impl Drop for Merger {
     fn drop(&mut self) {
-        if let Some(m) = &mut self.merger {
-            drop(m.wake.take());
-            if let Some(t) = m.thread.take() {
-                let _ = t.join();
-            }
+        drop(self.wake.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -496,7 +493,6 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         acts: std::array::from_fn(|r| acts[r].as_ref().map(|a| (a.name.clone(), a.op.clone()))),
     };
     let state = State {
-        filter,
         pending: None,
         merge_failed: None,
         n_layers_on: layer_on.iter().filter(|&&b| b).count(),
@@ -529,7 +525,6 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         plans: vec![None, None],
         stats: TransferStats::default(),
     };
-    let filter = state.filter.clone();
     let arc = Arc::new(Mutex::new(state));
     // Merges are deferred only for the device path's attention (the host path reads the
     // tensor in place, on the CPU that computes the next layer anyway).
@@ -643,11 +638,6 @@ impl State {
             swa_layers: self.swa_layers.clone(),
             skipped_nodes: self.skipped_nodes.clone(),
         }
-    }
-
-    /// Which activation role a node (name prefix, op) is captured for.
-    fn role_of(&self, prefix: &str, op: &str) -> Option<usize> {
-        self.filter.role_of(prefix, op)
     }
 
     /// Merge the pending attention results, if any, as the callback would have.
@@ -855,7 +845,7 @@ impl EvalHook for CaptureHook {
         let t0 = std::time::Instant::now();
         let r = if prefix == ATTENTION_NODE && t.is_softmax() {
             s.observe_attention(layer, t)
-        } else if let Some(role) = s.role_of(prefix, t.op_name()) {
+        } else if let Some(role) = self.filter.role_of(prefix, t.op_name()) {
             s.observe_activation(role, layer, t)
         } else {
             Ok(())

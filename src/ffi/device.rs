@@ -223,6 +223,21 @@ struct Built {
     outputs: Vec<*mut sys::ggml_tensor>,
 }
 
+impl Built {
+    /// Add `o` (and what it needs) to the graph as the next output.
+    ///
+    /// # Safety
+    /// `o` must be a tensor of the graph's live context.
+    unsafe fn output(&mut self, o: *mut sys::ggml_tensor) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            sys::ggml_set_output(o);
+            sys::ggml_build_forward_expand(self.graph, o);
+        }
+        self.outputs.push(o);
+    }
+}
+
 /// A built graph with its memory placed, ready to run over any tensor of its signature.
 struct Prepared {
     /// Everything the graph's structure depends on: kind, shapes, plan sizes and parameters.
@@ -448,9 +463,9 @@ impl DeviceCompute {
     }
 
     /// The outputs of slot `k`'s last run, in the order its builder listed them.
-    fn outputs(&self, k: usize) -> Vec<&[f32]> {
+    fn outputs(&self, k: usize) -> impl Iterator<Item = &[f32]> {
         let p = self.slots[k].prepared.as_ref().expect("a slot that ran");
-        p.outputs.iter().map(|&(o, n)| &self.stage_down[o..o + n]).collect()
+        p.outputs.iter().map(|&(o, n)| &self.stage_down[o..o + n])
     }
 
     /// Check every node of a built graph, place its inputs and outputs in slot `k`'s io
@@ -618,7 +633,6 @@ impl DeviceCompute {
         if status != sys::GGML_STATUS_SUCCESS {
             // SAFETY: valid backend.
             unsafe { sys::ggml_backend_synchronize(backend) };
-            p.last_up = None;
             return Err(DeviceError::Compute(self.name.clone()));
         }
         if p.out_words > 0 {
@@ -694,12 +708,6 @@ impl DeviceCompute {
             // computed until the graph runs.
             unsafe {
                 let mut b = Built { graph: sys::ggml_new_graph(c), alias: alias(c, t, n)?, inputs: vec![], outputs: vec![] };
-                let gf = b.graph;
-                let mut out = |o: *mut sys::ggml_tensor| {
-                    sys::ggml_set_output(o);
-                    sys::ggml_build_forward_expand(gf, o);
-                    b.outputs.push(o);
-                };
                 let input = |ty: sys::ggml_type, ne0: i64, ne1: i64, ne2: i64| {
                     let t = sys::ggml_new_tensor_3d(c, ty, ne0, ne1, ne2);
                     sys::ggml_set_input(t);
@@ -726,11 +734,11 @@ impl DeviceCompute {
                 // The gathered elements (each query's own cell).
                 let idx = input(sys::GGML_TYPE_I32, plan.gather.len() as i64, 1, 1);
                 b.inputs.push(idx);
-                out(sys::ggml_get_rows(c, sys::ggml_reshape_2d(c, a, 1, n as i64), sys::ggml_reshape_1d(c, idx, plan.gather.len() as i64)));
+                b.output(sys::ggml_get_rows(c, sys::ggml_reshape_2d(c, a, 1, n as i64), sys::ggml_reshape_1d(c, idx, plan.gather.len() as i64)));
                 // Queries as rows: [n_tok, n_kv, n_head]; column sums are row sums of its views.
                 let at = sys::ggml_cont(c, sys::ggml_permute(c, a3, 1, 0, 2, 3));
                 for &(i0, i1) in plan.ranges.iter().filter(|r| r.1 > r.0) {
-                    out(sys::ggml_sum_rows(c, sys::ggml_view_3d(c, at, (i1 - i0) as i64, ne_kv, ne_head, (*at).nb[1], (*at).nb[2], i0 * 4)));
+                    b.output(sys::ggml_sum_rows(c, sys::ggml_view_3d(c, at, (i1 - i0) as i64, ne_kv, ne_head, (*at).nb[1], (*at).nb[2], i0 * 4)));
                 }
                 if let Some(d) = dist {
                     let p = d.cells_desc.len() as i64;
@@ -745,7 +753,7 @@ impl DeviceCompute {
                     let nb1 = ((2 * p - 2) * 4) as usize;
                     let skew = |e0: usize, len: usize| sys::ggml_view_2d(c, x, len as i64, ne_tok, nb1, (d.offset + e0) * 4);
                     for r in &runs {
-                        out(match r.single {
+                        b.output(match r.single {
                             true => sys::ggml_cont(c, skew(r.e0, r.e1 - r.e0)),
                             false => sys::ggml_sum_rows(c, skew(r.e0, r.e1 - r.e0)),
                         });
@@ -755,18 +763,17 @@ impl DeviceCompute {
                     let s = input(sys::GGML_TYPE_F32, ne_kv, 1, ne_head);
                     b.inputs.push(s);
                     let fm = head_sum(sys::ggml_mul(c, a3, s));
-                    out(sys::ggml_sum_rows(c, fm));
+                    b.output(sys::ggml_sum_rows(c, fm));
                     if f.pred_from < n_tok {
                         let k = (n_tok - f.pred_from) as i64;
-                        out(sys::ggml_cont(c, sys::ggml_view_2d(c, fm, ne_kv, k, (*fm).nb[1], f.pred_from * (*fm).nb[1])));
+                        b.output(sys::ggml_cont(c, sys::ggml_view_2d(c, fm, ne_kv, k, (*fm).nb[1], f.pred_from * (*fm).nb[1])));
                     }
                 }
                 Ok(b)
             }
         };
         let k = self.exec(t, sig, n_tensors, build, &uploads)?;
-        let outs = self.outputs(k);
-        let mut it = outs.into_iter();
+        let mut it = self.outputs(k);
         let mut next = || it.next().unwrap_or_default();
         let mut out = AttnOut { gathered: next().to_vec(), ..Default::default() };
         out.cols = plan.ranges.iter().map(|r| if r.1 > r.0 { next().to_vec() } else { vec![] }).collect();
@@ -830,26 +837,23 @@ impl DeviceCompute {
                 let med_i = if w % 2 == 1 { pick(mid, 1) } else { pick(mid - 1, 2) };
                 let sq = sys::ggml_sqr(c, x2);
                 let mut b = Built { graph: sys::ggml_new_graph(c), alias: x, inputs: vec![], outputs: vec![] };
-                b.outputs = vec![sys::ggml_sum_rows(c, sq), sys::ggml_get_rows(c, a3, top_i), sys::ggml_cont(c, top_i), sys::ggml_get_rows(c, a3, med_i)];
+                for o in [sys::ggml_sum_rows(c, sq), sys::ggml_get_rows(c, a3, top_i), sys::ggml_cont(c, top_i), sys::ggml_get_rows(c, a3, med_i)] {
+                    b.output(o);
+                }
                 if plan.n_heads > 0 {
-                    b.outputs.push(sys::ggml_sum_rows(c, sys::ggml_reshape_2d(c, sq, (w / plan.n_heads) as i64, (plan.n_heads * n_rows) as i64)));
+                    b.output(sys::ggml_sum_rows(c, sys::ggml_reshape_2d(c, sq, (w / plan.n_heads) as i64, (plan.n_heads * n_rows) as i64)));
                 }
                 if nd > 0 {
                     let di = sys::ggml_new_tensor_2d(c, sys::GGML_TYPE_I32, nd as i64, ne_r);
                     sys::ggml_set_input(di);
                     b.inputs.push(di);
-                    b.outputs.push(sys::ggml_get_rows(c, sys::ggml_reshape_3d(c, x2, 1, ne_w, ne_r), di));
-                }
-                for &o in &b.outputs {
-                    sys::ggml_set_output(o);
-                    sys::ggml_build_forward_expand(b.graph, o);
+                    b.output(sys::ggml_get_rows(c, sys::ggml_reshape_3d(c, x2, 1, ne_w, ne_r), di));
                 }
                 Ok(b)
             }
         };
         let k = self.exec(t, sig, 32, build, &uploads)?;
-        let outs = self.outputs(k);
-        let mut it = outs.into_iter();
+        let mut it = self.outputs(k);
         let mut next = || it.next().unwrap_or_default().to_vec();
         let (sumsq, top_abs, top_bits, med) = (next(), next(), next(), next());
         let median_abs = match w % 2 {
@@ -901,17 +905,14 @@ impl DeviceCompute {
                 let hidden = sys::ggml_relu(c, sys::ggml_neg(c, d));
                 // Per cell, over queries: rows of the transpose.
                 let ut = sys::ggml_cont(c, sys::ggml_transpose(c, unexplained));
-                b.outputs = vec![sys::ggml_sum_rows(c, unexplained), sys::ggml_sum_rows(c, hidden), sys::ggml_sum_rows(c, ut), sys::ggml_sum_rows(c, sys::ggml_mul(c, ut, k))];
-                for &o in &b.outputs {
-                    sys::ggml_set_output(o);
-                    sys::ggml_build_forward_expand(b.graph, o);
+                for o in [sys::ggml_sum_rows(c, unexplained), sys::ggml_sum_rows(c, hidden), sys::ggml_sum_rows(c, ut), sys::ggml_sum_rows(c, sys::ggml_mul(c, ut, k))] {
+                    b.output(o);
                 }
                 Ok(b)
             }
         };
         let k = self.exec(mask, sig, 48, build, &uploads)?;
-        let outs = self.outputs(k);
-        let mut it = outs.into_iter();
+        let mut it = self.outputs(k);
         let mut next = || it.next().unwrap_or_default().to_vec();
         Ok(MaskOut { unexplained: next(), hidden: next(), col_count: next(), col_index_sum: next() })
     }
