@@ -13,7 +13,7 @@
 //! layer over that layer's memory.
 //!
 //! The graphs use only ops that every backend computes in f32: element-wise ops, copies,
-//! views, `pad`, `get_rows`, `sum_rows` and `argsort`. Never `mul_mat` or `out_prod`: CUDA runs those
+//! views, `pad`, `get_rows`, `sum_rows`, average `pool_2d` and `argsort`. Never `mul_mat` or `out_prod`: CUDA runs those
 //! through cuBLAS in TF32 (ggml sets `CUBLAS_TF32_TENSOR_OP_MATH`) or its own TF32 tensor-core
 //! kernels, and Vulkan rounds their inputs to f16 on devices with f16 arithmetic; either costs
 //! about 1e-3 of relative precision (found on Mesa's llvmpipe Vulkan device, where distance
@@ -700,7 +700,7 @@ impl DeviceCompute {
         if let Some(f) = &plan.flow {
             uploads.push(Upload::F32(f.scale));
         }
-        let n_tensors = 64 + 4 * n_head + plan.ranges.len() * 2 + runs.len() * 2;
+        let n_tensors = 64 + plan.ranges.len() * 8 + runs.len() * 2;
         let build = |c: *mut sys::ggml_context| {
             let (ne_kv, ne_tok, ne_head) = (n_kv as i64, n_tok as i64, n_head as i64);
             // SAFETY: every tensor below is created in `c` from tensors of `c` (or the aliased
@@ -713,21 +713,14 @@ impl DeviceCompute {
                     sys::ggml_set_input(t);
                     t
                 };
-                // Sum of the `n_head` slices `[.., .., h]` of a contiguous 3-d tensor: a tree of
-                // adds of half-stacks, about log2(n_head) kernels instead of n_head - 1 (a kernel
-                // launch costs a GPU more than these adds do).
-                let head_sum = |x: *mut sys::ggml_tensor| {
-                    let stack = |t: *mut sys::ggml_tensor, h0: usize, k: usize| sys::ggml_view_3d(c, t, (*t).ne[0], (*t).ne[1], k as i64, (*t).nb[1], (*t).nb[2], h0 * (*t).nb[2]);
-                    let (mut cur, mut k, mut odd) = (x, n_head, vec![]);
-                    while k > 1 {
-                        let half = k / 2;
-                        if k % 2 == 1 {
-                            odd.push(stack(cur, half, 1));
-                        }
-                        cur = sys::ggml_add(c, stack(cur, 0, half), stack(cur, k - half, half));
-                        k = half;
-                    }
-                    odd.into_iter().fold(cur, |acc, s| sys::ggml_add(c, acc, s))
+                // Means over the rows of a contiguous tensor (`k` rows at a time), with ggml's
+                // average pooling: it reads the tensor where it is, where row sums would first
+                // need a transposed copy (twice the traffic, and one more kernel).
+                let pool_rows = |x: *mut sys::ggml_tensor, k: usize| sys::ggml_pool_2d(c, x, sys::GGML_OP_POOL_AVG, 1, k as i32, 1, k as i32, 0.0, 0.0);
+                // Mean over the heads of a contiguous [n_kv, n_tok, n_head] tensor, as [n_kv, n_tok].
+                let head_mean = |x: *mut sys::ggml_tensor| {
+                    let m = pool_rows(sys::ggml_reshape_2d(c, x, ne_kv * ne_tok, ne_head), n_head);
+                    sys::ggml_reshape_2d(c, m, ne_kv, ne_tok)
                 };
                 let a = b.alias;
                 let a3 = sys::ggml_reshape_3d(c, a, ne_kv, ne_tok, ne_head);
@@ -735,15 +728,32 @@ impl DeviceCompute {
                 let idx = input(sys::GGML_TYPE_I32, plan.gather.len() as i64, 1, 1);
                 b.inputs.push(idx);
                 b.output(sys::ggml_get_rows(c, sys::ggml_reshape_2d(c, a, 1, n as i64), sys::ggml_reshape_1d(c, idx, plan.gather.len() as i64)));
-                // Queries as rows: [n_tok, n_kv, n_head]; column sums are row sums of its views.
-                let at = sys::ggml_cont(c, sys::ggml_permute(c, a3, 1, 0, 2, 3));
+                // Column sums of each range, as the means of `col_split`'s parts: a range other
+                // than all rows is copied first (contiguous rows are what pooling reads).
                 for &(i0, i1) in plan.ranges.iter().filter(|r| r.1 > r.0) {
-                    b.output(sys::ggml_sum_rows(c, sys::ggml_view_3d(c, at, (i1 - i0) as i64, ne_kv, ne_head, (*at).nb[1], (*at).nb[2], i0 * 4)));
+                    let len = i1 - i0;
+                    let src = match len == n_tok {
+                        true => a3,
+                        false => sys::ggml_cont(c, sys::ggml_view_3d(c, a3, ne_kv, len as i64, ne_head, (*a3).nb[1], (*a3).nb[2], i0 * (*a3).nb[1])),
+                    };
+                    let (main, rest) = col_split(len);
+                    b.output(match (main, main > 2 * COL_BLOCK) {
+                        (1, _) if src == a3 => sys::ggml_cont(c, a3),
+                        (1, _) => src,
+                        (_, false) => pool_rows(src, main),
+                        // Blocks of COL_BLOCK rows, then the blocks' means: enough threads for
+                        // a GPU in the first pool, few rows left for the second.
+                        (_, true) => pool_rows(pool_rows(src, COL_BLOCK), main / COL_BLOCK),
+                    });
+                    if rest > 0 {
+                        let tail = sys::ggml_cont(c, sys::ggml_view_3d(c, src, ne_kv, rest as i64, ne_head, (*src).nb[1], (*src).nb[2], main * (*src).nb[1]));
+                        b.output(if rest > 1 { pool_rows(tail, rest) } else { tail });
+                    }
                 }
                 if let Some(d) = dist {
                     let p = d.cells_desc.len() as i64;
                     // Head mean with cells as rows [n_tok, n_kv], plus a zero row at n_kv.
-                    let mt = sys::ggml_pad(c, sys::ggml_scale(c, head_sum(at), 1.0 / n_head as f32), 0, 1, 0, 0);
+                    let mt = sys::ggml_pad(c, sys::ggml_cont(c, sys::ggml_transpose(c, head_mean(a3))), 0, 1, 0, 0);
                     let rows = input(sys::GGML_TYPE_I32, p, 1, 1);
                     b.inputs.push(rows);
                     // Positions p_hi, p_hi - 1, ... as columns of each query's row, zero-padded.
@@ -762,7 +772,8 @@ impl DeviceCompute {
                 if let Some(f) = &plan.flow {
                     let s = input(sys::GGML_TYPE_F32, ne_kv, 1, ne_head);
                     b.inputs.push(s);
-                    let fm = head_sum(sys::ggml_mul(c, a3, s));
+                    // The head mean: the sum is n_head times it (applied when read).
+                    let fm = head_mean(sys::ggml_mul(c, a3, s));
                     b.output(sys::ggml_sum_rows(c, fm));
                     if f.pred_from < n_tok {
                         let k = (n_tok - f.pred_from) as i64;
@@ -776,7 +787,22 @@ impl DeviceCompute {
         let mut it = self.outputs(k);
         let mut next = || it.next().unwrap_or_default();
         let mut out = AttnOut { gathered: next().to_vec(), ..Default::default() };
-        out.cols = plan.ranges.iter().map(|r| if r.1 > r.0 { next().to_vec() } else { vec![] }).collect();
+        // Sums from the parts' means.
+        out.cols = plan
+            .ranges
+            .iter()
+            .map(|r| {
+                if r.1 == r.0 {
+                    return vec![];
+                }
+                let (main, rest) = col_split(r.1 - r.0);
+                let mut v: Vec<f32> = next().iter().map(|&x| x * main as f32).collect();
+                if rest > 0 {
+                    v.iter_mut().zip(next()).for_each(|(v, &x)| *v += x * rest as f32);
+                }
+                v
+            })
+            .collect();
         if let Some(d) = &plan.distance {
             let nb = d.n_buckets;
             out.distance = vec![0.0; nb * n_tok];
@@ -790,9 +816,10 @@ impl DeviceCompute {
             }
         }
         if let Some(f) = &plan.flow {
-            out.flow_rows = next().to_vec();
+            let heads = n_head as f32;
+            out.flow_rows = next().iter().map(|&x| x * heads).collect();
             if f.pred_from < n_tok {
-                out.flow_pred = next().to_vec();
+                out.flow_pred = next().iter().map(|&x| x * heads).collect();
             }
         }
         Ok(out)
@@ -967,6 +994,19 @@ unsafe fn device_of(buf: sys::ggml_backend_buffer_t) -> sys::ggml_backend_dev_t 
         } else {
             dev
         }
+    }
+}
+
+/// Rows per block in the first of the two pools that average many rows.
+const COL_BLOCK: usize = 16;
+
+/// How the column sums over `len` rows are computed: as the mean of the first `main` rows
+/// (one pool, or two when `main > 2 * COL_BLOCK`) and, when `rest > 0`, the mean of the
+/// `rest` rows after them.
+fn col_split(len: usize) -> (usize, usize) {
+    match len <= 2 * COL_BLOCK {
+        true => (len, 0),
+        false => (len - len % COL_BLOCK, len % COL_BLOCK),
     }
 }
 
@@ -1175,6 +1215,46 @@ mod tests {
                 sys::ggml_backend_buffer_free(b);
             }
             r
+        }
+    }
+
+    /// Column sums (pooled means of blocks, the blocks' means and the rows left over) and the
+    /// head-mean flow equal sums computed directly, for ranges of every kind: all rows and a
+    /// part; one row, up to two blocks, more, with 0, 1 and several rows left over; and a
+    /// one-query micro-batch (a decode step).
+    #[test]
+    fn pooled_column_sums_equal_direct_sums() {
+        let mut rng = crate::rng::SplitMix64(11);
+        for (n_kv, n_tok, ranges) in [
+            (7usize, 70usize, vec![(0usize, 70usize), (5, 70), (3, 40), (10, 30), (69, 70), (0, 48), (2, 35), (0, 0)]),
+            (9, 33, vec![(0, 33), (0, 32), (1, 33)]),
+            (5, 1, vec![(0, 1)]),
+        ] {
+            let n_head = 3;
+            let data: Vec<f32> = (0..n_kv * n_tok * n_head).map(|_| rng.gauss() as f32).collect();
+            let scale: Vec<f32> = (0..n_kv * n_head).map(|_| rng.gauss() as f32).collect();
+            let at = |c: usize, i: usize, h: usize| data[c + n_kv * (i + n_tok * h)] as f64;
+            let gather = vec![0i32];
+            let plan = AttnPlan { ranges: &ranges, gather: &gather, distance: None, flow: Some(FlowPlan { scale: &scale, pred_from: 0 }) };
+            let out = on_cpu_tensors(&[([n_kv, n_tok, n_head], &data[..])], |v| DeviceCompute::for_tensor(&v[0], 2).unwrap().reduce_attention(&v[0], &plan).unwrap());
+            let close = |got: f32, want: f64, what: &str| assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{what}: {got} vs {want}");
+            for (w, &(i0, i1)) in ranges.iter().enumerate() {
+                assert_eq!(out.cols[w].len(), if i1 > i0 { n_kv * n_head } else { 0 }, "range {w}");
+                for h in 0..n_head {
+                    for cell in 0..n_kv {
+                        if i1 > i0 {
+                            close(out.cols[w][cell + n_kv * h], (i0..i1).map(|i| at(cell, i, h)).sum(), &format!("{n_tok} rows, range {i0}..{i1}, cell {cell}, head {h}"));
+                        }
+                    }
+                }
+            }
+            for i in 0..n_tok {
+                let row: Vec<f64> = (0..n_kv).map(|cell| (0..n_head).map(|h| at(cell, i, h) * scale[h * n_kv + cell] as f64).sum()).collect();
+                close(out.flow_rows[i], row.iter().sum(), &format!("flow row {i}"));
+                for (cell, &want) in row.iter().enumerate() {
+                    close(out.flow_pred[cell + n_kv * i], want, &format!("flow of query {i}, cell {cell}"));
+                }
+            }
         }
     }
 
