@@ -728,26 +728,25 @@ impl DeviceCompute {
                 let idx = input(sys::GGML_TYPE_I32, plan.gather.len() as i64, 1, 1);
                 b.inputs.push(idx);
                 b.output(sys::ggml_get_rows(c, sys::ggml_reshape_2d(c, a, 1, n as i64), sys::ggml_reshape_1d(c, idx, plan.gather.len() as i64)));
-                // Column sums of each range, as the means of `col_split`'s parts: a range other
-                // than all rows is copied first (contiguous rows are what pooling reads).
+                // Rows `r0..r0 + k` of a 3-d tensor, copied contiguous.
+                let rows_of = |x: *mut sys::ggml_tensor, r0: usize, k: usize| sys::ggml_cont(c, sys::ggml_view_3d(c, x, ne_kv, k as i64, ne_head, (*x).nb[1], (*x).nb[2], r0 * (*x).nb[1]));
+                // The mean of a contiguous tensor's `k` rows (a single row is its own mean).
+                let mean = |x: *mut sys::ggml_tensor, k: usize| if k == 1 { x } else { pool_rows(x, k) };
+                // Column sums of each range, as the means of `col_split`'s parts. A range other
+                // than all rows is copied first (pooling reads contiguous rows), and so is a
+                // single row (an output must not be the aliased tensor itself).
                 for &(i0, i1) in plan.ranges.iter().filter(|r| r.1 > r.0) {
                     let len = i1 - i0;
-                    let src = match len == n_tok {
-                        true => a3,
-                        false => sys::ggml_cont(c, sys::ggml_view_3d(c, a3, ne_kv, len as i64, ne_head, (*a3).nb[1], (*a3).nb[2], i0 * (*a3).nb[1])),
-                    };
+                    let src = if len == n_tok && len > 1 { a3 } else { rows_of(a3, i0, len) };
                     let (main, rest) = col_split(len);
-                    b.output(match (main, main > 2 * COL_BLOCK) {
-                        (1, _) if src == a3 => sys::ggml_cont(c, a3),
-                        (1, _) => src,
-                        (_, false) => pool_rows(src, main),
+                    b.output(match main > 2 * COL_BLOCK {
                         // Blocks of COL_BLOCK rows, then the blocks' means: enough threads for
                         // a GPU in the first pool, few rows left for the second.
-                        (_, true) => pool_rows(pool_rows(src, COL_BLOCK), main / COL_BLOCK),
+                        true => pool_rows(pool_rows(src, COL_BLOCK), main / COL_BLOCK),
+                        false => mean(src, main),
                     });
                     if rest > 0 {
-                        let tail = sys::ggml_cont(c, sys::ggml_view_3d(c, src, ne_kv, rest as i64, ne_head, (*src).nb[1], (*src).nb[2], main * (*src).nb[1]));
-                        b.output(if rest > 1 { pool_rows(tail, rest) } else { tail });
+                        b.output(mean(rows_of(src, main, rest), rest));
                     }
                 }
                 if let Some(d) = dist {
