@@ -1,5 +1,10 @@
-//! A tiny llama-architecture model with seeded weights, written as GGUF in plain Rust, and a
-//! reference forward pass for it (f64, no llama.cpp) so captures can be checked value by value.
+//! A tiny model with seeded weights, written as GGUF in plain Rust, and a reference forward
+//! pass for it (f64, no llama.cpp) so captures can be checked value by value. Three
+//! architectures share the reference: `llama`, `qwen2` (q/k/v biases, NeoX RoPE) and `phi3`
+//! (fused QKV and fused gate/up projections, NeoX RoPE). [`zoo`] writes random-weight
+//! models of many more architectures, for property tests.
+
+pub mod zoo;
 
 use std::io::Write;
 use std::path::Path;
@@ -16,11 +21,37 @@ pub struct TinyConfig {
     pub seed: u64,
     /// Standard deviation of Q and K weights (larger = peakier attention).
     pub qk_scale: f32,
+    /// The architecture the GGUF declares (and the reference computes).
+    pub arch: TinyArch,
+}
+
+/// Architectures the reference forward pass covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyArch {
+    /// Separate Q/K/V projections, no biases, RoPE on adjacent pairs.
+    Llama,
+    /// Q/K/V projections with biases, NeoX RoPE (first half rotated with second half).
+    Qwen2,
+    /// One fused QKV projection and one fused gate/up projection, NeoX RoPE.
+    Phi3,
+}
+
+impl TinyArch {
+    pub fn name(self) -> &'static str {
+        match self {
+            TinyArch::Llama => "llama",
+            TinyArch::Qwen2 => "qwen2",
+            TinyArch::Phi3 => "phi3",
+        }
+    }
+    fn neox(self) -> bool {
+        self != TinyArch::Llama
+    }
 }
 
 impl Default for TinyConfig {
     fn default() -> Self {
-        TinyConfig { n_layer: 3, n_embd: 64, n_head: 4, n_head_kv: 2, n_ff: 96, n_ctx: 1024, seed: 7, qk_scale: 0.35 }
+        TinyConfig { n_layer: 3, n_embd: 64, n_head: 4, n_head_kv: 2, n_ff: 96, n_ctx: 1024, seed: 7, qk_scale: 0.35, arch: TinyArch::Llama }
     }
 }
 
@@ -75,6 +106,10 @@ pub struct TinyLayer {
     pub gate: Mat,
     pub up: Mat,
     pub down: Mat,
+    /// Q, K and V biases (`qwen2`; empty otherwise).
+    pub bq: Vec<f32>,
+    pub bk: Vec<f32>,
+    pub bv: Vec<f32>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +132,10 @@ pub struct Reference {
     pub logits: Vec<Vec<f64>>,
     /// `v_norm[l][j][g]`: L2 norm of the value vector of KV head `g` at position `j`.
     pub v_norm: Vec<Vec<Vec<f64>>>,
+    /// `keys[l][j]`: the key of position `j` before RoPE (after the bias), every KV head.
+    pub keys: Vec<Vec<Vec<f64>>>,
+    /// `values[l][j]`: the value of position `j`, every KV head.
+    pub values: Vec<Vec<Vec<f64>>>,
 }
 
 impl TinyModel {
@@ -120,8 +159,20 @@ impl TinyModel {
                 gate: Mat::random(&mut rng, cfg.n_ff, e, std),
                 up: Mat::random(&mut rng, cfg.n_ff, e, std),
                 down: Mat::random(&mut rng, e, cfg.n_ff, 1.0 / (cfg.n_ff as f32).sqrt()),
+                bq: vec![],
+                bk: vec![],
+                bv: vec![],
             })
-            .collect();
+            .collect::<Vec<TinyLayer>>();
+        // Biases are drawn after every weight, so the weights are the same in every architecture.
+        let mut layers = layers;
+        if cfg.arch == TinyArch::Qwen2 {
+            for l in &mut layers {
+                l.bq = (0..e).map(|_| uniform(&mut rng, 0.5)).collect();
+                l.bk = (0..kv).map(|_| uniform(&mut rng, 0.5)).collect();
+                l.bv = (0..kv).map(|_| uniform(&mut rng, 0.5)).collect();
+            }
+        }
         let out_norm = norm(&mut rng, e);
         let output = Mat::random(&mut rng, n_vocab, e, std);
         TinyModel { cfg, n_vocab, embd, layers, out_norm, output }
@@ -132,79 +183,60 @@ impl TinyModel {
         let c = &self.cfg;
         let hd = c.n_embd / c.n_head;
         let voc = vocab();
-        let mut kv: Vec<(&str, Val)> = vec![
-            ("general.architecture", Val::Str("llama".into())),
-            ("general.name", Val::Str("attractors-tiny".into())),
-            ("general.alignment", Val::U32(32)),
-            ("llama.context_length", Val::U32(c.n_ctx as u32)),
-            ("llama.embedding_length", Val::U32(c.n_embd as u32)),
-            ("llama.block_count", Val::U32(c.n_layer as u32)),
-            ("llama.feed_forward_length", Val::U32(c.n_ff as u32)),
-            ("llama.attention.head_count", Val::U32(c.n_head as u32)),
-            ("llama.attention.head_count_kv", Val::U32(c.n_head_kv as u32)),
-            ("llama.rope.dimension_count", Val::U32(hd as u32)),
-            ("llama.rope.freq_base", Val::F32(ROPE_BASE)),
-            ("llama.attention.layer_norm_rms_epsilon", Val::F32(RMS_EPS)),
-            ("tokenizer.ggml.model", Val::Str("llama".into())),
-            ("tokenizer.ggml.tokens", Val::StrArr(voc.iter().map(|v| v.0.clone()).collect())),
-            ("tokenizer.ggml.scores", Val::F32Arr(voc.iter().map(|v| v.1).collect())),
-            ("tokenizer.ggml.token_type", Val::I32Arr(voc.iter().map(|v| v.2).collect())),
-            ("tokenizer.ggml.bos_token_id", Val::U32(1)),
-            ("tokenizer.ggml.eos_token_id", Val::U32(2)),
-            ("tokenizer.ggml.unknown_token_id", Val::U32(0)),
-            ("tokenizer.ggml.add_bos_token", Val::Bool(false)),
+        let a = c.arch.name();
+        let mut kv: Vec<(String, Val)> = vec![
+            ("general.architecture".into(), Val::Str(a.into())),
+            ("general.name".into(), Val::Str("attractors-tiny".into())),
+            ("general.alignment".into(), Val::U32(32)),
+            (format!("{a}.context_length"), Val::U32(c.n_ctx as u32)),
+            (format!("{a}.embedding_length"), Val::U32(c.n_embd as u32)),
+            (format!("{a}.block_count"), Val::U32(c.n_layer as u32)),
+            (format!("{a}.feed_forward_length"), Val::U32(c.n_ff as u32)),
+            (format!("{a}.attention.head_count"), Val::U32(c.n_head as u32)),
+            (format!("{a}.attention.head_count_kv"), Val::U32(c.n_head_kv as u32)),
+            (format!("{a}.rope.dimension_count"), Val::U32(hd as u32)),
+            (format!("{a}.rope.freq_base"), Val::F32(ROPE_BASE)),
+            (format!("{a}.attention.layer_norm_rms_epsilon"), Val::F32(RMS_EPS)),
         ];
-        kv.shrink_to_fit();
-        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![
-            ("token_embd.weight".into(), vec![c.n_embd, self.n_vocab], &self.embd.w),
-            ("output_norm.weight".into(), vec![c.n_embd], &self.out_norm),
-            ("output.weight".into(), vec![c.n_embd, self.n_vocab], &self.output.w),
+        kv.extend(zoo::tokenizer(&voc));
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![
+            ("token_embd.weight".into(), vec![c.n_embd, self.n_vocab], self.embd.w.clone()),
+            ("output_norm.weight".into(), vec![c.n_embd], self.out_norm.clone()),
+            ("output.weight".into(), vec![c.n_embd, self.n_vocab], self.output.w.clone()),
         ];
+        // Row-major `out x in` matrices stacked along `out` (a fused projection).
+        let stack = |ms: &[&Mat]| -> (Vec<usize>, Vec<f32>) {
+            let rows = ms.iter().map(|m| m.rows).sum();
+            (vec![ms[0].cols, rows], ms.iter().flat_map(|m| m.w.iter().copied()).collect())
+        };
         for (i, l) in self.layers.iter().enumerate() {
-            let m = |m: &'_ Mat| vec![m.cols, m.rows];
-            tensors.push((format!("blk.{i}.attn_norm.weight"), vec![c.n_embd], &l.attn_norm));
-            tensors.push((format!("blk.{i}.attn_q.weight"), m(&l.wq), &l.wq.w));
-            tensors.push((format!("blk.{i}.attn_k.weight"), m(&l.wk), &l.wk.w));
-            tensors.push((format!("blk.{i}.attn_v.weight"), m(&l.wv), &l.wv.w));
-            tensors.push((format!("blk.{i}.attn_output.weight"), m(&l.wo), &l.wo.w));
-            tensors.push((format!("blk.{i}.ffn_norm.weight"), vec![c.n_embd], &l.ffn_norm));
-            tensors.push((format!("blk.{i}.ffn_gate.weight"), m(&l.gate), &l.gate.w));
-            tensors.push((format!("blk.{i}.ffn_up.weight"), m(&l.up), &l.up.w));
-            tensors.push((format!("blk.{i}.ffn_down.weight"), m(&l.down), &l.down.w));
-        }
-        let mut out = Vec::new();
-        out.extend(b"GGUF");
-        out.extend(3u32.to_le_bytes());
-        out.extend((tensors.len() as u64).to_le_bytes());
-        out.extend((kv.len() as u64).to_le_bytes());
-        for (k, v) in &kv {
-            put_str(&mut out, k);
-            v.write(&mut out);
-        }
-        let mut offset = 0u64;
-        for (name, ne, data) in &tensors {
-            put_str(&mut out, name);
-            out.extend((ne.len() as u32).to_le_bytes());
-            for &n in ne {
-                out.extend((n as u64).to_le_bytes());
+            let m = |m: &Mat| (vec![m.cols, m.rows], m.w.clone());
+            let mut put = |name: &str, (ne, w): (Vec<usize>, Vec<f32>)| tensors.push((format!("blk.{i}.{name}"), ne, w));
+            put("attn_norm.weight", (vec![c.n_embd], l.attn_norm.clone()));
+            if c.arch == TinyArch::Phi3 {
+                put("attn_qkv.weight", stack(&[&l.wq, &l.wk, &l.wv]));
+            } else {
+                put("attn_q.weight", m(&l.wq));
+                put("attn_k.weight", m(&l.wk));
+                put("attn_v.weight", m(&l.wv));
             }
-            out.extend(0u32.to_le_bytes()); // GGML_TYPE_F32
-            out.extend(offset.to_le_bytes());
-            offset += (data.len() as u64 * 4).div_ceil(32) * 32;
-        }
-        while out.len() % 32 != 0 {
-            out.push(0);
-        }
-        for (_, _, data) in &tensors {
-            for x in data.iter() {
-                out.extend(x.to_le_bytes());
+            if c.arch == TinyArch::Qwen2 {
+                put("attn_q.bias", (vec![l.bq.len()], l.bq.clone()));
+                put("attn_k.bias", (vec![l.bk.len()], l.bk.clone()));
+                put("attn_v.bias", (vec![l.bv.len()], l.bv.clone()));
             }
-            while out.len() % 32 != 0 {
-                out.push(0);
+            put("attn_output.weight", m(&l.wo));
+            put("ffn_norm.weight", (vec![c.n_embd], l.ffn_norm.clone()));
+            if c.arch == TinyArch::Phi3 {
+                // SwiGLU over one projection: silu(first half) * second half.
+                put("ffn_up.weight", stack(&[&l.gate, &l.up]));
+            } else {
+                put("ffn_gate.weight", m(&l.gate));
+                put("ffn_up.weight", m(&l.up));
             }
+            put("ffn_down.weight", m(&l.down));
         }
-        let mut f = std::fs::File::create(path)?;
-        f.write_all(&out)
+        write_file(path, &kv, &tensors)
     }
 
     /// Reference forward pass over `tokens` at positions `0..n`, causal attention.
@@ -248,6 +280,7 @@ impl TinyModel {
         let mut attn_all = vec![];
         let mut norm_all = vec![];
         let mut vnorm_all = vec![];
+        let (mut keys_all, mut values_all) = (vec![], vec![]);
         for (li, l) in self.layers.iter().enumerate() {
             let xn: Vec<Vec<f64>> = h
                 .iter()
@@ -258,23 +291,30 @@ impl TinyModel {
                     v
                 })
                 .collect();
+            let neox = c.arch.neox();
             let rope = |v: Vec<f64>, pos: usize, heads: usize| {
                 let mut v = v;
                 for hh in 0..heads {
                     for i in 0..hd / 2 {
                         let theta = pos as f64 * (ROPE_BASE as f64).powf(-2.0 * i as f64 / hd as f64);
                         let (s, co) = theta.sin_cos();
-                        let a = hh * hd + 2 * i;
-                        let (x0, x1) = (v[a], v[a + 1]);
+                        // Pairs: (2i, 2i+1), or NeoX's (i, i + hd/2).
+                        let (a, b) = if neox { (hh * hd + i, hh * hd + i + hd / 2) } else { (hh * hd + 2 * i, hh * hd + 2 * i + 1) };
+                        let (x0, x1) = (v[a], v[b]);
                         v[a] = x0 * co - x1 * s;
-                        v[a + 1] = x0 * s + x1 * co;
+                        v[b] = x0 * s + x1 * co;
                     }
                 }
                 v
             };
+            let biased = |m: &Mat, b: &[f32], x: &[f64]| {
+                let mut y = m.apply(x);
+                y.iter_mut().zip(b).for_each(|(y, &b)| *y += b as f64);
+                y
+            };
             let at = |i: usize, j: usize| pos.map_or(j, |f| f(i, j));
-            let q: Vec<Vec<f64>> = xn.iter().enumerate().map(|(p, x)| rope(l.wq.apply(x), at(p, p), nh)).collect();
-            let k_raw: Vec<Vec<f64>> = xn.iter().map(|x| l.wk.apply(x)).collect();
+            let q: Vec<Vec<f64>> = xn.iter().enumerate().map(|(p, x)| rope(biased(&l.wq, &l.bq, x), at(p, p), nh)).collect();
+            let k_raw: Vec<Vec<f64>> = xn.iter().map(|x| biased(&l.wk, &l.bk, x)).collect();
             let k: Vec<Vec<f64>> = k_raw.iter().enumerate().map(|(p, x)| rope(x.clone(), p, nkv)).collect();
             // keys as query i sees them (re-rotated when positions moved)
             let key = |i: usize, j: usize| -> std::borrow::Cow<'_, Vec<f64>> {
@@ -283,7 +323,7 @@ impl TinyModel {
                     Some(f) => std::borrow::Cow::Owned(rope(k_raw[j].clone(), f(i, j), nkv)),
                 }
             };
-            let v: Vec<Vec<f64>> = xn.iter().map(|x| l.wv.apply(x)).collect();
+            let v: Vec<Vec<f64>> = xn.iter().map(|x| biased(&l.wv, &l.bv, x)).collect();
             vnorm_all.push(v.iter().map(|vj| (0..nkv).map(|g| vj[g * hd..(g + 1) * hd].iter().map(|x| x * x).sum::<f64>().sqrt()).collect()).collect());
             let scale = 1.0 / (hd as f64).sqrt();
             let mut attn = vec![vec![vec![0.0; n]; n]; nh];
@@ -328,10 +368,49 @@ impl TinyModel {
             }
             attn_all.push(attn);
             norm_all.push(xn);
+            keys_all.push(k_raw);
+            values_all.push(v);
         }
         let logits = h.iter().map(|x| self.output.apply(&rms_norm(x, &self.out_norm))).collect();
-        Reference { attn: attn_all, attn_norm: norm_all, logits, v_norm: vnorm_all }
+        Reference { attn: attn_all, attn_norm: norm_all, logits, v_norm: vnorm_all, keys: keys_all, values: values_all }
     }
+}
+
+/// Write a GGUF file: metadata, then F32 tensors `(name, ne, data)` aligned to 32 bytes.
+fn write_file(path: &Path, kv: &[(String, Val)], tensors: &[(String, Vec<usize>, Vec<f32>)]) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    out.extend(b"GGUF");
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kv.len() as u64).to_le_bytes());
+    for (k, v) in kv {
+        put_str(&mut out, k);
+        v.write(&mut out);
+    }
+    let mut offset = 0u64;
+    for (name, ne, data) in tensors {
+        put_str(&mut out, name);
+        out.extend((ne.len() as u32).to_le_bytes());
+        for &n in ne {
+            out.extend((n as u64).to_le_bytes());
+        }
+        out.extend(0u32.to_le_bytes()); // GGML_TYPE_F32
+        out.extend(offset.to_le_bytes());
+        offset += (data.len() as u64 * 4).div_ceil(32) * 32;
+    }
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    for (_, _, data) in tensors {
+        for x in data.iter() {
+            out.extend(x.to_le_bytes());
+        }
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+    }
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(&out)
 }
 
 fn rms_norm(x: &[f64], w: &[f32]) -> Vec<f64> {
@@ -346,6 +425,7 @@ enum Val {
     Bool(bool),
     Str(String),
     StrArr(Vec<String>),
+    U32Arr(Vec<u32>),
     F32Arr(Vec<f32>),
     I32Arr(Vec<i32>),
 }
@@ -385,6 +465,14 @@ impl Val {
             Val::F32Arr(a) => {
                 out.extend(9u32.to_le_bytes());
                 out.extend(6u32.to_le_bytes());
+                out.extend((a.len() as u64).to_le_bytes());
+                for v in a {
+                    out.extend(v.to_le_bytes());
+                }
+            }
+            Val::U32Arr(a) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(4u32.to_le_bytes());
                 out.extend((a.len() as u64).to_le_bytes());
                 for v in a {
                     out.extend(v.to_le_bytes());

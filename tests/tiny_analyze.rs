@@ -137,7 +137,8 @@ fn intervention_changes_logits_like_the_reference() {
     let dim = 5;
     let edits: Vec<LayerEdit> = (0..tiny.cfg.n_layer).map(|l| LayerEdit { layer: l, dim, mean: 0.0, std: 0.0 }).collect();
     let params = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 };
-    let hook = EditHook::new("attn_norm", Edit::Zero, &edits, tiny.cfg.n_layer, 0);
+    let nodes = model.profile().unwrap().resolve(attractors::capture::profile::Role::Activation, "attn_norm").unwrap();
+    let hook = EditHook::new(nodes, Edit::Zero, &edits, tiny.cfg.n_layer, 0);
     let mut ctx = Context::new(&model, &params, Some(Box::new(hook))).unwrap();
     let mut b = Batch::new(64);
     for (i, &t) in toks.iter().enumerate() {

@@ -367,6 +367,10 @@ pub struct AttentionSummary {
     pub alpha: Vec<Vec<Vec<f64>>>,
     /// `mean_h mean_{i>=1} A[l,h,i,0]`.
     pub first_token_share: Vec<f64>,
+    /// Per layer, the mean share of a row that went to no cache cell: the learned sink
+    /// logits inside the softmax (gpt-oss); 0 up to rounding without them. A row's cells
+    /// plus this share sum to 1. 0 for layers not captured.
+    pub sink_share: Vec<f64>,
     /// Per layer, per query position, per distance bucket: head-mean attention summed
     /// over the keys at those distances. Empty when not captured.
     pub distance: Vec<Vec<Vec<f32>>>,
@@ -395,6 +399,7 @@ impl AttentionSummary {
             received_head: vec![],
             alpha: vec![],
             first_token_share: vec![],
+            sink_share: vec![],
             distance: vec![],
             layers: vec![],
             flow_row: vec![],
@@ -409,6 +414,7 @@ impl AttentionSummary {
                 s.received_head.push(vec![]);
                 s.alpha.push(vec![]);
                 s.first_token_share.push(f64::NAN);
+                s.sink_share.push(0.0);
                 s.distance.push(vec![]);
                 s.flow_row.push(vec![]);
                 s.flow_pred.push(vec![]);
@@ -434,6 +440,9 @@ impl AttentionSummary {
                     r[j] += rh[hh][j] / h as f64;
                 }
             }
+            // Every query's row over cells, its own included: the mass the cells received.
+            let mass: f64 = (0..h).map(|hh| (0..n_pos).map(|j| la.received[hh * cap + j] + la.self_attn[hh * cap + j]).sum::<f64>()).sum();
+            s.sink_share.push(if n_pos > 0 { 1.0 - mass / (h * n_pos) as f64 } else { 0.0 });
             s.received.push(r);
             s.received_head.push(rh);
             s.alpha.push(al);

@@ -4,7 +4,7 @@
 use crate::ffi::{EvalHook, HookError, NodeInfo, TensorView};
 use crate::rng::SplitMix64;
 
-use super::{is_view_op, split_node_name};
+use super::profile::NodeRef;
 
 /// What to write into the chosen dimension.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -25,7 +25,8 @@ pub struct LayerEdit {
 }
 
 pub struct EditHook {
-    node: String,
+    /// Per layer: the node edited there (see [`super::profile::ModelProfile::resolve`]).
+    nodes: Vec<Option<NodeRef>>,
     edit: Edit,
     by_layer: Vec<Option<LayerEdit>>,
     rng: SplitMix64,
@@ -35,26 +36,32 @@ pub struct EditHook {
 }
 
 impl EditHook {
-    pub fn new(node: &str, edit: Edit, edits: &[LayerEdit], n_layer: usize, seed: u64) -> EditHook {
+    /// `nodes[l]`: the node of layer `l` to edit (the activation role resolved on the model).
+    pub fn new(nodes: Vec<Option<NodeRef>>, edit: Edit, edits: &[LayerEdit], n_layer: usize, seed: u64) -> EditHook {
         let mut by_layer = vec![None; n_layer];
         for e in edits {
             if e.layer < n_layer {
                 by_layer[e.layer] = Some(e.clone());
             }
         }
-        EditHook { node: node.to_string(), edit, by_layer, rng: SplitMix64(seed ^ 0x5DEE_CE66_D1CE_4E5B), written: 0, scratch: vec![] }
+        EditHook { nodes, edit, by_layer, rng: SplitMix64(seed ^ 0x5DEE_CE66_D1CE_4E5B), written: 0, scratch: vec![] }
+    }
+}
+
+impl EditHook {
+    /// The layer whose edited node this is (a layer with an edit).
+    fn layer_of(&self, name: &str, op: &str) -> Option<usize> {
+        self.nodes.iter().enumerate().position(|(l, n)| n.as_ref().is_some_and(|n| n.name == name && n.op == op) && self.by_layer.get(l).is_some_and(|e| e.is_some()))
     }
 }
 
 impl EvalHook for EditHook {
     fn wants(&mut self, node: &NodeInfo) -> bool {
-        node.computed
-            && !is_view_op(node.op)
-            && split_node_name(node.name).is_some_and(|(p, l)| p == self.node && self.by_layer.get(l).is_some_and(|e| e.is_some()))
+        node.computed && self.layer_of(node.name, node.op).is_some()
     }
 
     fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
-        let Some((_, layer)) = split_node_name(t.name()) else { return Ok(()) };
+        let Some(layer) = self.layer_of(t.name(), t.op_name()) else { return Ok(()) };
         let Some(e) = self.by_layer.get(layer).cloned().flatten() else { return Ok(()) };
         let [width, rows, w2, w3] = t.ne();
         if w2 != 1 || w3 != 1 || t.nb()[1] != width * 4 {

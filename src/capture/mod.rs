@@ -10,13 +10,14 @@ pub mod attention;
 pub mod cells;
 pub mod intervene;
 pub mod mask;
+pub mod profile;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
-use crate::ffi::{ActPlan, AttnPlan, Batch, Context, ContextParams, DeviceCompute, DeviceError, DistPlan, EvalHook, FlashAttn, FlowPlan, HookError, KvType, Model, NodeInfo, TensorView};
+use crate::ffi::{ActPlan, AttnPlan, DeviceCompute, DeviceError, DistPlan, EvalHook, FlowPlan, HookError, Model, NodeInfo, TensorView};
 use activation::ActivationAcc;
 use attention::{AttentionAcc, AttentionSummary};
 use cells::CellTracker;
@@ -198,7 +199,8 @@ impl TransferStats {
         }
     }
 }
-pub const DEFAULT_ACTIVATION_NODE: &str = "attn_norm";
+/// The attention block's input, found in the graph (see [`profile`]).
+pub const DEFAULT_ACTIVATION_NODE: &str = profile::AUTO;
 
 /// What to capture.
 #[derive(Debug, Clone, Serialize)]
@@ -272,16 +274,7 @@ const N_KINDS: usize = 5;
 
 /// One activation node being captured.
 struct ActNode {
-    name: String,
-    op: Option<String>,
     acc: ActivationAcc,
-}
-
-fn parse_node(spec: &str) -> (String, Option<String>) {
-    match spec.split_once('@') {
-        Some((n, op)) => (n.to_string(), Some(op.to_uppercase())),
-        None => (spec.to_string(), None),
-    }
 }
 
 /// Which micro-batch of the current batch a node belongs to.
@@ -307,6 +300,8 @@ struct State {
     cells: CellTracker,
     cursor: Cursor,
     swa_layers: Vec<usize>,
+    /// Head size of the keys and values (per-head nodes are `[head_dim, kv_heads, tokens]`).
+    head_dim: usize,
     scratch: Vec<f32>,
     skipped_nodes: Vec<String>,
     reduce: Reduce,
@@ -334,36 +329,28 @@ struct PlanIndices {
 struct NodeFilter {
     layer_on: Vec<bool>,
     attention: bool,
-    /// Per role: the node name and, for names that repeat within a layer, its op.
-    acts: [Option<(String, Option<String>)>; 4],
+    /// Per full node name (`attn_norm-3`, `l_out-2`): the op that computes it there and the
+    /// (role, layer) pairs it fills (one node may fill two: a post-norm model's attention
+    /// input is the previous layer's hidden state).
+    targets: std::collections::HashMap<String, Vec<(String, usize, usize)>>,
 }
 
 impl NodeFilter {
-    /// The activation role a node `prefix-<l>` computed by `op` fills, if any.
-    fn role_of(&self, prefix: &str, op: &str) -> Option<usize> {
-        self.acts.iter().position(|a| {
-            a.as_ref().is_some_and(|(name, want_op)| {
-                name == prefix
-                    && match want_op {
-                        Some(o) => op == o,
-                        None => !is_view_op(op),
-                    }
-            })
-        })
+    /// The (role, layer) pairs a node fills, if any.
+    fn targets_of<'s>(&'s self, name: &str, op: &'s str) -> impl Iterator<Item = (usize, usize)> + 's {
+        self.targets.get(name).into_iter().flatten().filter(move |(o, _, _)| o == op).map(|&(_, role, layer)| (role, layer))
     }
 
     fn wants(&self, node: &NodeInfo) -> bool {
         if !node.computed {
             return false;
         }
-        let Some((prefix, layer)) = split_node_name(node.name) else { return false };
-        if !self.layer_on.get(layer).copied().unwrap_or(false) {
-            return false;
+        if self.attention && node.op == "SOFT_MAX" {
+            if let Some((ATTENTION_NODE, layer)) = split_node_name(node.name) {
+                return self.layer_on.get(layer).copied().unwrap_or(false);
+            }
         }
-        if prefix == ATTENTION_NODE && self.attention {
-            return node.op == "SOFT_MAX";
-        }
-        self.role_of(prefix, node.op).is_some()
+        self.targets_of(node.name, node.op).next().is_some()
     }
 }
 
@@ -469,37 +456,59 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
     if cfg.flow_pred_start.is_some() && (cfg.values.is_none() || !cfg.attention) {
         return Err("information flow needs attention and a values node (e.g. Vcur)".into());
     }
-    let n_head_kv = model.n_head_kv();
-    let make = |spec: &Option<String>, dims: Vec<usize>, all: bool, heads: bool| {
-        spec.as_ref().map(|s| {
-            let (name, op) = parse_node(s);
-            let mut acc = ActivationAcc::new(&name, n_layer, dims);
-            acc.all_dims = all;
-            if heads {
-                acc.heads = Some(n_head_kv);
+    let profile = model.profile()?;
+    let att_layers = profile.attention_layers();
+    if cfg.attention || cfg.keys.is_some() || cfg.values.is_some() {
+        profile.require_attention()?;
+    }
+    // Accumulators hold one head count: every attention layer must have it.
+    let shapes: std::collections::BTreeSet<(usize, usize, usize)> =
+        profile.layers.iter().filter_map(|l| l.attention.as_ref()).map(|a| (a.n_head, a.n_head_kv, a.head_dim)).collect();
+    if shapes.len() > 1 {
+        return Err(format!("the attention layers of this {} model have different head counts {shapes:?}: not supported yet", profile.architecture));
+    }
+    let (n_head, n_head_kv, head_dim) = shapes.first().copied().unwrap_or((model.n_head(), model.n_head_kv(), 0));
+    use profile::Role;
+    let mut targets: std::collections::HashMap<String, Vec<(String, usize, usize)>> = Default::default();
+    let mut make = |role: usize, r: Role, spec: &Option<String>, dims: Vec<usize>, all: bool, heads: bool| -> Result<Option<ActNode>, String> {
+        let Some(spec) = spec else { return Ok(None) };
+        let nodes = profile.resolve(r, spec)?;
+        let mut label = spec.clone();
+        for (l, n) in nodes.iter().enumerate() {
+            if let Some(n) = n.as_ref().filter(|_| layer_on[l]) {
+                if spec == profile::AUTO {
+                    label = n.name.rsplit_once('-').map_or(n.name.clone(), |(p, _)| p.to_string());
+                }
+                targets.entry(n.name.clone()).or_default().push((n.op.clone(), role, l));
             }
-            ActNode { name, op, acc }
-        })
+        }
+        let mut acc = ActivationAcc::new(&label, n_layer, dims);
+        acc.all_dims = all;
+        if heads {
+            acc.heads = Some(n_head_kv);
+        }
+        Ok(Some(ActNode { acc }))
     };
     let acts = [
-        make(&cfg.activation, cfg.dims.clone(), cfg.all_dims, false),
-        make(&cfg.keys, vec![], cfg.all_dims, true),
-        make(&cfg.values, vec![], false, true),
-        make(&cfg.hidden, vec![], false, false),
+        make(ROLE_ACT, Role::Activation, &cfg.activation, cfg.dims.clone(), cfg.all_dims, false)?,
+        make(ROLE_KEYS, Role::Keys, &cfg.keys, vec![], cfg.all_dims, true)?,
+        make(ROLE_VALUES, Role::Values, &cfg.values, vec![], false, true)?,
+        make(ROLE_HIDDEN, Role::Hidden, &cfg.hidden, vec![], false, false)?,
     ];
-    let filter = NodeFilter {
-        layer_on: layer_on.clone(),
-        attention: cfg.attention,
-        acts: std::array::from_fn(|r| acts[r].as_ref().map(|a| (a.name.clone(), a.op.clone()))),
-    };
+    for l in 0..n_layer {
+        if !att_layers.contains(&l) {
+            layer_on[l] = layer_on[l] && cfg.hidden.is_some();
+        }
+    }
+    let filter = NodeFilter { layer_on: layer_on.clone(), attention: cfg.attention, targets };
     let state = State {
         pending: None,
         merge_failed: None,
         n_layers_on: layer_on.iter().filter(|&&b| b).count(),
         attention: cfg.attention.then(|| {
-            let mut a = AttentionAcc::new(n_layer, model.n_head(), max_positions, cfg.distance);
+            let mut a = AttentionAcc::new(n_layer, n_head, max_positions, cfg.distance);
             if let Some(p) = cfg.flow_pred_start {
-                a.enable_flow(p, model.n_head_kv());
+                a.enable_flow(p, n_head_kv);
             }
             if let Some((w0, last)) = cfg.window {
                 a.set_observation_window(w0, last);
@@ -515,6 +524,7 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         },
         cursor: Cursor::default(),
         swa_layers: swa_layers.to_vec(),
+        head_dim,
         scratch: vec![],
         skipped_nodes: vec![],
         reduce: cfg.reduce,
@@ -800,8 +810,14 @@ impl State {
     fn observe_activation(&mut self, role: usize, layer: usize, t: &TensorView) -> Result<(), String> {
         let [w0, w1, w2, w3] = t.ne();
         let nb = t.nb();
+        let heads = self.acts[role].as_ref().and_then(|a| a.acc.heads);
+        // Keys and values per head, `[head_dim, kv_heads, tokens]` (a one-token micro-batch too;
+        // rows may be strided, as views of a fused QKV product are).
+        let per_head = heads == Some(w1) && w0 == self.head_dim && w3 == 1 && nb[1] == w0 * 4;
         // [width, tokens], or per-head [head_dim, heads, tokens] with heads packed contiguously.
-        let (width, n_rows, stride) = if w3 != 1 || (w2 > 1 && nb[1] != w0 * 4) {
+        let (width, n_rows, stride) = if per_head {
+            (w0 * w1, w2, nb[2] / 4)
+        } else if w3 != 1 || (w2 > 1 && nb[1] != w0 * 4) {
             return Err(format!(
                 "activation node {} has shape {:?}: pick a node of shape [width, tokens] or contiguous [head_dim, heads, tokens]",
                 t.name(),
@@ -840,15 +856,13 @@ impl EvalHook for CaptureHook {
     }
 
     fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
-        let Some((prefix, layer)) = split_node_name(t.name()) else { return Ok(()) };
+        let (prefix, layer) = split_node_name(t.name()).unwrap_or(("", 0));
         let mut s = lock(&self.state);
         let t0 = std::time::Instant::now();
         let r = if prefix == ATTENTION_NODE && t.is_softmax() {
             s.observe_attention(layer, t)
-        } else if let Some(role) = self.filter.role_of(prefix, t.op_name()) {
-            s.observe_activation(role, layer, t)
         } else {
-            Ok(())
+            self.filter.targets_of(t.name(), t.op_name()).try_for_each(|(role, layer)| s.observe_activation(role, layer, t))
         };
         s.stats.callback_seconds += t0.elapsed().as_secs_f64();
         if s.pending.is_some() {
@@ -885,53 +899,8 @@ impl EvalHook for CaptureHook {
     }
 }
 
-/// Records, per layer, how many cells the last query of a micro-batch sees.
-struct VisibleCount(Arc<Mutex<Vec<usize>>>);
-
-impl EvalHook for VisibleCount {
-    fn wants(&mut self, node: &NodeInfo) -> bool {
-        node.computed && node.op == "SOFT_MAX" && split_node_name(node.name).is_some_and(|(p, _)| p == ATTENTION_NODE)
-    }
-    fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
-        let Some((_, layer)) = split_node_name(t.name()) else { return Ok(()) };
-        let mask = t.src(1).ok_or_else(|| HookError("softmax without mask".into()))?;
-        let [n_kv, n_tok, ..] = mask.ne();
-        let stride = mask.nb()[1] / 4;
-        let mut scratch = vec![];
-        let data = mask.f32_data(&mut scratch).map_err(|e| HookError(e.to_string()))?;
-        let row = &data[(n_tok - 1) * stride..(n_tok - 1) * stride + n_kv];
-        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if v.len() <= layer {
-            v.resize(layer + 1, 0);
-        }
-        v[layer] = row.iter().filter(|&&x| x > f32::NEG_INFINITY).count();
-        Ok(())
-    }
-}
-
-/// Which layers attend through a sliding window, measured on the graph: cache two tokens
-/// at positions 0 and `n_swa`, then let a query at `n_swa + 1` look; sliding-window layers
-/// cannot see position 0. Empty when the model declares no window.
+/// Which layers attend through a sliding window, measured on the graph (see
+/// [`profile::discover`]). Empty when the model declares no window.
 pub fn sliding_window_layers(model: &Model) -> Result<Vec<usize>, String> {
-    let n_swa = model.n_swa() as i32;
-    if n_swa <= 0 {
-        return Ok(vec![]);
-    }
-    let counts = Arc::new(Mutex::new(Vec::new()));
-    let params = ContextParams { n_ctx: 256, n_batch: 8, n_ubatch: 8, flash_attn: FlashAttn::Off, kv_type: KvType::F16, ..Default::default() };
-    let mut ctx = Context::new(model, &params, Some(Box::new(VisibleCount(counts.clone())))).map_err(|e| e.to_string())?;
-    if !ctx.can_shift() {
-        return Err("cannot measure sliding-window layers: this model's cache cannot shift positions".into());
-    }
-    let tok = model.bos().unwrap_or(0);
-    let mut batch = Batch::new(2);
-    batch.push(tok, 0, false).map_err(|e| e.to_string())?;
-    batch.push(tok, 1, true).map_err(|e| e.to_string())?;
-    ctx.decode(&batch).map_err(|e| e.to_string())?;
-    ctx.seq_add(1, 2, n_swa - 1);
-    batch.clear();
-    batch.push(tok, n_swa + 1, true).map_err(|e| e.to_string())?;
-    ctx.decode(&batch).map_err(|e| e.to_string())?;
-    let v = counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    Ok(v.iter().enumerate().filter(|(_, &c)| c < 3).map(|(l, _)| l).collect())
+    Ok(model.profile()?.sliding_window_layers())
 }

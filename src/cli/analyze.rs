@@ -129,14 +129,6 @@ pub fn cut_corpus(model: &Model, files: &[PathBuf], t: usize, min: usize, trunca
     Ok((docs, cut))
 }
 
-/// Keys node before RoPE for this architecture.
-pub fn default_keys_node(model: &Model) -> &'static str {
-    match model.meta_str("general.architecture").as_deref() {
-        Some(a) if a.starts_with("gemma") => "Kcur_normed",
-        _ => "Kcur@MUL_MAT",
-    }
-}
-
 /// Token text for figures: spaces shown as `_` (as the paper writes "_the").
 fn fig_token(s: &str) -> String {
     s.replace(' ', "_")
@@ -152,6 +144,7 @@ fn f(x: f64) -> String {
 
 pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     let rule = a.rule.rule();
     let n_ctx_train = model.n_ctx_train();
     let t = a.max_tokens.unwrap_or(n_ctx_train.min(MAX_DEFAULT_TOKENS));
@@ -176,7 +169,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
     let engine = super::EngineArgs { ctx: Some(a.engine.ctx.unwrap_or(longest.max(256) as u32)), ..a.engine.clone() };
     let params = common::context_params(&model, &engine, longest, FlashAttn::Off)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
-    let keys_node = a.keys_node.clone().unwrap_or_else(|| default_keys_node(&model).to_string());
+    let keys_node = a.keys_node.clone();
     let pred = a.pred_tokens.min(longest / 2).max(1);
     let cfg = CaptureConfig {
         attention: true,
@@ -187,7 +180,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         layers: None,
         all_dims: true,
         keys: (keys_node != "none").then(|| keys_node.clone()),
-        values: Some(a.values_node.clone()),
+        values: (a.values_node != "none").then(|| a.values_node.clone()),
         hidden: (a.hidden_node != "none").then(|| a.hidden_node.clone()),
         flow_pred_start: Some(longest - pred),
         window: None,

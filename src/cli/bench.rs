@@ -82,7 +82,8 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
         bail!("--tokens must be at least 2");
     }
     // Resolve (and fetch) the model once in the parent.
-    let model_path = common::load_model(&a.model)?.path().to_path_buf();
+    let model = common::load_model(&a.model)?;
+    let model_path = model.path().to_path_buf();
     let exe = std::env::current_exe().context("locating the attractors binary")?;
     if !a.modes.iter().any(|m| m == "plain") || a.modes.len() < 2 {
         bail!("--modes needs plain and at least one capture mode (capture, device, naive)");
@@ -90,7 +91,10 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
     let mut results: Vec<(&str, serde_json::Value)> = vec![];
     match a.activation.as_str() {
         "none" => println!("captured: attention (received per head and cell, self-attention, first-token share, distance buckets)"),
-        node => println!("captured: attention (received per head and cell, self-attention, first-token share, distance buckets) and activation {node}"),
+        node => {
+            let label = model.profile().and_then(|p| p.label(crate::capture::profile::Role::Activation, node)).map_err(|e| anyhow::anyhow!(e))?;
+            println!("captured: attention (received per head and cell, self-attention, first-token share, distance buckets) and activation {label}")
+        }
     }
     for mode in &a.modes {
         eprintln!("bench capture: {mode} prefill of {} tokens ({} reps)", a.tokens, a.reps);

@@ -18,6 +18,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         anyhow::bail!("--docs must be at least 1 and --max-tokens at least 16");
     }
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     let paths = if a.corpus.is_empty() { vec![default_corpus()?] } else { a.corpus.clone() };
     let files = corpus_files(&paths)?;
     let (docs, _) = cut_corpus(&model, &files, a.max_tokens, 16, false, a.docs)?;
@@ -49,7 +50,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     let cal = Calibration {
         vocab: format!("{} ({} tokens, {})", common::vocab_fingerprint(&model), model.n_vocab(), name),
         corpus: format!("{files_s} ({} documents, {n_tokens} tokens)", docs.len()),
-        node: a.node.clone(),
+        node: model.profile().and_then(|p| p.label(crate::capture::profile::Role::Activation, &a.node)).map_err(|e| anyhow::anyhow!(e))?,
         layers,
     };
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {

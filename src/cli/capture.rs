@@ -15,6 +15,7 @@ use crate::session::feed;
 
 pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     let (label, toks) = common::load_tokens(&model, &a.text)?;
     let params = common::context_params(&model, &a.engine, toks.len(), FlashAttn::Off)?;
     let rule = a.rule.rule();
@@ -59,6 +60,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
             "sha256": common::sha256_file(model.path())?,
             "meta": model.meta(),
             "sliding_window_layers": swa,
+            "profile": model.profile().ok(),
         },
         "text": label,
         "n_tokens": toks.len(),
@@ -82,6 +84,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
             "received": "R[l,j] = mean_h sum_{i>j} A[l,h,i,j] (self excluded unless include_self)",
             "alpha": "mean_h sum_{i>=j} A[l,h,i,j] / (T - j)",
             "first_token_share": "mean_h mean_{i>=1} A[l,h,i,0]",
+            "learned_sink_share": "mean over heads and queries of the softmax share that went to the layer's learned sink logit (gpt-oss), not to any cell: 1 - mean row sum over cells; 0 without sinks",
             "max_abs": "largest |x| of the activation node over positions and dims",
             "median_abs": "median over positions of the per-position median |x|",
             "distance.csv": "mean head-mean attention per key at distances in the bucket, over all / attractor / other queries",
@@ -109,7 +112,7 @@ impl Tables {
         let cells: Vec<String> = toks.iter().map(|&t| csv_field(&common::token_cell(model, t))).collect();
         let mut received = String::from("layer,pos,token_id,token,received,alpha\n");
         let mut heads = String::from("layer,head,pos,received,alpha\n");
-        let mut layers = String::from("layer,first_token_share,sink_rate,attractor_fraction,max_abs,median_abs\n");
+        let mut layers = String::from("layer,first_token_share,sink_rate,attractor_fraction,max_abs,median_abs,learned_sink_share\n");
         let mut distance = String::from("layer,bucket,d_min,d_max,all_queries,attractor_queries,other_queries\n");
         let n = att.n_pos;
         for &l in &att.layers {
@@ -132,7 +135,7 @@ impl Tables {
                 .and_then(|a| a.layers[l].as_ref())
                 .map(|la| (format!("{:.6e}", la.max_abs()), format!("{:.6e}", la.median_of_medians())))
                 .unwrap_or_default();
-            let _ = writeln!(layers, "{l},{:.9},{:.6},{:.6},{mx},{md}", att.first_token_share[l], sink_rate(&alpha0, SINK_EPS), frac);
+            let _ = writeln!(layers, "{l},{:.9},{:.6},{:.6},{mx},{md},{:.9}", att.first_token_share[l], sink_rate(&alpha0, SINK_EPS), frac, att.sink_share[l]);
             if !att.distance[l].is_empty() {
                 let (mut ga, mut go, mut all) = (DistanceGroup::default(), DistanceGroup::default(), DistanceGroup::default());
                 add_profile(&att.distance[l], &flags, &mut ga, &mut go);

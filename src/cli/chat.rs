@@ -96,6 +96,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         bail!("--max-reply must be at least 1");
     }
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     let params = stream_params(&model, &a.engine, budget)?;
     let names: Vec<String> = vec![a.policy.clone()];
     let setup = policy_setup(&model, &a.policy_args, &names)?;
@@ -191,7 +192,7 @@ impl<'m> Chat<'m> {
     fn switch(&mut self, name: &str) -> anyhow::Result<()> {
         check_streaming(name)?;
         let cfg = self.stream.config().clone();
-        let args = super::PolicyArgs { sinks: cfg.sinks, freq: self.setup.freq_file.clone(), calibration: self.setup.calib_file.clone(), keys_node: Some(self.setup.keys_node.clone()), seed: cfg.seed };
+        let args = super::PolicyArgs { sinks: cfg.sinks, freq: self.setup.freq_file.clone(), calibration: self.setup.calib_file.clone(), keys_node: self.setup.keys_node.clone(), seed: cfg.seed };
         let setup = policy_setup(self.model, &args, &[name.to_string()])?;
         let mut next = open_stream(self.model, &self.params, &setup, &self.swa, name, cfg)?;
         next.feed(self.stream.cached_tokens(), false)?;

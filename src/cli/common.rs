@@ -101,7 +101,7 @@ pub fn context_params(model: &Model, e: &EngineArgs, n_tokens: usize, flash: Fla
 
 /// The `model` entry of an evaluation's `meta.json`.
 pub fn model_json(model: &Model, swa: &[usize]) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::json!({"file": model.path().display().to_string(), "sha256": sha256_file(model.path())?, "meta": model.meta(), "sliding_window_layers": swa}))
+    Ok(serde_json::json!({"file": model.path().display().to_string(), "sha256": sha256_file(model.path())?, "meta": model.meta(), "sliding_window_layers": swa, "profile": model.profile().ok()}))
 }
 
 /// SHA-256 of a file, hex.
@@ -148,4 +148,9 @@ pub fn vocab_fingerprint(model: &Model) -> String {
         h.update(&b);
     }
     format!("{:x}", h.finalize())[..16].to_string()
+}
+
+/// Commands that capture or evict refuse a model without attention layers before any work.
+pub fn require_attention(model: &Model) -> anyhow::Result<()> {
+    model.profile().and_then(|p| p.require_attention()).map_err(|e| anyhow::anyhow!(e))
 }

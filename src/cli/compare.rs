@@ -121,11 +121,6 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         bail!("--max-tokens {} exceeds the models' trained context of {n_ctx_train}: pass --max-tokens {n_ctx_train} or less", a.set.max_tokens);
     }
     let setup = policy_setup(&reference, &a.policy_args, &a.policies)?;
-    if let Some(c) = &setup.calib {
-        if c.node != a.activation {
-            bail!("the activation calibration was made on node {}, compare captures {}: pass --activation {} or another --calibration", c.node, a.activation, c.node);
-        }
-    }
     let paths = if a.set.corpus.is_empty() { vec![default_corpus()?] } else { a.set.corpus.clone() };
     let files = corpus_files(&paths)?;
     let min = a.min_tokens.min(a.set.max_tokens).max(2);
@@ -159,6 +154,14 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         pb.set_message(name.clone());
         let tm = std::time::Instant::now();
         let model = load(path, a.gpu_layers)?;
+        if let Some(c) = &setup.calib {
+            // The same nodes on this model, however each names them (`auto` or a name).
+            let role = crate::capture::profile::Role::Activation;
+            let same = model.profile().and_then(|p| Ok(p.resolve(role, &c.node)? == p.resolve(role, &a.activation)?)).map_err(|e| anyhow::anyhow!(e))?;
+            if !same {
+                bail!("the activation calibration was made on node {}, compare captures {}: pass --activation {} or another --calibration", c.node, a.activation, c.node);
+            }
+        }
         let params = common::context_params(&model, &engine, longest, FlashAttn::Off)?;
         let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
         let cfg = CaptureConfig {
@@ -197,7 +200,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             let att = s.attention.as_ref().ok_or_else(|| anyhow::anyhow!("no attention was captured"))?;
             let mut kept = vec![];
             for p in &setup.policies {
-                match choose(p.as_ref(), &inputs, &d.tokens, budget, setup.sinks, setup.seed, Mode::Cells { close_gaps: false }, n_layer).map_err(|e| anyhow::anyhow!(e))? {
+                match choose(p.as_ref(), &inputs, &d.tokens, budget, setup.sinks, setup.seed, Mode::Cells { close_gaps: false }, model.profile().map_err(|e| anyhow::anyhow!(e))?).map_err(|e| anyhow::anyhow!(e))? {
                     Choice::Cells(k) => kept.push(k),
                     Choice::Mask(_) => unreachable!("cells mode gives one choice"),
                 }

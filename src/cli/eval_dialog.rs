@@ -57,6 +57,7 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
         bail!("no dialogue in {} has {} turns or more: lower --min-turns or --first", path.display(), a.min_turns);
     }
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     let setup = policy_setup(&model, &a.policy_args, &a.policies)?;
     let out = OutDir::prepare(&a.out)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;

@@ -62,6 +62,7 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
         }
     };
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     if a.length < 64 || a.length + 256 > model.n_ctx_train() {
         bail!("--length {} is impossible: give 64 to {} tokens (the model's context minus room for the question)", a.length, model.n_ctx_train().saturating_sub(256));
     }
@@ -127,18 +128,18 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
                     let state = ctx.save_seq();
                     drop(ctx);
                     for (pi, policy) in setup.policies.iter().enumerate().take(n_policies) {
-                        let choice = choose(policy.as_ref(), &inputs, &prompt.context, budget, setup.sinks, setup.seed, mode, model.n_layer()).map_err(|e| anyhow::anyhow!(e))?;
+                        let choice = choose(policy.as_ref(), &inputs, &prompt.context, budget, setup.sinks, setup.seed, mode, model.profile().map_err(|e| anyhow::anyhow!(e))?).map_err(|e| anyhow::anyhow!(e))?;
                         answer_ctx.restore_seq(&state)?;
                         apply(&mut answer_ctx, &choice, mode, None)?;
                         feed(&mut answer_ctx, &prompt.question, false, |_| {})?;
                         let ans = generate(&mut answer_ctx, a.max_new)?;
-                        record(&a.policies[pi], choice.kept_fraction(), &ans);
+                        record(&a.policies[pi], choice.kept_fraction(model.profile().map_err(|e| anyhow::anyhow!(e))?), &ans);
                     }
                 }
                 Mode::Mask => {
                     for (pi, policy) in setup.policies.iter().enumerate().take(n_policies) {
                         let r = run_once(&model, &params, &swa, &setup, policy.as_ref(), &prompt, budget, mode, a.max_new)?;
-                        record(&a.policies[pi], r.choice.kept_fraction(), &r.answer);
+                        record(&a.policies[pi], r.choice.kept_fraction(model.profile().map_err(|e| anyhow::anyhow!(e))?), &r.answer);
                     }
                 }
             }

@@ -112,6 +112,7 @@ pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
         bail!("--budget {budget} leaves no room for chunks of {} after {} sinks: raise --budget", a.chunk, a.policy_args.sinks);
     }
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     let setup = policy_setup(&model, &a.policy_args, &a.policies)?;
     let (label, tokens) = stream_tokens(&model, &a.text, a.offset, a.tokens, false)?;
     let out = OutDir::prepare(&a.out)?;
@@ -236,6 +237,7 @@ pub fn bench(a: BenchStreamArgs) -> anyhow::Result<()> {
         bail!("--tokens must be at least twice --window (and --window at least 1)");
     }
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     let setup = policy_setup(&model, &a.policy_args, std::slice::from_ref(&a.policy))?;
     let (label, tokens) = stream_tokens(&model, &a.text, 0, a.tokens, true)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;

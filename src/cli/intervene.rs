@@ -63,6 +63,7 @@ pub fn run(a: InterveneArgs) -> anyhow::Result<()> {
         d => bail!("unknown --dims {d}: use correlated, random or both"),
     };
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     let (label, toks) = common::load_tokens(&model, &a.text)?;
     let params = common::context_params(&model, &a.engine, toks.len(), FlashAttn::Off)?;
     if model.n_embd() < 2 {
@@ -102,7 +103,8 @@ pub fn run(a: InterveneArgs) -> anyhow::Result<()> {
     for &m in &modes {
         for &d in &dims {
             let edits = if d == "correlated" { &corr } else { &ctrl };
-            let hook = EditHook::new(&a.node, m, edits, model.n_layer(), a.seed);
+            let nodes = model.profile().and_then(|p| p.resolve(crate::capture::profile::Role::Activation, &a.node)).map_err(|e| anyhow::anyhow!(e))?;
+            let hook = EditHook::new(nodes, m, edits, model.n_layer(), a.seed);
             let (nll, ppl) = run_one(Some(Box::new(hook)))?;
             rows.push((format!("{m:?}").to_lowercase(), d.to_string(), nll, ppl));
             pb.inc(1);

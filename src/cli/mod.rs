@@ -90,9 +90,10 @@ pub struct PolicyArgs {
     /// Calibration for `activation` (default: the file in data/calib/ made for this model's vocabulary).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
-    /// Keys node for `l2norm` (default: Kcur@MUL_MAT; Kcur_normed for Gemma).
-    #[arg(long)]
-    pub keys_node: Option<String>,
+    /// Keys node for `l2norm`: `auto` (the keys before RoPE, found in the graph), or
+    /// NAME[@OP] (e.g. `Kcur@MUL_MAT`).
+    #[arg(long, default_value = "auto")]
+    pub keys_node: String,
     /// Seed for `random`.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -112,7 +113,7 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
     /// Activation node.
-    #[arg(long, default_value = "attn_norm")]
+    #[arg(long, default_value = "auto")]
     pub node: String,
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -231,7 +232,7 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 0.5)]
     pub ratio: f64,
     /// Activation node correlated with received attention (and read by `activation`).
-    #[arg(long, default_value = "attn_norm")]
+    #[arg(long, default_value = "auto")]
     pub activation: String,
     #[command(flatten)]
     pub policy_args: PolicyArgs,
@@ -471,7 +472,7 @@ pub struct CaptureArgs {
     #[command(flatten)]
     pub rule: RuleArgs,
     /// Activation node to reduce (`attn_norm`, `l_out`, `Kcur@ROPE`, ...); `none` to skip.
-    #[arg(long, default_value = "attn_norm")]
+    #[arg(long, default_value = "auto")]
     pub activation: String,
     /// Activation dimensions whose per-position values go to activations.csv (e.g. 0,17).
     #[arg(long, value_delimiter = ',')]
@@ -511,13 +512,14 @@ pub struct AnalyzeArgs {
     #[command(flatten)]
     pub rule: RuleArgs,
     /// Activation correlated with received attention.
-    #[arg(long, default_value = "attn_norm")]
+    #[arg(long, default_value = "auto")]
     pub activation: String,
-    /// Keys node before RoPE (default: Kcur@MUL_MAT; Kcur_normed for Gemma); `none` to skip.
-    #[arg(long)]
-    pub keys_node: Option<String>,
-    /// Values node (its per-head norms weight the information flow).
-    #[arg(long, default_value = "Vcur")]
+    /// Keys node before RoPE: `auto` (found in the graph: after bias and q/k norm, a view of
+    /// a fused QKV), NAME[@OP], or `none` to skip.
+    #[arg(long, default_value = "auto")]
+    pub keys_node: String,
+    /// Values node (its per-head norms weight the information flow): `auto` or NAME[@OP].
+    #[arg(long, default_value = "auto")]
     pub values_node: String,
     /// Hidden-state node for norms and massive activations; `none` to skip.
     #[arg(long, default_value = "l_out")]
@@ -546,7 +548,7 @@ pub struct InterveneArgs {
     #[arg(long, default_value = "both")]
     pub dims: String,
     /// Activation node edited (and correlated).
-    #[arg(long, default_value = "attn_norm")]
+    #[arg(long, default_value = "auto")]
     pub node: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

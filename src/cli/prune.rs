@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 
-use super::analyze::{data_dir, default_keys_node};
+use super::analyze::data_dir;
 use super::{common, PolicyArgs, PruneArgs};
 use crate::capture::mask::{new_mask, MaskHandle};
 use crate::capture::sliding_window_layers;
@@ -42,6 +42,10 @@ fn find_for_vocab(dir: &Path, fp: &str) -> Option<PathBuf> {
 pub fn policy_setup(model: &Model, a: &PolicyArgs, names: &[String]) -> anyhow::Result<PolicySetup> {
     if names.is_empty() {
         bail!("no policy given: name at least one of {}", crate::evict::POLICIES.join(", "));
+    }
+    // Every policy evicts KV cells: a model without attention layers has none to evict.
+    if !model.is_vocab_only() {
+        model.profile().and_then(|p| p.require_attention()).map_err(|e| anyhow::anyhow!(e))?;
     }
     for n in names {
         by_name(n, &[]).map_err(|e| anyhow::anyhow!(e))?;
@@ -80,7 +84,7 @@ pub fn policy_setup(model: &Model, a: &PolicyArgs, names: &[String]) -> anyhow::
     }
     let policies = names.iter().map(|n| by_name(n, &frequent).map_err(|e| anyhow::anyhow!(e))).collect::<anyhow::Result<Vec<_>>>()?;
     let needs = needs_of(&policies);
-    let keys_node = a.keys_node.clone().unwrap_or_else(|| default_keys_node(model).to_string());
+    let keys_node = a.keys_node.clone();
     Ok(PolicySetup { policies, needs, frequent, freq_file, calib, calib_file, keys_node, sinks: a.sinks, seed: a.seed })
 }
 
@@ -122,7 +126,7 @@ pub fn run_once(model: &Model, params: &ContextParams, swa: &[usize], setup: &Po
     let inputs = prefill(&mut ctx, &prompt.context, needs, handle.as_ref(), setup.calib.as_ref(), |_| {})?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let choice = choose(policy, &inputs, &prompt.context, budget, setup.sinks, setup.seed, mode, model.n_layer()).map_err(|e| anyhow::anyhow!(e))?;
+    let choice = choose(policy, &inputs, &prompt.context, budget, setup.sinks, setup.seed, mode, model.profile().map_err(|e| anyhow::anyhow!(e))?).map_err(|e| anyhow::anyhow!(e))?;
     apply(&mut ctx, &choice, mode, mask.as_ref())?;
     let evict_s = t1.elapsed().as_secs_f64();
     feed(&mut ctx, &prompt.question, false, |_| {})?;
@@ -154,6 +158,7 @@ pub fn run(a: PruneArgs) -> anyhow::Result<()> {
         bail!("--question is empty: ask something");
     }
     let model = common::load_model(&a.model)?;
+    common::require_attention(&model)?;
     let (label, text) = match &a.context {
         Some(p) => {
             let b = std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read context file {}: {e}; pass an existing --context file", p.display()))?;
@@ -182,7 +187,7 @@ pub fn run(a: PruneArgs) -> anyhow::Result<()> {
     eprintln!("prune: {n} context tokens from {label}; policy {} ({rule}: keep {budget}), {} mode; flash attention off", policy.name(), mode.name());
     let r = run_once(&model, &params, &swa, &setup, policy.as_ref(), &prompt, budget, mode, a.max_new)?;
     println!("answer: {}", model.detokenize(&r.answer).trim());
-    let frac = r.choice.kept_fraction();
+    let frac = r.choice.kept_fraction(model.profile().map_err(|e| anyhow::anyhow!(e))?);
     match &r.choice {
         Choice::Cells(k) => println!("kept {} of {n} context tokens ({:.1}%)", k.iter().filter(|&&b| b).count(), frac * 100.0),
         Choice::Mask(_) => println!("kept {:.1}% of context tokens on average over layers and heads ({n} tokens)", frac * 100.0),

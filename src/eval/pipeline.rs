@@ -7,7 +7,8 @@ use crate::capture::{new_capture, CaptureHandle};
 use crate::evict::apply::apply_cells;
 use crate::evict::calibration::Calibration;
 use crate::evict::inputs::{capture_config, Inputs};
-use crate::evict::select::{keep_cells, keep_mask};
+use crate::capture::profile::ModelProfile;
+use crate::evict::select::{keep_cells, keep_cells_newest, keep_mask};
 use crate::evict::{Needs, Policy};
 use crate::ffi::{Batch, Context, DecodeError, EvalHook, Model};
 use crate::session::feed;
@@ -107,13 +108,20 @@ pub enum Choice {
 }
 
 impl Choice {
-    /// Kept fraction (mask: mean over layers and head groups, layers keeping all count 1).
-    pub fn kept_fraction(&self) -> f64 {
+    /// Kept fraction (mask: mean over the attention layers and their head groups, attention
+    /// layers keeping all count 1; layers without attention do not count).
+    pub fn kept_fraction(&self, profile: &ModelProfile) -> f64 {
         let frac = |k: &[bool]| if k.is_empty() { 1.0 } else { k.iter().filter(|&&b| b).count() as f64 / k.len() as f64 };
         match self {
             Choice::Cells(k) => frac(k),
             Choice::Mask(ls) => {
-                let v: Vec<f64> = ls.iter().map(|l| l.as_ref().map_or(1.0, |g| g.iter().map(|k| frac(k)).sum::<f64>() / g.len().max(1) as f64)).collect();
+                let attn = profile.attention_layers();
+                let v: Vec<f64> = ls
+                    .iter()
+                    .enumerate()
+                    .filter(|(l, _)| attn.contains(l))
+                    .map(|(_, l)| l.as_ref().map_or(1.0, |g| g.iter().map(|k| frac(k)).sum::<f64>() / g.len().max(1) as f64))
+                    .collect();
                 v.iter().sum::<f64>() / v.len().max(1) as f64
             }
         }
@@ -122,11 +130,14 @@ impl Choice {
 
 /// Score and choose: `budget` positions of `tokens` (the context), first `sinks` protected.
 #[allow(clippy::too_many_arguments)]
-pub fn choose(policy: &dyn Policy, inputs: &Inputs, tokens: &[i32], budget: usize, sinks: usize, seed: u64, mode: Mode, n_layer: usize) -> Result<Choice, String> {
+/// In `cells` mode a hybrid model keeps the newest position (see [`keep_cells_newest`]).
+pub fn choose(policy: &dyn Policy, inputs: &Inputs, tokens: &[i32], budget: usize, sinks: usize, seed: u64, mode: Mode, profile: &ModelProfile) -> Result<Choice, String> {
+    let n_layer = profile.n_layer;
     let n = tokens.len();
     let (budget, sinks) = if policy.protects_sinks() { (budget, sinks) } else { (n, 0) };
     let scores = policy.score(&inputs.observation(tokens, budget, seed)).map_err(|e| e.to_string())?;
     Ok(match mode {
+        Mode::Cells { .. } if profile.has_recurrent_layers() => Choice::Cells(keep_cells_newest(&scores, n, budget, sinks)),
         Mode::Cells { .. } => Choice::Cells(keep_cells(&scores, n, budget, sinks)),
         Mode::Mask => Choice::Mask(keep_mask(&scores, n, n_layer, budget, sinks)),
     })

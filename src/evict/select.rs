@@ -85,6 +85,17 @@ pub fn keep_cells(scores: &Scores, n: usize, budget: usize, sinks: usize) -> Vec
     keep_top(&combine(scores, n), budget, sinks)
 }
 
+/// [`keep_cells`] for a model with recurrent layers (a hybrid): their state needs the newest
+/// position (llama.cpp refuses to remove it), so it is kept first after the sinks, whatever
+/// its score, when the budget allows one slot beyond the sinks.
+pub fn keep_cells_newest(scores: &Scores, n: usize, budget: usize, sinks: usize) -> Vec<bool> {
+    let mut c = combine(scores, n);
+    if let Some(last) = c.last_mut() {
+        *last = f64::INFINITY;
+    }
+    keep_top(&c, budget, sinks)
+}
+
 /// `mask` mode: per layer, per scored head, the kept slots (`None`: the layer keeps all).
 /// `Shared` scores give one head per layer with the same choice everywhere.
 pub fn keep_mask(scores: &Scores, n: usize, n_layer: usize, budget: usize, sinks: usize) -> Vec<Option<Vec<Vec<bool>>>> {

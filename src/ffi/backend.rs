@@ -27,10 +27,14 @@ pub fn set_verbose(on: bool) {
     VERBOSE.store(on, Ordering::Relaxed);
 }
 
-/// The last line llama.cpp logged at error level, if any (used to explain failures).
+/// Why llama.cpp failed, from the lines it logged at error level since the last clear: its
+/// own reason (`error loading model: ...`, without the function name) when it gave one, else
+/// the last line.
 pub fn last_llama_error() -> Option<String> {
     let s = LAST_ERROR.lock().ok()?.clone();
-    (!s.is_empty()).then_some(s)
+    let lines: Vec<&str> = s.lines().collect();
+    let reason = lines.iter().find_map(|l| l.split_once("error loading model: ").map(|(_, r)| r)).or(lines.last().copied())?;
+    (!reason.is_empty()).then(|| reason.to_string())
 }
 
 pub(crate) fn clear_last_error() {
@@ -50,8 +54,11 @@ unsafe extern "C" fn log_filter(level: sys::ggml_log_level, text: *const c_char,
         if level == sys::GGML_LOG_LEVEL_ERROR {
             if let Ok(mut s) = LAST_ERROR.lock() {
                 let line = msg.trim();
-                if !line.is_empty() {
-                    *s = line.to_string();
+                // Every error line since the last clear (a failure logs its reason, then a
+                // summary); bounded in case something logs errors without end.
+                if !line.is_empty() && s.len() < 16 * 1024 {
+                    s.push_str(line);
+                    s.push('\n');
                 }
             }
         }

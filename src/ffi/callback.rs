@@ -21,6 +21,8 @@ pub struct NodeInfo<'a> {
     pub ne: [usize; 4],
     /// False for nodes that reach the ask phase but are never computed.
     pub computed: bool,
+    /// The node itself: its sources are the graph's edges (read by model profiling).
+    pub tensor: &'a TensorView<'a>,
 }
 
 /// Observes llama.cpp's graph while it runs. Also told about the batches and cache edits
@@ -127,6 +129,7 @@ pub(crate) unsafe extern "C" fn trampoline(t: *mut sys::ggml_tensor, ask: bool, 
                 op: view.op_name(),
                 ne: view.ne(),
                 computed: flags & sys::GGML_TENSOR_FLAG_COMPUTE as i32 != 0,
+                tensor: &view,
             };
             Ok(state.hook.wants(&info))
         } else {

@@ -18,10 +18,26 @@ pub enum LoadError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0} is not a GGUF model (no GGUF magic at its start): pass a .gguf file to --model")]
     NotGguf(PathBuf),
-    #[error("llama.cpp could not load {path}: {reason}; the file may be truncated or corrupt, download it again (models/fetch.sh)")]
+    #[error("llama.cpp could not load {path}: {reason}; {}", load_hint(reason))]
     Llama { path: PathBuf, reason: String },
     #[error("model path {0} contains a NUL byte")]
     BadPath(PathBuf),
+}
+
+/// What to do about a load failure, from llama.cpp's own reason: only a failed read points
+/// at the file itself; a vocabulary, architecture or shape problem does not go away with a
+/// new download.
+fn load_hint(reason: &str) -> &'static str {
+    let r = reason.to_lowercase();
+    if r.contains("unknown model architecture") || r.contains("unknown architecture") {
+        "this llama.cpp (llama-cpp-sys-2 0.1.161) does not know that architecture: convert the model for a supported one"
+    } else if r.contains("vocab") || r.contains("token") {
+        "the model's vocabulary (tokenizer.* metadata) does not load: fix or re-convert its tokenizer"
+    } else if r.contains("shape") || r.contains("missing tensor") || r.contains("wrong number of tensors") || r.contains("key not found") {
+        "the file's tensors or hyperparameters do not match its architecture: re-convert the model"
+    } else {
+        "the file may be truncated or corrupt: download it again (models/fetch.sh for the default models)"
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +81,8 @@ pub struct Model {
     vocab_only: bool,
     /// `n_gpu_layers` as passed to llama.cpp (-1: all).
     gpu_layers: i32,
+    /// What the graph holds per layer, discovered on first use.
+    profile: std::sync::OnceLock<Result<crate::capture::profile::ModelProfile, String>>,
 }
 
 // SAFETY: a loaded llama_model is immutable; llama.cpp allows concurrent contexts on one model.
@@ -139,12 +157,22 @@ impl Model {
         // and its device list (`no_devices`, when set) outlives the call.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
         match NonNull::new(raw) {
-            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only, gpu_layers: mp.n_gpu_layers }),
+            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only, gpu_layers: mp.n_gpu_layers, profile: Default::default() }),
             None => Err(LoadError::Llama {
                 path: path.to_path_buf(),
                 reason: last_llama_error().unwrap_or_else(|| "unknown error".into()),
             }),
         }
+    }
+
+    /// What the graph holds per layer (attention, heads, keys, values, activation nodes),
+    /// discovered from one short decode on first use and kept (see
+    /// [`crate::capture::profile`]).
+    pub fn profile(&self) -> Result<&crate::capture::profile::ModelProfile, String> {
+        if self.vocab_only {
+            return Err("a model loaded without weights has no graph to profile".into());
+        }
+        self.profile.get_or_init(|| crate::capture::profile::discover(self)).as_ref().map_err(|e| e.clone())
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::llama_model {

@@ -20,7 +20,7 @@ use crate::capture::{new_capture, CaptureConfig, CaptureHandle};
 use crate::evict::apply::apply_cells;
 use crate::evict::calibration::Calibration;
 use crate::evict::inputs::capture_config;
-use crate::evict::select::keep_cells;
+use crate::evict::select::{keep_cells, keep_cells_newest};
 use crate::evict::{AttentionStats, Needs, Observation, Policy};
 use crate::ffi::{Batch, Context, ContextParams, DecodeError, EvalHook, Model};
 use crate::session::nll_of;
@@ -105,6 +105,8 @@ pub struct Bounded<'m> {
     last_logits: Option<Vec<f32>>,
     batch: Batch,
     after_evict: bool,
+    /// The model has recurrent layers: evictions keep the newest position.
+    recurrent: bool,
     pub stats: StreamStats,
 }
 
@@ -118,6 +120,11 @@ fn capture_cfg(needs: Needs, keys_node: &str, calib: Option<&Calibration>) -> Op
 impl<'m> Bounded<'m> {
     pub fn new(model: &'m Model, params: &ContextParams, p: PolicyInputs, cfg: BoundConfig) -> anyhow::Result<Bounded<'m>> {
         let needs = p.policy.needs();
+        let profile = model.profile().map_err(|e| anyhow::anyhow!(e))?;
+        if cfg.budget.is_some() {
+            profile.require_attention().map_err(|e| anyhow::anyhow!(e))?;
+        }
+        let recurrent = profile.has_recurrent_layers();
         if let Some(b) = cfg.budget {
             if !p.policy.streaming() {
                 anyhow::bail!("policy {} cannot run in a bounded stream (it scores once after a prefill): use one of {}", p.policy.name(), streaming_policies().join(", "));
@@ -140,6 +147,7 @@ impl<'m> Bounded<'m> {
         let n_batch = ctx.n_batch();
         Ok(Bounded {
             ctx,
+            recurrent,
             capture,
             needs,
             calib: p.calib.cloned(),
@@ -251,7 +259,8 @@ impl<'m> Bounded<'m> {
             streaming: true,
         };
         let scores = self.policy.score(&obs).map_err(|e| StreamError::Policy(e.to_string()))?;
-        let keep = keep_cells(&scores, n, target, self.cfg.sinks);
+        // A hybrid's recurrent state needs the newest position (llama.cpp refuses its removal).
+        let keep = if self.recurrent { keep_cells_newest(&scores, n, target, self.cfg.sinks) } else { keep_cells(&scores, n, target, self.cfg.sinks) };
         let positions: Vec<i32> = (0..n as i32).collect();
         apply_cells(&mut self.ctx, &positions, &keep, true).map_err(|e| StreamError::Policy(e.to_string()))?;
         let kept = keep.iter().filter(|&&k| k).count();
