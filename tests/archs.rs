@@ -32,6 +32,9 @@ fn profiles_found_from_the_graph() {
         ("qwen2", &[0, 1], &[], false, "Kcur-0@ADD"),
         ("phi3", &[0, 1], &[], false, "Kcur-0@VIEW"),
         ("qwen3", &[0, 1], &[], false, "Kcur_normed-0@MUL"),
+        ("qwen3moe", &[0, 1], &[], false, "Kcur_normed-0@MUL"),
+        ("gpt2", &[0, 1], &[], false, "Kcur-0@VIEW"),
+        ("stablelm", &[0, 1], &[], false, "Kcur-0@MUL_MAT"),
         ("gemma2", &[0, 1, 2, 3], &[0, 2], false, "Kcur-0@MUL_MAT"),
         ("olmo2", &[0, 1], &[], false, "Kcur_normed-0@MUL"),
         ("gpt-oss", &[0, 1], &[0], true, "Kcur-0@MUL_MAT"),
@@ -54,7 +57,7 @@ fn profiles_found_from_the_graph() {
         for &l in att {
             let lp = &p.layers[l];
             let a = lp.attention.as_ref().unwrap();
-            assert_eq!((a.n_head, a.n_head_kv), (4, 2), "{arch} layer {l}: heads");
+            assert_eq!((a.n_head, a.n_head_kv), (4, if arch == "gpt2" { 1 } else { 2 }), "{arch} layer {l}: heads");
             assert!(lp.keys.is_some() && lp.values.is_some() && lp.activation.is_some(), "{arch} layer {l}: {lp:?}");
         }
         for role in [Role::Activation, Role::Keys, Role::Values] {
@@ -202,8 +205,10 @@ fn every_command_on_every_architecture() {
         let ppl = run(&["perplexity", "--text", t, "--gpu-layers", "0"], None);
         assert!(ppl.status.success(), "{arch} perplexity: {}", String::from_utf8_lossy(&ppl.stderr));
         let cap_dir = o("capture");
+        let an_dir = o("analyze");
         let commands: Vec<(Vec<&str>, Option<&str>, Option<&str>)> = vec![
             (vec!["capture", "--text", t, "--out", &cap_dir], None, Some(&cap_dir)),
+            (vec!["analyze", "--corpus", t, "--docs", "2", "--max-tokens", "128", "--out", &an_dir], None, Some(&an_dir)),
             (vec!["prune", "--policy", "l2norm", "--ratio", "0.5", "--context", t, "--question", "what?"], None, None),
             (vec!["prune", "--policy", "h2o", "--ratio", "0.5", "--mode", "mask", "--context", t, "--question", "what?"], None, None),
             (vec!["prune", "--policy", "snapkv", "--ratio", "0.5", "--context", t, "--question", "what?"], None, None),
@@ -221,10 +226,16 @@ fn every_command_on_every_architecture() {
                 }
             } else {
                 assert!(r.status.success(), "{arch} {args:?}: {err}");
-                if let Some(dir) = dir {
+                if dir == Some(&cap_dir) {
                     for f in ["received.csv", "layers.csv", "meta.json"] {
-                        assert!(Path::new(dir).join(f).exists(), "{arch}: {f}");
+                        assert!(Path::new(&cap_dir).join(f).exists(), "{arch}: {f}");
                     }
+                    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(&cap_dir).join("meta.json")).unwrap()).unwrap();
+                    assert_eq!(meta["model"]["profile"]["architecture"], *arch, "{arch}: profile in meta.json");
+                }
+                if dir == Some(&an_dir) {
+                    let report = std::fs::read_to_string(Path::new(&an_dir).join("report.md")).unwrap();
+                    assert!(!report.contains("NaN"), "{arch}: NaN in report.md");
                 }
             }
         }
@@ -254,5 +265,53 @@ fn load_errors_keep_llamas_reason() {
         let err = String::from_utf8_lossy(&r.stderr);
         assert!(!r.status.success() && err.contains(want) && !err.contains("download it again"), "{name}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{name}: {err}");
+    }
+}
+
+/// `mask` mode (`-inf` written into the softmax's input) equals `cells` mode (the cells
+/// removed, gaps left) on every architecture with attention: the same keep set, the same
+/// next tokens, the same logits; and both differ from the full cache, so the check can fail.
+/// Gemma 2 soft-caps its scores (`tanh` after `kq`): written into `kq`, `-inf` would come out
+/// as -50 and hide nothing.
+#[test]
+fn mask_equals_cells_on_every_architecture() {
+    use attractors::capture::mask::{new_mask, plan_from_keep};
+    use attractors::evict::apply::apply_cells;
+    use attractors::ffi::Batch;
+    let d = tempfile::tempdir().unwrap();
+    let (n, m) = (60usize, 4usize);
+    let toks = tokens(n + m);
+    // Sinks, every third position after them, and the newest (a hybrid's recurrent state needs it).
+    let keep: Vec<bool> = (0..n).map(|j| j < 4 || j % 3 == 0 || j == n - 1).collect();
+    let positions: Vec<i32> = (0..n as i32).collect();
+    let params = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 };
+    let rest = |ctx: &mut Context| {
+        let mut b = Batch::new(m);
+        for k in 0..m {
+            b.push(toks[n + k], (n + k) as i32, true).unwrap();
+        }
+        ctx.decode(&b).unwrap();
+        (0..m).map(|k| ctx.logits(k as i32).unwrap().to_vec()).collect::<Vec<_>>()
+    };
+    let worst = |a: &[Vec<f32>], b: &[Vec<f32>]| a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max);
+    for (arch, _) in zoo::ARCHS.iter().filter(|a| a.0 != "mamba") {
+        let model = load(&write(d.path(), arch));
+        let swa = model.profile().unwrap().sliding_window_layers();
+        let mut full = Context::new(&model, &params, None).unwrap();
+        feed(&mut full, &toks[..n], false, |_| {}).unwrap();
+        let full = rest(&mut full);
+        let mut cells = Context::new(&model, &params, None).unwrap();
+        feed(&mut cells, &toks[..n], false, |_| {}).unwrap();
+        apply_cells(&mut cells, &positions, &keep, false).unwrap();
+        let cells = rest(&mut cells);
+        let (hook, handle) = new_mask(&model, &swa);
+        let mut masked = Context::new(&model, &params, Some(Box::new(hook))).unwrap();
+        feed(&mut masked, &toks[..n], false, |_| {}).unwrap();
+        handle.set_plan(plan_from_keep(&vec![Some(vec![keep.clone()]); model.n_layer()], &positions)).unwrap();
+        let masked = rest(&mut masked);
+        assert!(handle.written() > 0, "{arch}: nothing written");
+        let (dev, moved) = (worst(&cells, &masked), worst(&cells, &full));
+        assert!(dev <= 1e-4, "{arch}: mask differs from cells by {dev}");
+        assert!(moved > 1e-2, "{arch}: eviction moved the logits by only {moved}");
     }
 }

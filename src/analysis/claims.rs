@@ -80,17 +80,27 @@ pub fn layer_profile_claim(frac: &[f64]) -> Claim {
     Claim { claim: "attractors concentrated in early layers, then re-appearing in middle layers".into(), rule, finding, verdict }
 }
 
+/// A number for a report; a band with no layers (a model of fewer than three attention
+/// layers) or no attractors has none, and the report says so instead of printing NaN.
+fn num(x: f64, digits: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.digits$}")
+    } else {
+        "n/a (nothing in this band)".into()
+    }
+}
+
 /// Fig. 6: shallow-layer attractors are dominated by low-semantic tokens.
 pub fn low_semantic_claim(shallow: f64, middle: f64, deep: f64, base: f64, top_shallow: &[String]) -> Claim {
     let rule = "low-semantic = whitespace, punctuation or an English function word; replicated when more than half of \
                 shallow-layer attractors are low-semantic and that share exceeds the corpus rate by >= 5 points"
         .to_string();
     let finding = format!(
-        "low-semantic share of attractors: shallow {:.1}%, middle {:.1}%, deep {:.1}%; of all tokens {:.1}%; top shallow attractors: {}",
-        shallow * 100.0,
-        middle * 100.0,
-        deep * 100.0,
-        base * 100.0,
+        "low-semantic share of attractors: shallow {}%, middle {}%, deep {}%; of all tokens {}%; top shallow attractors: {}",
+        num(shallow * 100.0, 1),
+        num(middle * 100.0, 1),
+        num(deep * 100.0, 1),
+        num(base * 100.0, 1),
         top_shallow.join(" ")
     );
     let verdict = if !shallow.is_finite() || !base.is_finite() {
@@ -113,7 +123,7 @@ pub fn correlation_claim(best_abs_rho: &[f64]) -> Claim {
     let rule = "mean over layers of the largest significant |rho| (p < 0.05); replicated when the shallow third's mean exceeds both \
                 the middle and the deep third's by at least 0.02; partly when it exceeds one of them so"
         .to_string();
-    let finding = format!("mean max |rho|: shallow {ms:.3}, middle {mm:.3}, deep {md:.3}");
+    let finding = format!("mean max |rho|: shallow {}, middle {}, deep {}", num(ms, 3), num(mm, 3), num(md, 3));
     let verdict = if !ms.is_finite() {
         Verdict::Undetermined
     } else {
@@ -149,5 +159,13 @@ mod tests {
         assert_eq!(correlation_claim(&[0.1, 0.1, 0.7, 0.5, 0.4, 0.3]).verdict, Verdict::NotReplicated);
         // a difference below 0.02 does not count
         assert_eq!(correlation_claim(&[0.56, 0.56, 0.526, 0.526, 0.55, 0.55]).verdict, Verdict::Partly);
+    }
+
+    #[test]
+    fn empty_bands_say_so_instead_of_nan() {
+        let c = correlation_claim(&[0.5, 0.2]);
+        assert!(!c.finding.contains("NaN") && c.finding.contains("n/a"), "{}", c.finding);
+        let c = low_semantic_claim(0.6, 0.4, f64::NAN, 0.3, &[]);
+        assert!(!c.finding.contains("NaN") && c.finding.contains("deep n/a"), "{}", c.finding);
     }
 }

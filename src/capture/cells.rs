@@ -195,6 +195,8 @@ impl CellMap {
 /// updated once per micro-batch and cache from a `kq_soft_max` node's mask.
 pub struct CellTracker {
     maps: Vec<CellMap>,
+    /// Layers that have attention (a hybrid's recurrent layers have no mask to learn from).
+    attention: Vec<bool>,
     map_of_layer: Vec<usize>,
     map_ubatch: Vec<u64>,
     /// Occupied cells with their positions, sorted by position, per cache.
@@ -224,6 +226,7 @@ impl CellTracker {
         let n = maps.len();
         CellTracker {
             maps,
+            attention: vec![true; n_layer],
             map_of_layer,
             map_ubatch: vec![0; n],
             map_cells: vec![vec![]; n],
@@ -251,9 +254,14 @@ impl CellTracker {
         self.map_of_layer[layer]
     }
 
-    /// The first layer of each cache, in layer order.
+    /// Only `layers` have attention (the others are recurrent): maps are learned from them.
+    pub fn set_attention_layers(&mut self, layers: &[usize]) {
+        self.attention.iter_mut().enumerate().for_each(|(l, a)| *a = layers.contains(&l));
+    }
+
+    /// The first attention layer of each cache, in layer order.
     pub fn first_layers(&self) -> Vec<usize> {
-        (0..self.maps.len()).filter_map(|g| self.map_of_layer.iter().position(|&m| m == g)).collect()
+        (0..self.maps.len()).filter_map(|g| self.map_of_layer.iter().zip(&self.attention).position(|(&m, &a)| m == g && a)).collect()
     }
 
     /// Learn micro-batch `ubatch` from the mask (`src[1]`) of `layer`'s `kq_soft_max` node,

@@ -1,5 +1,6 @@
 //! `mask` mode eviction: every cell stays in the cache, but evicted (layer, head, position)
-//! triples are hidden from attention by writing `-inf` into `kq-<l>` from the eval callback,
+//! triples are hidden from attention by writing `-inf` into the softmax's input (`kq-<l>`, or the
+//! last soft-cap scale: see [`super::profile::LayerProfile::scores`]) from the eval callback,
 //! before the softmax reads it. Cells are found through the same cell maps as the capture
 //! (learned from the first `kq_soft_max` mask of each cache per micro-batch).
 //!
@@ -15,7 +16,6 @@ use crate::ffi::{EvalHook, HidePlan, HookError, Model, NodeInfo, TensorView};
 use super::cells::CellTracker;
 use super::{default_reduce, split_node_name, Devices, Reduce, ATTENTION_NODE};
 
-pub const SCORES_NODE: &str = "kq";
 
 /// Per layer (`None`: the layer sees everything), per head group, the hidden positions.
 /// One group hides for every head; `n_head_kv` groups are KV heads (each hides for the
@@ -23,6 +23,10 @@ pub const SCORES_NODE: &str = "kq";
 pub type MaskPlan = Vec<Option<Vec<Vec<i32>>>>;
 
 struct State {
+    /// Per layer: the softmax's input node, where `-inf` is written (from the profile).
+    scores: Vec<Option<super::profile::NodeRef>>,
+    /// Why the model's profile could not be had (then every plan is refused with it).
+    profile_error: Option<String>,
     n_head: usize,
     n_head_kv: usize,
     window: Vec<Option<i32>>,
@@ -69,7 +73,16 @@ pub fn new_mask_with(model: &Model, swa_layers: &[usize], reduce: Reduce) -> (Ma
     for &l in swa_layers {
         window[l] = Some(model.n_swa() as i32);
     }
+    let (scores, profile_error) = match model.profile() {
+        Ok(p) => {
+            cells.set_attention_layers(&p.attention_layers());
+            (p.layers.iter().map(|l| l.scores.clone()).collect(), None)
+        }
+        Err(e) => (vec![None; n_layer], Some(e)),
+    };
     let state = State {
+        scores,
+        profile_error,
         n_head: model.n_head(),
         n_head_kv: model.n_head_kv(),
         window,
@@ -96,6 +109,9 @@ impl MaskHandle {
     /// Hide these positions from every later query. Checked against the model's shape.
     pub fn set_plan(&self, plan: MaskPlan) -> Result<(), String> {
         let mut s = lock(&self.0);
+        if let Some(e) = &s.profile_error {
+            return Err(format!("mask mode needs the model's profile: {e}"));
+        }
         if plan.len() != s.window.len() {
             return Err(format!("mask plan has {} layers, the model {}", plan.len(), s.window.len()));
         }
@@ -207,6 +223,13 @@ impl State {
     }
 }
 
+impl State {
+    /// Whether a node is layer `layer`'s softmax input.
+    fn is_scores(&self, layer: usize, name: &str, op: &str) -> bool {
+        self.scores.get(layer).and_then(|n| n.as_ref()).is_some_and(|n| n.name == name && n.op == op)
+    }
+}
+
 impl EvalHook for MaskHook {
     fn wants(&mut self, node: &NodeInfo) -> bool {
         if !node.computed {
@@ -217,14 +240,14 @@ impl EvalHook for MaskHook {
         if layer >= s.window.len() {
             return false;
         }
-        (prefix == SCORES_NODE && node.op == "MUL_MAT" && s.plan[layer].is_some())
+        (s.is_scores(layer, node.name, node.op) && s.plan[layer].is_some())
             || (prefix == ATTENTION_NODE && node.op == "SOFT_MAX" && s.first_layers.contains(&layer))
     }
 
     fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
-        let Some((prefix, layer)) = split_node_name(t.name()) else { return Ok(()) };
+        let Some((_, layer)) = split_node_name(t.name()) else { return Ok(()) };
         let mut s = lock(&self.0);
-        let r = if prefix == SCORES_NODE {
+        let r = if s.is_scores(layer, t.name(), t.op_name()) {
             s.write(layer, t)
         } else {
             let n_tok = t.ne()[1];

@@ -519,6 +519,7 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         include_self: cfg.include_self,
         cells: {
             let mut c = CellTracker::new(n_layer, swa_layers, model.n_swa() as i32);
+            c.set_attention_layers(&att_layers);
             c.set_reduce(cfg.reduce);
             c
         },

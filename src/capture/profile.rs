@@ -59,6 +59,10 @@ pub struct LayerProfile {
     /// `None`: no attention in this layer (recurrent, convolution, attention-free model).
     pub attention: Option<AttentionInfo>,
     pub attention_node: Option<NodeRef>,
+    /// The softmax's input: the scores after every scale, soft-cap and bias (`kq-<l>`, or
+    /// Gemma 2's `kq_scaled_2-<l>`). `mask` mode writes `-inf` here, where nothing after it
+    /// can turn `-inf` into a finite value (a soft-cap's `tanh` would).
+    pub scores: Option<NodeRef>,
     pub keys: Option<NodeRef>,
     /// The keys are a view of a fused QKV product.
     pub keys_fused: bool,
@@ -435,6 +439,7 @@ fn build(architecture: String, n_layer: usize, g: &Graph) -> ModelProfile {
             LayerProfile {
                 layer: l,
                 attention_node: soft.map(|s| node_ref(s)),
+                scores: soft.and_then(|s| get(s.src[0])).filter(|x| x.computed && split_node_name(&x.name).is_some_and(|(_, sl)| sl == l)).map(node_ref),
                 attention,
                 keys: keys.as_ref().map(node_ref),
                 keys_fused,
@@ -488,6 +493,7 @@ mod tests {
         assert_eq!(l.keys.as_ref().unwrap().to_string(), "Kcur-0@ADD");
         assert_eq!(l.values.as_ref().unwrap().to_string(), "Vcur-0@ADD");
         assert_eq!(l.activation.as_ref().unwrap().to_string(), "attn_norm-0@MUL");
+        assert_eq!(l.scores.as_ref().unwrap().to_string(), "kq-0@MUL_MAT");
         assert!(!l.keys_fused);
         // Explicit names: a repeated name needs its op.
         assert!(l.find("Kcur").unwrap_err().contains("MUL_MAT, ADD"));

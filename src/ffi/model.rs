@@ -218,7 +218,15 @@ impl Model {
             return self.arch_usize("attention.head_count_kv").unwrap_or_else(|| self.n_head());
         }
         // SAFETY: valid model pointer with hyperparameters (not vocab-only).
-        unsafe { sys::llama_model_n_head_kv(self.ptr.as_ptr()) as usize }
+        let n = unsafe { sys::llama_model_n_head_kv(self.ptr.as_ptr()) as usize };
+        if n == 0 {
+            // llama.cpp reports layer 0, which has none in a hybrid whose layer 0 is
+            // recurrent: the attention layers' count, measured on the graph.
+            if let Some(a) = self.profile().ok().and_then(|p| p.layers.iter().find_map(|l| l.attention.as_ref())) {
+                return a.n_head_kv;
+            }
+        }
+        n
     }
     pub fn n_embd(&self) -> usize {
         if self.vocab_only {

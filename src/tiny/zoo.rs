@@ -12,6 +12,9 @@ pub const ARCHS: &[(&str, &str)] = &[
     ("qwen2", "q/k/v biases"),
     ("phi3", "fused QKV"),
     ("qwen3", "q/k norm, head size not n_embd / n_head"),
+    ("qwen3moe", "mixture of experts"),
+    ("gpt2", "LayerNorm, fused QKV with bias, one KV head, no RoPE"),
+    ("stablelm", "partial rotary (RoPE on a quarter of each head), LayerNorm"),
     ("gemma2", "sliding window every other layer, logit soft-capping, post-norms"),
     ("olmo2", "post-norm: no attn_norm, the block's input is the residual stream"),
     ("gpt-oss", "learned attention sinks, sliding window, MoE"),
@@ -60,7 +63,7 @@ pub fn write(arch: &str, path: &Path, seed: u64) -> Result<(), String> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![];
     for (name, ne) in spec.tensors {
         let n: usize = ne.iter().product();
-        let w: Vec<f32> = if name.contains("norm") {
+        let w: Vec<f32> = if name.contains("norm") && !name.ends_with(".bias") {
             (0..n).map(|_| 1.0 + uniform(&mut rng, 0.2)).collect()
         } else if name.ends_with("ssm_a") {
             (0..n).map(|_| -1.0 - uniform(&mut rng, 0.5).abs()).collect()
@@ -119,6 +122,63 @@ fn spec(arch: &str) -> Option<Spec> {
                 l.extend(ffn());
                 blk(&mut t, i, &l);
             }
+            t.push(("output.weight".into(), vec![E, n_voc]));
+        }
+        "qwen3moe" => {
+            let (n_exp, ff_exp) = (4, 32);
+            kv.push(("expert_count".into(), Val::U32(n_exp as u32)));
+            kv.push(("expert_used_count".into(), Val::U32(2)));
+            kv.push(("expert_feed_forward_length".into(), Val::U32(ff_exp as u32)));
+            for i in 0..n_layer {
+                let mut l = vec![("attn_norm.weight", vec![E]), ("attn_q_norm.weight", vec![hd]), ("attn_k_norm.weight", vec![hd]), ("ffn_norm.weight", vec![E])];
+                l.extend(qkv(E));
+                l.extend([
+                    ("ffn_gate_inp.weight", vec![E, n_exp]),
+                    ("ffn_gate_exps.weight", vec![E, ff_exp, n_exp]),
+                    ("ffn_up_exps.weight", vec![E, ff_exp, n_exp]),
+                    ("ffn_down_exps.weight", vec![ff_exp, E, n_exp]),
+                ]);
+                blk(&mut t, i, &l);
+            }
+            t.push(("output.weight".into(), vec![E, n_voc]));
+        }
+        "gpt2" => {
+            // One KV head: the fused product is [q (64) | k (16) | v (16)].
+            kv[0].1 = Val::U32(1);
+            t.push(("position_embd.weight".into(), vec![E, 1024]));
+            let qkv_out = E + 2 * hd;
+            for i in 0..n_layer {
+                blk(
+                    &mut t,
+                    i,
+                    &[
+                        ("attn_norm.weight", vec![E]),
+                        ("attn_norm.bias", vec![E]),
+                        ("attn_qkv.weight", vec![E, qkv_out]),
+                        ("attn_qkv.bias", vec![qkv_out]),
+                        ("attn_output.weight", vec![E, E]),
+                        ("attn_output.bias", vec![E]),
+                        ("ffn_norm.weight", vec![E]),
+                        ("ffn_norm.bias", vec![E]),
+                        ("ffn_up.weight", vec![E, FF]),
+                        ("ffn_up.bias", vec![FF]),
+                        ("ffn_down.weight", vec![FF, E]),
+                        ("ffn_down.bias", vec![E]),
+                    ],
+                );
+            }
+            t.push(("output_norm.bias".into(), vec![E]));
+            t.push(("output.weight".into(), vec![E, n_voc]));
+        }
+        "stablelm" => {
+            kv.push(("rope.dimension_count".into(), Val::U32((hd / 4) as u32)));
+            for i in 0..n_layer {
+                let mut l = vec![("attn_norm.weight", vec![E]), ("attn_norm.bias", vec![E]), ("ffn_norm.weight", vec![E]), ("ffn_norm.bias", vec![E])];
+                l.extend(qkv(E));
+                l.extend(ffn());
+                blk(&mut t, i, &l);
+            }
+            t.push(("output_norm.bias".into(), vec![E]));
             t.push(("output.weight".into(), vec![E, n_voc]));
         }
         "gemma2" => {
