@@ -206,13 +206,15 @@ fn every_command_on_every_architecture() {
         assert!(ppl.status.success(), "{arch} perplexity: {}", String::from_utf8_lossy(&ppl.stderr));
         let cap_dir = o("capture");
         let an_dir = o("analyze");
+        let ev_dir = o("eval-stream");
         let commands: Vec<(Vec<&str>, Option<&str>, Option<&str>)> = vec![
             (vec!["capture", "--text", t, "--out", &cap_dir], None, Some(&cap_dir)),
             (vec!["analyze", "--corpus", t, "--docs", "2", "--max-tokens", "128", "--out", &an_dir], None, Some(&an_dir)),
             (vec!["prune", "--policy", "l2norm", "--ratio", "0.5", "--context", t, "--question", "what?"], None, None),
             (vec!["prune", "--policy", "h2o", "--ratio", "0.5", "--mode", "mask", "--context", t, "--question", "what?"], None, None),
             (vec!["prune", "--policy", "snapkv", "--ratio", "0.5", "--context", t, "--question", "what?"], None, None),
-            (vec!["chat", "--policy", "h2o", "--budget", "24", "--max-reply", "8", "--temp", "0"], Some("hello there, how are you today my friend?\nand again, tell me more about it please\n"), None),
+            (vec!["chat", "--policy", "h2o", "--budget", "24", "--max-reply", "8", "--temp", "0", "--show-cache"], Some("hello there, how are you today my friend?\nand again, tell me more about it please\n"), Some("chat")),
+            (vec!["eval", "stream", "--policies", "full,h2o,streaming", "--budget", "24", "--text", t, "--tokens", "120", "--out", &ev_dir], None, Some(&ev_dir)),
         ];
         for (args, stdin, dir) in commands {
             let r = run(&args, stdin);
@@ -221,7 +223,7 @@ fn every_command_on_every_architecture() {
                 assert!(!r.status.success(), "{arch} {args:?} should be refused");
                 let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
                 assert_eq!(lines, vec!["error: mamba has no attention layers: nothing to capture or evict"], "{arch} {args:?}");
-                if let Some(dir) = dir {
+                if let Some(dir) = dir.filter(|d| *d != "chat") {
                     assert!(!Path::new(dir).exists(), "{arch} {args:?} left {dir}");
                 }
             } else {
@@ -232,6 +234,20 @@ fn every_command_on_every_architecture() {
                     }
                     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(&cap_dir).join("meta.json")).unwrap()).unwrap();
                     assert_eq!(meta["model"]["profile"]["architecture"], *arch, "{arch}: profile in meta.json");
+                }
+                if dir == Some("chat") {
+                    // `[cache N/B · max M · ...]` after every reply: never over the budget.
+                    let caches: Vec<Vec<usize>> = err
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("[cache "))
+                        .map(|l| l.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect())
+                        .collect();
+                    assert_eq!(caches.len(), 2, "{arch}: one cache line per turn: {err}");
+                    assert!(caches.iter().all(|c| c[0] <= 24 && c[1] == 24 && c[2] <= 24), "{arch}: over the budget: {caches:?}");
+                    assert!(caches[1][3] > 0, "{arch}: no eviction: {caches:?}");
+                }
+                if dir == Some(&ev_dir) {
+                    assert!(Path::new(&ev_dir).join("table.csv").exists(), "{arch}: eval stream table");
                 }
                 if dir == Some(&an_dir) {
                     let report = std::fs::read_to_string(Path::new(&an_dir).join("report.md")).unwrap();
