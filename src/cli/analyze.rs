@@ -223,12 +223,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
     let actual = ctx.params().clone();
     drop(ctx);
 
-    let meta_model = json!({
-        "file": model.path().display().to_string(),
-        "sha256": common::sha256_file(model.path())?,
-        "meta": model.meta(),
-        "sliding_window_layers": swa,
-    });
+    let meta_model = common::model_json(&model, &swa)?;
     let mut report = Report::build(&acc, &all_tokens);
     report.write_all(&out, &acc)?;
     let claims = report.claims.clone();

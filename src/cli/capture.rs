@@ -55,13 +55,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
     let meta = json!({
         "tool": "attractors capture",
         "version": env!("CARGO_PKG_VERSION"),
-        "model": {
-            "file": model.path().display().to_string(),
-            "sha256": common::sha256_file(model.path())?,
-            "meta": model.meta(),
-            "sliding_window_layers": swa,
-            "profile": model.profile().ok(),
-        },
+        "model": common::model_json(&model, &swa)?,
         "text": label,
         "n_tokens": toks.len(),
         "token_ids": toks,

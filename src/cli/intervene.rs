@@ -125,7 +125,7 @@ pub fn run(a: InterveneArgs) -> anyhow::Result<()> {
         let meta = json!({
             "tool": "attractors intervene",
             "version": env!("CARGO_PKG_VERSION"),
-            "model": {"file": model.path().display().to_string(), "sha256": common::sha256_file(model.path())?, "meta": model.meta()},
+            "model": common::model_json(&model, &swa)?,
             "text": label,
             "n_tokens": toks.len(),
             "parameters": {"node": a.node, "mode": a.mode, "dims": a.dims, "seed": a.seed, "context": ppl_params},

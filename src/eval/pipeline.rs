@@ -129,8 +129,8 @@ impl Choice {
 }
 
 /// Score and choose: `budget` positions of `tokens` (the context), first `sinks` protected.
-#[allow(clippy::too_many_arguments)]
 /// In `cells` mode a hybrid model keeps the newest position (see [`keep_cells_newest`]).
+#[allow(clippy::too_many_arguments)]
 pub fn choose(policy: &dyn Policy, inputs: &Inputs, tokens: &[i32], budget: usize, sinks: usize, seed: u64, mode: Mode, profile: &ModelProfile) -> Result<Choice, String> {
     let n_layer = profile.n_layer;
     let n = tokens.len();

@@ -125,6 +125,15 @@ mod tests {
     }
 
     #[test]
+    fn hybrids_keep_the_newest_whatever_its_score() {
+        // The newest slot scores lowest: dropped by keep_cells, kept by keep_cells_newest,
+        // which gives up the weakest of the others instead (the budget stays exact).
+        let s = Scores::Shared(vec![0.0, 0.9, 0.8, 0.7, 0.1]);
+        assert_eq!(keep_cells(&s, 5, 3, 1), vec![true, true, true, false, false]);
+        assert_eq!(keep_cells_newest(&s, 5, 3, 1), vec![true, true, false, false, true]);
+    }
+
+    #[test]
     fn combine_is_mean_rank() {
         // layer 0 prefers slot 0, layer 1 prefers slot 2; slot 1 in the middle for both
         let s = Scores::PerLayer(vec![Some(vec![3.0, 2.0, 1.0]), Some(vec![1.0, 2.0, 3.0]), None]);

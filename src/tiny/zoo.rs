@@ -110,6 +110,23 @@ fn spec(arch: &str) -> Option<Spec> {
     };
     let qkv = |q: usize| vec![("attn_q.weight", vec![E, q]), ("attn_k.weight", vec![E, gqa]), ("attn_v.weight", vec![E, gqa]), ("attn_output.weight", vec![q, E])];
     let ffn = || vec![("ffn_gate.weight", vec![E, FF]), ("ffn_up.weight", vec![E, FF]), ("ffn_down.weight", vec![FF, E])];
+    // Four experts of width 32, two used per token; gpt-oss adds a bias to each.
+    let (n_exp, ff_exp) = (4, 32);
+    let moe_keys = |kv: &mut Vec<(String, Val)>| {
+        kv.push(("expert_count".into(), Val::U32(n_exp as u32)));
+        kv.push(("expert_used_count".into(), Val::U32(2)));
+        kv.push(("expert_feed_forward_length".into(), Val::U32(ff_exp as u32)));
+    };
+    let moe = |bias: bool| {
+        let mut l = vec![("ffn_gate_inp", vec![E, n_exp], vec![n_exp]), ("ffn_gate_exps", vec![E, ff_exp, n_exp], vec![ff_exp, n_exp]), ("ffn_up_exps", vec![E, ff_exp, n_exp], vec![ff_exp, n_exp]), ("ffn_down_exps", vec![ff_exp, E, n_exp], vec![E, n_exp])]
+            .into_iter()
+            .flat_map(|(n, w, b)| [(format!("{n}.weight"), w), (format!("{n}.bias"), b)])
+            .collect::<Vec<_>>();
+        if !bias {
+            l.retain(|(n, _)| n.ends_with(".weight"));
+        }
+        l
+    };
     match arch {
         "qwen3" => {
             // Head size 24 with 4 heads: 96 != n_embd.
@@ -125,20 +142,14 @@ fn spec(arch: &str) -> Option<Spec> {
             t.push(("output.weight".into(), vec![E, n_voc]));
         }
         "qwen3moe" => {
-            let (n_exp, ff_exp) = (4, 32);
-            kv.push(("expert_count".into(), Val::U32(n_exp as u32)));
-            kv.push(("expert_used_count".into(), Val::U32(2)));
-            kv.push(("expert_feed_forward_length".into(), Val::U32(ff_exp as u32)));
+            moe_keys(&mut kv);
             for i in 0..n_layer {
                 let mut l = vec![("attn_norm.weight", vec![E]), ("attn_q_norm.weight", vec![hd]), ("attn_k_norm.weight", vec![hd]), ("ffn_norm.weight", vec![E])];
                 l.extend(qkv(E));
-                l.extend([
-                    ("ffn_gate_inp.weight", vec![E, n_exp]),
-                    ("ffn_gate_exps.weight", vec![E, ff_exp, n_exp]),
-                    ("ffn_up_exps.weight", vec![E, ff_exp, n_exp]),
-                    ("ffn_down_exps.weight", vec![ff_exp, E, n_exp]),
-                ]);
                 blk(&mut t, i, &l);
+                for (n, ne) in moe(false) {
+                    t.push((format!("blk.{i}.{n}"), ne));
+                }
             }
             t.push(("output.weight".into(), vec![E, n_voc]));
         }
@@ -203,29 +214,19 @@ fn spec(arch: &str) -> Option<Spec> {
             t.push(("output.weight".into(), vec![E, n_voc]));
         }
         "gpt-oss" => {
-            let (n_exp, ff_exp) = (4, 32);
             kv.push(("attention.sliding_window".into(), Val::U32(WINDOW as u32)));
-            kv.push(("expert_count".into(), Val::U32(n_exp as u32)));
-            kv.push(("expert_used_count".into(), Val::U32(2)));
-            kv.push(("expert_feed_forward_length".into(), Val::U32(ff_exp as u32)));
+            moe_keys(&mut kv);
             kv.push(("rope.dimension_count".into(), Val::U32(hd as u32)));
             kv.push(("attention.key_length".into(), Val::U32(hd as u32)));
             kv.push(("attention.value_length".into(), Val::U32(hd as u32)));
             for i in 0..n_layer {
                 let mut l = vec![("attn_norm.weight", vec![E]), ("post_attention_norm.weight", vec![E]), ("attn_sinks.weight", vec![HEADS])];
                 l.extend(qkv(E));
-                l.extend([
-                    ("attn_output.bias", vec![E]),
-                    ("ffn_gate_inp.weight", vec![E, n_exp]),
-                    ("ffn_gate_inp.bias", vec![n_exp]),
-                    ("ffn_gate_exps.weight", vec![E, ff_exp, n_exp]),
-                    ("ffn_gate_exps.bias", vec![ff_exp, n_exp]),
-                    ("ffn_up_exps.weight", vec![E, ff_exp, n_exp]),
-                    ("ffn_up_exps.bias", vec![ff_exp, n_exp]),
-                    ("ffn_down_exps.weight", vec![ff_exp, E, n_exp]),
-                    ("ffn_down_exps.bias", vec![E, n_exp]),
-                ]);
+                l.push(("attn_output.bias", vec![E]));
                 blk(&mut t, i, &l);
+                for (n, ne) in moe(true) {
+                    t.push((format!("blk.{i}.{n}"), ne));
+                }
             }
             t.push(("output.weight".into(), vec![E, n_voc]));
         }
