@@ -473,16 +473,12 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
     let mut make = |role: usize, r: Role, spec: &Option<String>, dims: Vec<usize>, all: bool, heads: bool| -> Result<Option<ActNode>, String> {
         let Some(spec) = spec else { return Ok(None) };
         let nodes = profile.resolve(r, spec)?;
-        let mut label = spec.clone();
         for (l, n) in nodes.iter().enumerate() {
             if let Some(n) = n.as_ref().filter(|_| layer_on[l]) {
-                if spec == profile::AUTO {
-                    label = n.name.rsplit_once('-').map_or(n.name.clone(), |(p, _)| p.to_string());
-                }
                 targets.entry(n.name.clone()).or_default().push((n.op.clone(), role, l));
             }
         }
-        let mut acc = ActivationAcc::new(&label, n_layer, dims);
+        let mut acc = ActivationAcc::new(&profile.label(r, spec)?, n_layer, dims);
         acc.all_dims = all;
         if heads {
             acc.heads = Some(n_head_kv);
