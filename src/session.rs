@@ -7,7 +7,16 @@ use crate::ffi::{Batch, Context, DecodeError};
 /// after the first the NLL `-log p(token | previous)` (the first token's needs a previous
 /// one; when the cache was not empty, the last cached token's logits are not available, so
 /// the first NLL is still skipped). `progress` is called with the tokens done so far.
-pub fn feed(ctx: &mut Context, tokens: &[i32], want_nll: bool, mut progress: impl FnMut(usize)) -> Result<Vec<f64>, DecodeError> {
+pub fn feed(ctx: &mut Context, tokens: &[i32], want_nll: bool, progress: impl FnMut(usize)) -> Result<Vec<f64>, DecodeError> {
+    feed_outputs(ctx, tokens, want_nll, want_nll, progress)
+}
+
+/// [`feed`], asking llama.cpp for every token's output when `all_outputs` (otherwise only
+/// the last token's, or every token's when `want_nll`). llama.cpp computes its last layer
+/// only for the output rows (`ggml_get_rows` on `out_ids` before the last feed-forward), so
+/// a capture of the last layer's hidden state needs every row; the price is the output
+/// projection (a vocabulary-wide product) for every token.
+pub fn feed_outputs(ctx: &mut Context, tokens: &[i32], all_outputs: bool, want_nll: bool, mut progress: impl FnMut(usize)) -> Result<Vec<f64>, DecodeError> {
     let n_batch = ctx.n_batch();
     let mut batch = Batch::new(n_batch);
     let mut nll = Vec::new();
@@ -17,7 +26,7 @@ pub fn feed(ctx: &mut Context, tokens: &[i32], want_nll: bool, mut progress: imp
         let start = ctx.pos_max() + 1;
         for (k, &t) in chunk.iter().enumerate() {
             let last = done + k + 1 == tokens.len();
-            batch.push(t, start + k as i32, want_nll || last).expect("chunk fits the batch");
+            batch.push(t, start + k as i32, all_outputs || want_nll || last).expect("chunk fits the batch");
         }
         ctx.decode(&batch)?;
         if want_nll {

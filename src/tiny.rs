@@ -136,6 +136,8 @@ pub struct Reference {
     pub keys: Vec<Vec<Vec<f64>>>,
     /// `values[l][j]`: the value of position `j`, every KV head.
     pub values: Vec<Vec<Vec<f64>>>,
+    /// `hidden_norm[l][i]`: L2 norm of layer `l`'s output (`l_out`) at position `i`.
+    pub hidden_norm: Vec<Vec<f64>>,
 }
 
 impl TinyModel {
@@ -280,7 +282,7 @@ impl TinyModel {
         let mut attn_all = vec![];
         let mut norm_all = vec![];
         let mut vnorm_all = vec![];
-        let (mut keys_all, mut values_all) = (vec![], vec![]);
+        let (mut keys_all, mut values_all, mut hidden_all) = (vec![], vec![], vec![]);
         for (li, l) in self.layers.iter().enumerate() {
             let xn: Vec<Vec<f64>> = h
                 .iter()
@@ -370,9 +372,10 @@ impl TinyModel {
             norm_all.push(xn);
             keys_all.push(k_raw);
             values_all.push(v);
+            hidden_all.push(h.iter().map(|x| x.iter().map(|v| v * v).sum::<f64>().sqrt()).collect());
         }
         let logits = h.iter().map(|x| self.output.apply(&rms_norm(x, &self.out_norm))).collect();
-        Reference { attn: attn_all, attn_norm: norm_all, logits, v_norm: vnorm_all, keys: keys_all, values: values_all }
+        Reference { attn: attn_all, attn_norm: norm_all, logits, v_norm: vnorm_all, keys: keys_all, values: values_all, hidden_norm: hidden_all }
     }
 }
 

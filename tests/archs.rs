@@ -207,6 +207,8 @@ fn every_command_on_every_architecture() {
         let cap_dir = o("capture");
         let an_dir = o("analyze");
         let ev_dir = o("eval-stream");
+        let long_dir = o("eval-long");
+        let dialog_dir = o("eval-dialog");
         let commands: Vec<(Vec<&str>, Option<&str>, Option<&str>)> = vec![
             (vec!["capture", "--text", t, "--out", &cap_dir], None, Some(&cap_dir)),
             (vec!["analyze", "--corpus", t, "--docs", "2", "--max-tokens", "128", "--out", &an_dir], None, Some(&an_dir)),
@@ -215,6 +217,8 @@ fn every_command_on_every_architecture() {
             (vec!["prune", "--policy", "snapkv", "--ratio", "0.5", "--context", t, "--question", "what?"], None, None),
             (vec!["chat", "--policy", "h2o", "--budget", "24", "--max-reply", "8", "--temp", "0", "--show-cache"], Some("hello there, how are you today my friend?\nand again, tell me more about it please\n"), Some("chat")),
             (vec!["eval", "stream", "--policies", "full,h2o,streaming", "--budget", "24", "--text", t, "--tokens", "120", "--out", &ev_dir], None, Some(&ev_dir)),
+            (vec!["eval", "long", "--task", "passkey", "--policies", "full,h2o,snapkv", "--ratio", "0.5", "--n", "1", "--length", "256", "--max-new", "4", "--out", &long_dir], None, Some(&long_dir)),
+            (vec!["eval", "dialog", "--questions", "2", "--budget", "384", "--policies", "h2o,streaming", "--out", &dialog_dir], None, Some(&dialog_dir)),
         ];
         for (args, stdin, dir) in commands {
             let r = run(&args, stdin);
@@ -246,12 +250,23 @@ fn every_command_on_every_architecture() {
                     assert!(caches.iter().all(|c| c[0] <= 24 && c[1] == 24 && c[2] <= 24), "{arch}: over the budget: {caches:?}");
                     assert!(caches[1][3] > 0, "{arch}: no eviction: {caches:?}");
                 }
-                if dir == Some(&ev_dir) {
-                    assert!(Path::new(&ev_dir).join("table.csv").exists(), "{arch}: eval stream table");
+                for d in [&ev_dir, &long_dir, &dialog_dir] {
+                    if dir == Some(d) {
+                        assert!(Path::new(d).join("results.csv").exists() || Path::new(d).join("table.csv").exists(), "{arch}: {d}: no table");
+                        assert!(Path::new(d).join("meta.json").exists(), "{arch}: {d}: no meta.json");
+                    }
                 }
                 if dir == Some(&an_dir) {
                     let report = std::fs::read_to_string(Path::new(&an_dir).join("report.md")).unwrap();
                     assert!(!report.contains("NaN"), "{arch}: NaN in report.md");
+                    // The hidden state of every layer, the last one included.
+                    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(&an_dir).join("meta.json")).unwrap()).unwrap();
+                    let n_layer = meta["model"]["profile"]["layers"].as_array().unwrap().len();
+                    for f in ["hidden_norm.csv", "massive_activations.csv"] {
+                        let t = std::fs::read_to_string(Path::new(&an_dir).join(f)).unwrap_or_else(|e| panic!("{arch}: {f}: {e}"));
+                        let layers: std::collections::BTreeSet<usize> = t.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+                        assert_eq!(layers, (0..n_layer).collect(), "{arch}: {f} layers");
+                    }
                 }
             }
         }
@@ -329,5 +344,39 @@ fn mask_equals_cells_on_every_architecture() {
         let (dev, moved) = (worst(&cells, &masked), worst(&cells, &full));
         assert!(dev <= 1e-4, "{arch}: mask differs from cells by {dev}");
         assert!(moved > 1e-2, "{arch}: eviction moved the logits by only {moved}");
+    }
+}
+
+/// Regression: a bounded chat on sliding-window layers (Gemma 2, gpt-oss) with budgets above
+/// the window. When llama.cpp overwrites a stale cell of its SWA cache it also purges every
+/// older position of the sequence there; a cell map that kept them saw them come back into
+/// the window after a shift and "lost sync" (cell 35 (position 4) ... is masked).
+#[test]
+fn bounded_chat_past_the_window_keeps_cell_maps_in_sync() {
+    let d = tempfile::tempdir().unwrap();
+    let turns = "hello there, how are you today my friend?\nand again, tell me more about it please\nthe cat sat on the mat and the dog ate the bone\nwhat did the bird sing at dawn in the garden?\n";
+    for arch in ["gemma2", "gpt-oss"] {
+        let model = write(d.path(), arch);
+        for budget in ["40", "48", "64"] {
+            for policy in ["h2o", "tova", "l2norm"] {
+                use std::io::Write;
+                let mut child = common::bin()
+                    .args(["chat", "--policy", policy, "--budget", budget, "--max-reply", "12", "--temp", "0", "--show-cache", "--model"])
+                    .arg(&model)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                child.stdin.take().unwrap().write_all(turns.as_bytes()).unwrap();
+                let r = child.wait_with_output().unwrap();
+                let err = String::from_utf8_lossy(&r.stderr);
+                assert!(r.status.success(), "{arch} {policy} budget {budget}: {err}");
+                let b: usize = budget.parse().unwrap();
+                let caches: Vec<usize> = err.lines().filter_map(|l| l.strip_prefix("[cache ")).map(|l| l.split('/').next().unwrap().trim().parse().unwrap()).collect();
+                assert_eq!(caches.len(), 4, "{arch} {policy} {budget}: {err}");
+                assert!(caches.iter().all(|&c| c <= b), "{arch} {policy} {budget}: {caches:?}");
+            }
+        }
     }
 }

@@ -118,6 +118,19 @@ fn tiny_analyze_equals_reference() {
             close(num(dr, "attractor_queries"), da / na, 1e-4, &format!("distance 3, layer {l}"));
         }
     }
+    // Hidden-state norms of every layer, the last one included, against the reference:
+    // the mean over the documents that reach each position.
+    let hn = read_csv(&out.join("hidden_norm.csv"));
+    for l in 0..n_layer {
+        let rows: Vec<_> = hn.iter().filter(|r| num(r, "layer") as usize == l).collect();
+        let longest = docs.iter().map(|d| d.len()).max().unwrap();
+        assert_eq!(rows.len(), longest, "hidden_norm.csv: positions of layer {l}");
+        for r in rows {
+            let p = num(r, "pos") as usize;
+            let have: Vec<f64> = refs.iter().filter(|x| x.hidden_norm[l].len() > p).map(|x| x.hidden_norm[l][p]).collect();
+            close(num(r, "norm"), have.iter().sum::<f64>() / have.len() as f64, 1e-4, &format!("hidden norm layer {l} position {p}"));
+        }
+    }
     for f in ["layer_attractors", "layer_similarity", "distance_profile", "information_flow", "activation_correlation", "sinks", "attractor_tokens_bands"] {
         assert!(attractors::plot::is_png(&out.join(format!("{f}.png"))), "{f}.png");
         assert!(std::fs::read_to_string(out.join(format!("{f}.svg"))).unwrap().contains("<svg"), "{f}.svg");

@@ -80,7 +80,7 @@ impl CellMap {
                 _ => None,
             };
             match own {
-                Some(c) => self.pos[c] = q,
+                Some(c) => self.place(c, q),
                 None => self.assign_query(n_kv, q, |c| row[c] > f32::NEG_INFINITY)?,
             }
         }
@@ -121,9 +121,28 @@ impl CellMap {
             self.pos.resize(n_kv, -1);
         }
         for (k, &c) in owner.iter().enumerate() {
-            self.pos[c] = queries[k];
+            self.place(c, queries[k]);
         }
         true
+    }
+
+    /// Put position `q` into `cell`. When the cell held an older position (a sliding-window
+    /// cache reusing a cell its window no longer sees), llama.cpp also purges every position
+    /// of the sequence up to that one from the cache (`apply_ubatch`: "preserve the invariant
+    /// that all positions between [pos_min, pos_max] ... will be present"); the mirror does
+    /// the same, or a later shift would bring those purged positions back into its window.
+    /// The new position is above the purged ones (the old one is masked for it), so purging
+    /// one placement at a time equals llama.cpp's once per micro-batch.
+    fn place(&mut self, cell: usize, q: i32) {
+        let old = self.pos[cell];
+        self.pos[cell] = q;
+        if old >= 0 {
+            for p in &mut self.pos {
+                if *p >= 0 && *p <= old {
+                    *p = -1;
+                }
+            }
+        }
     }
 
     /// One query at position `q`: `vis(cell)` tells whether it sees `cell`.
@@ -145,7 +164,7 @@ impl CellMap {
         }
         match new_cell {
             Some(c) => {
-                self.pos[c] = q;
+                self.place(c, q);
                 Ok(())
             }
             None => Err(format!("cell map lost sync: no cell found for position {q}")),
@@ -188,6 +207,17 @@ impl CellMap {
                 *p = -1;
             }
         }
+    }
+
+    /// The mirror of this cache after llama.cpp saved the sequence and restored it into an
+    /// emptied cache (`llama_state_seq_get_data` / `_set_data`): the saved cells are the
+    /// occupied ones in cell order, less those a sliding window hides from the newest
+    /// position (`state_write` skips them), and the restore places them in that order into
+    /// the lowest cells (`find_slot` on an empty cache).
+    pub fn compacted(&self) -> CellMap {
+        let newest = self.pos.iter().copied().max().unwrap_or(-1);
+        let pos = self.pos.iter().copied().filter(|&p| p >= 0 && self.window.map_or(true, |w| newest - p < w)).collect();
+        CellMap { pos, window: self.window }
     }
 }
 
@@ -336,6 +366,20 @@ impl CellTracker {
     pub fn forget(&mut self, positions: &[i32]) {
         self.maps.iter_mut().for_each(|m| m.forget(positions));
     }
+
+    /// Every cache's mirror after a save and restore of the sequence ([`CellMap::compacted`]).
+    pub fn compacted(&self) -> Vec<CellMap> {
+        self.maps.iter().map(CellMap::compacted).collect()
+    }
+
+    /// Replace the mirrors (from [`CellTracker::compacted`] of this tracker).
+    pub fn set_maps(&mut self, maps: Vec<CellMap>) -> Result<(), String> {
+        if maps.len() != self.maps.len() || maps.iter().zip(&self.maps).any(|(a, b)| a.window != b.window) {
+            return Err("cell maps of another model's caches".into());
+        }
+        self.maps = maps;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +429,48 @@ mod tests {
         let mk = causal_mask(&truth, Some(3));
         m.assign(4, &[4], |_, c| mk(0, c, 4)).unwrap();
         assert_eq!(m.get(0), Some(4));
+    }
+
+    /// Regression: overwriting a stale cell purges every older position, as llama.cpp's
+    /// `apply_ubatch` does; after a shift those positions are back inside the window, and a
+    /// mirror that kept them expected them visible ("cell 35 (position 4) should be visible").
+    #[test]
+    fn sliding_window_reuse_purges_older_positions() {
+        // window 3, 5 cells holding 0..5.
+        let mut m = CellMap::new(Some(3));
+        let t0 = [0, 1, 2, 3, 4];
+        let mk = causal_mask(&t0, Some(3));
+        m.assign(5, &[0, 1, 2, 3, 4], |k, c| mk(k, c, k as i32)).unwrap();
+        // llama.cpp's cache after position 6 went into cell 2 (position 2), purging 0..=2.
+        let truth = [-1, -1, 6, 3, 4];
+        let mk = causal_mask(&truth, Some(3));
+        m.assign(5, &[6], |_, c| mk(0, c, 6)).unwrap();
+        assert_eq!((0..5).map(|c| m.get(c)).collect::<Vec<_>>(), vec![None, None, Some(6), Some(3), Some(4)]);
+        // Evict 4 and close the gap (6 -> 5). The new position 6 sees 5 and its own cell
+        // (the empty cell 0); purged positions stay gone.
+        m.remove(4, 5);
+        m.shift(5, -1, -1);
+        let truth = [6, -1, 5, 3, -1];
+        let mk = causal_mask(&truth, Some(3));
+        m.assign(5, &[6], |_, c| mk(0, c, 6)).unwrap();
+        assert_eq!(m.get(0), Some(6));
+        assert_eq!(m.get(1), None);
+    }
+
+    /// A save and restore keeps the occupied cells in cell order, packed into the lowest
+    /// cells, less those the window hides from the newest position.
+    #[test]
+    fn compaction_after_restore() {
+        let m = CellMap { pos: vec![7, -1, 2, 9, -1, 8, 5], window: None };
+        assert_eq!(m.compacted().pos, vec![7, 2, 9, 8, 5]);
+        let w = CellMap { pos: vec![7, -1, 2, 9, -1, 8, 5], window: Some(3) };
+        assert_eq!(w.compacted().pos, vec![7, 9, 8]);
+        let mut t = CellTracker::new(2, &[1], 3);
+        t.maps = vec![m, w];
+        let c = t.compacted();
+        t.set_maps(c).unwrap();
+        assert_eq!((t.map(0).get(1), t.map(1).get(1), t.map(1).get(3)), (Some(2), Some(9), None));
+        assert!(t.set_maps(vec![CellMap::new(None)]).is_err());
     }
 
     #[test]

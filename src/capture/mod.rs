@@ -433,6 +433,10 @@ pub struct CaptureSummary {
     pub skipped_nodes: Vec<String>,
 }
 
+/// Cell maps saved for a sequence restore ([`CaptureHandle::cells_for_restore`]).
+#[derive(Debug, Clone)]
+pub struct CellLayout(Vec<cells::CellMap>);
+
 /// The state, with any pending merge done first.
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -616,6 +620,20 @@ impl CaptureHandle {
         if let Some(a) = &mut s.attention {
             a.set_observation_window(start, last);
         }
+    }
+
+    /// The cell maps as they will be after the context saves its sequence now and restores
+    /// it later into an emptied cache (see [`cells::CellMap::compacted`]); pass them to
+    /// [`CaptureHandle::restore_cells`] right after the restore.
+    pub fn cells_for_restore(&self) -> CellLayout {
+        CellLayout(lock(&self.0).cells.compacted())
+    }
+
+    /// Set the cell maps after `Context::restore_seq` of a state saved when
+    /// [`CaptureHandle::cells_for_restore`] was taken. A layout that does not match is caught
+    /// by the next decode's mask check ("cell map lost sync"), never used silently.
+    pub fn restore_cells(&self, layout: CellLayout) -> Result<(), String> {
+        lock(&self.0).cells.set_maps(layout.0)
     }
 
     /// Forget everything accumulated (between documents); cell maps follow the context.

@@ -130,6 +130,16 @@ impl ModelProfile {
         self.layers.iter().any(|l| l.attention.is_none())
     }
 
+    /// Whether `cells` eviction must keep the sequence's newest position. A hybrid's
+    /// recurrent state needs it (llama.cpp refuses its removal). A sliding-window cache
+    /// holds only the window's positions, and llama.cpp reports the sequence's end
+    /// (`seq_pos_max`) from it and places the next token after that: with the newest
+    /// position evicted it would report an older end (or none), and the next token would
+    /// land on a position the full cache still holds.
+    pub fn keeps_newest_cell(&self) -> bool {
+        self.has_recurrent_layers() || !self.sliding_window_layers().is_empty()
+    }
+
     /// Whether learned sink logits take part in any layer's softmax.
     pub fn has_sinks(&self) -> bool {
         self.layers.iter().any(|l| l.attention.as_ref().is_some_and(|a| a.sinks))

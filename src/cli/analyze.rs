@@ -18,7 +18,7 @@ use crate::capture::{new_capture, sliding_window_layers, CaptureConfig};
 use crate::ffi::{Context, FlashAttn, Model};
 use crate::output::{csv_field, escape_token, OutDir};
 use crate::plot::{self, Figure, Series};
-use crate::session::feed;
+use crate::session::feed_outputs;
 
 pub const DEFAULT_CORPUS: &str = "moby-dick.txt";
 pub const MAX_DEFAULT_TOKENS: usize = 4096;
@@ -186,6 +186,9 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         window: None,
         reduce: crate::capture::default_reduce(),
     };
+    // The last layer's hidden state exists for every position only when every position is
+    // an output (see `feed_outputs`).
+    let all_outputs = cfg.hidden.is_some();
     let (hook, handle) = new_capture(&model, &cfg, &swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
     let mut ctx = Context::new(&model, &params, Some(Box::new(hook)))?;
     let mut acc = CorpusAcc::new(rule, SINK_EPS, model.n_layer(), model.n_head(), model.n_head_kv());
@@ -205,7 +208,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         handle.reset();
         handle.set_flow_pred_start(d.tokens.len().saturating_sub(pred));
         let tp = std::time::Instant::now();
-        feed(&mut ctx, &d.tokens, false, |_| {}).with_context(|| format!("document from {} at token {}", d.source, d.first_token))?;
+        feed_outputs(&mut ctx, &d.tokens, all_outputs, false, |_| {}).with_context(|| format!("document from {} at token {}", d.source, d.first_token))?;
         prefill_secs += tp.elapsed().as_secs_f64();
         let s = handle.take_summary();
         for n in &s.skipped_nodes {
@@ -268,7 +271,7 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
         let tp = std::time::Instant::now();
         for d in &docs {
             ctx.clear();
-            feed(&mut ctx, &d.tokens, false, |_| {})?;
+            feed_outputs(&mut ctx, &d.tokens, all_outputs, false, |_| {})?;
         }
         let plain = tp.elapsed().as_secs_f64();
         println!("analyze_wall_s {secs:.2} prefill_with_capture_s {prefill_secs:.2} plain_prefill_s {plain:.2} analyze_over_plain {:.3} capture_prefill_over_plain {:.3} analyze_peak_rss_mb {peak:.1} tokens {}", secs / plain, prefill_secs / plain, acc.n_tokens);
@@ -285,7 +288,7 @@ const DEFINITIONS: &[(&str, &str)] = &[
     ("information_flow", "GRADIENT-FREE value-norm flow I(i,j) = mean_h A[l,h,i,j] ||v[l,g(h),j]||, not the saliency of Eq. 1; S_wa: mean over (attractor a, j<a); S_ww: mean over all other (i, j<i); S_ap: mean over (p, attractor a<p); S_wp: mean over (p, non-attractor w<p); p = the last prediction_tokens positions of each document"),
     ("activation_correlation", "Spearman rho (average ranks for ties) per dimension between x[l,j,d] and R[l,j] over the tokens of each document; documents combined by Fisher z weighted by n-3 (one document: t-test p); the dimension with the largest |rho| among p < 0.05. keys: per KV head on keys before RoPE against the mean received attention of that head's query heads. q1..q4: mean R of the tokens in each quartile of x[l,j,d*] (lowest first), averaged over documents"),
     ("sinks", "first_token_share = mean_h mean_{i>=1} A[l,h,i,0]; sink_rate = fraction of heads with alpha[l,h,0] > 0.3 (per head: fraction of documents); alpha0 = sum_i A[l,h,i,0] / T"),
-    ("hidden_norm", "L2 norm of the hidden-state node at each position, mean over documents (last layer: only output rows exist, so it is missing)"),
+    ("hidden_norm", "L2 norm of the hidden-state node at each position, mean over documents (every layer: all positions are outputs, so the last layer is computed for each)"),
     ("massive_activations", "three largest |x| of the hidden-state node over positions and documents, against the mean over documents of the median |x| (median of per-position medians); flags ratio > 100 and > 1000"),
 ];
 

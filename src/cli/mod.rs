@@ -521,7 +521,9 @@ pub struct AnalyzeArgs {
     /// Values node (its per-head norms weight the information flow): `auto` or NAME[@OP].
     #[arg(long, default_value = "auto")]
     pub values_node: String,
-    /// Hidden-state node for norms and massive activations; `none` to skip.
+    /// Hidden-state node for norms and massive activations, every layer (every position is
+    /// then an output, so llama.cpp computes the last layer for each: the output projection
+    /// costs time per token); `none` to skip.
     #[arg(long, default_value = "l_out")]
     pub hidden_node: String,
     /// Prediction positions for the information flow: the last N tokens of each document.

@@ -129,7 +129,8 @@ impl Choice {
 }
 
 /// Score and choose: `budget` positions of `tokens` (the context), first `sinks` protected.
-/// In `cells` mode a hybrid model keeps the newest position (see [`keep_cells_newest`]).
+/// In `cells` mode a hybrid or sliding-window model keeps the newest position (see
+/// [`ModelProfile::keeps_newest_cell`]).
 #[allow(clippy::too_many_arguments)]
 pub fn choose(policy: &dyn Policy, inputs: &Inputs, tokens: &[i32], budget: usize, sinks: usize, seed: u64, mode: Mode, profile: &ModelProfile) -> Result<Choice, String> {
     let n_layer = profile.n_layer;
@@ -137,7 +138,7 @@ pub fn choose(policy: &dyn Policy, inputs: &Inputs, tokens: &[i32], budget: usiz
     let (budget, sinks) = if policy.protects_sinks() { (budget, sinks) } else { (n, 0) };
     let scores = policy.score(&inputs.observation(tokens, budget, seed)).map_err(|e| e.to_string())?;
     Ok(match mode {
-        Mode::Cells { .. } if profile.has_recurrent_layers() => Choice::Cells(keep_cells_newest(&scores, n, budget, sinks)),
+        Mode::Cells { .. } if profile.keeps_newest_cell() => Choice::Cells(keep_cells_newest(&scores, n, budget, sinks)),
         Mode::Cells { .. } => Choice::Cells(keep_cells(&scores, n, budget, sinks)),
         Mode::Mask => Choice::Mask(keep_mask(&scores, n, n_layer, budget, sinks)),
     })

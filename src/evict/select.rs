@@ -85,9 +85,10 @@ pub fn keep_cells(scores: &Scores, n: usize, budget: usize, sinks: usize) -> Vec
     keep_top(&combine(scores, n), budget, sinks)
 }
 
-/// [`keep_cells`] for a model with recurrent layers (a hybrid): their state needs the newest
-/// position (llama.cpp refuses to remove it), so it is kept first after the sinks, whatever
-/// its score, when the budget allows one slot beyond the sinks.
+/// [`keep_cells`] for a model whose caches need the newest position (recurrent layers or a
+/// sliding-window cache: [`crate::capture::profile::ModelProfile::keeps_newest_cell`]): it is
+/// kept first after the sinks, whatever its score, when the budget allows one slot beyond
+/// the sinks.
 pub fn keep_cells_newest(scores: &Scores, n: usize, budget: usize, sinks: usize) -> Vec<bool> {
     let mut c = combine(scores, n);
     if let Some(last) = c.last_mut() {

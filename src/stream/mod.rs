@@ -105,7 +105,9 @@ pub struct Bounded<'m> {
     last_logits: Option<Vec<f32>>,
     batch: Batch,
     after_evict: bool,
-    /// The model has recurrent layers: evictions keep the newest position.
+    /// Evictions keep the newest position ([`crate::capture::profile::ModelProfile::keeps_newest_cell`]).
+    keep_newest: bool,
+    /// The model has recurrent layers: probes save and restore the sequence.
     recurrent: bool,
     pub stats: StreamStats,
 }
@@ -124,6 +126,7 @@ impl<'m> Bounded<'m> {
         if cfg.budget.is_some() {
             profile.require_attention().map_err(|e| anyhow::anyhow!(e))?;
         }
+        let keep_newest = profile.keeps_newest_cell();
         let recurrent = profile.has_recurrent_layers();
         if let Some(b) = cfg.budget {
             if !p.policy.streaming() {
@@ -147,6 +150,7 @@ impl<'m> Bounded<'m> {
         let n_batch = ctx.n_batch();
         Ok(Bounded {
             ctx,
+            keep_newest,
             recurrent,
             capture,
             needs,
@@ -259,8 +263,8 @@ impl<'m> Bounded<'m> {
             streaming: true,
         };
         let scores = self.policy.score(&obs).map_err(|e| StreamError::Policy(e.to_string()))?;
-        // A hybrid's recurrent state needs the newest position (llama.cpp refuses its removal).
-        let keep = if self.recurrent { keep_cells_newest(&scores, n, target, self.cfg.sinks) } else { keep_cells(&scores, n, target, self.cfg.sinks) };
+        // Recurrent states and sliding-window caches need the newest position.
+        let keep = if self.keep_newest { keep_cells_newest(&scores, n, target, self.cfg.sinks) } else { keep_cells(&scores, n, target, self.cfg.sinks) };
         let positions: Vec<i32> = (0..n as i32).collect();
         apply_cells(&mut self.ctx, &positions, &keep, true).map_err(|e| StreamError::Policy(e.to_string()))?;
         let kept = keep.iter().filter(|&&k| k).count();
@@ -320,8 +324,23 @@ impl<'m> Bounded<'m> {
         }
         let saved = self.last_logits.clone();
         let start = self.tokens.len() as i32;
+        // A recurrent state cannot drop the probe's positions (llama.cpp refuses): save the
+        // sequence before and restore it after, with the cell maps the restore implies.
+        let state = self.recurrent.then(|| (self.ctx.save_seq(), self.capture.as_ref().map(|c| c.cells_for_restore())));
         let r = self.decode(tokens, true, true);
-        self.ctx.seq_rm(start, -1);
+        match state {
+            Some((bytes, layout)) => {
+                self.ctx.restore_seq(&bytes).map_err(|e| StreamError::Policy(e.to_string()))?;
+                if let (Some(c), Some(l)) = (&self.capture, layout) {
+                    c.restore_cells(l).map_err(StreamError::Policy)?;
+                }
+            }
+            None => {
+                if !self.ctx.seq_rm(start, -1) {
+                    return Err(StreamError::Policy(format!("llama.cpp refused to remove the probe's positions {start}..")));
+                }
+            }
+        }
         self.last_logits = saved;
         if let Some(c) = &self.capture {
             c.reset();
