@@ -26,6 +26,7 @@ fn load(p: &Path) -> Model {
 /// and how the keys are reached.
 #[test]
 fn profiles_found_from_the_graph() {
+    let _one = common::one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let want: &[(&str, &[usize], &[usize], bool, &str)] = &[
         ("llama", &[0, 1], &[], false, "Kcur-0@MUL_MAT"),
@@ -85,6 +86,7 @@ fn tokens(n: usize) -> Vec<i32> {
 /// every attention layer is covered, and the capture leaves the logits unchanged.
 #[test]
 fn capture_covers_every_attention_layer_and_rows_sum_to_one() {
+    let _one = common::one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let toks = tokens(70);
     for (arch, _) in zoo::ARCHS.iter().filter(|a| a.0 != "mamba") {
@@ -135,6 +137,7 @@ fn close(got: f64, want: f64, scale: f64, what: &str) {
 /// before RoPE (after the bias), value norms and the attention input equal the f64 reference.
 #[test]
 fn biases_and_fused_qkv_match_the_reference() {
+    let _one = common::one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let toks = tokens(90);
     for arch in [TinyArch::Qwen2, TinyArch::Phi3] {
@@ -180,6 +183,7 @@ fn biases_and_fused_qkv_match_the_reference() {
 /// non-zero exit and no output directory.
 #[test]
 fn every_command_on_every_architecture() {
+    let _one = common::one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let text = d.path().join("text.txt");
     std::fs::write(&text, "the cat sat on the mat. the dog ate the bone, and the bird sang. ".repeat(12)).unwrap();
@@ -277,6 +281,7 @@ fn every_command_on_every_architecture() {
 /// vocabulary or an unknown architecture is not a truncated download.
 #[test]
 fn load_errors_keep_llamas_reason() {
+    let _one = common::one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let good = std::fs::read(write(d.path(), "llama")).unwrap();
     let replace = |key: &[u8], from: &[u8], to: &[u8]| {
@@ -306,6 +311,7 @@ fn load_errors_keep_llamas_reason() {
 /// as -50 and hide nothing.
 #[test]
 fn mask_equals_cells_on_every_architecture() {
+    let _one = common::one_at_a_time();
     use attractors::capture::mask::{new_mask, plan_from_keep};
     use attractors::evict::apply::apply_cells;
     use attractors::ffi::Batch;
@@ -353,6 +359,7 @@ fn mask_equals_cells_on_every_architecture() {
 /// the window after a shift and "lost sync" (cell 35 (position 4) ... is masked).
 #[test]
 fn bounded_chat_past_the_window_keeps_cell_maps_in_sync() {
+    let _one = common::one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let turns = "hello there, how are you today my friend?\nand again, tell me more about it please\nthe cat sat on the mat and the dog ate the bone\nwhat did the bird sing at dawn in the garden?\n";
     for arch in ["gemma2", "gpt-oss"] {

@@ -5,16 +5,11 @@
 
 mod common;
 
-use std::sync::Mutex;
-
 use common::{bin, model_path, num, read_csv, GEMMA, SMOL};
 
-/// llama.cpp's threads spin while they wait: two models at once on a small machine only
-/// slow each other down.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn ladder_and_compare(name: &str, stem: &str, n_layer: usize) {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = common::one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let src = model_path(name);
     let ladder = d.path().join("ladder");

@@ -58,11 +58,13 @@ fn rows_sum_to_one(name: &str) {
 
 #[test]
 fn smollm2_attention_rows_sum_to_one() {
+    let _one = common::one_at_a_time();
     rows_sum_to_one(SMOL);
 }
 
 #[test]
 fn gemma3_attention_rows_sum_to_one() {
+    let _one = common::one_at_a_time();
     rows_sum_to_one(GEMMA);
 }
 
@@ -95,6 +97,7 @@ fn deterministic(name: &str) {
 
 #[test]
 fn smollm2_capture_is_deterministic_and_sinks_appear() {
+    let _one = common::one_at_a_time();
     deterministic(SMOL);
     // First-token share > 0.25 in most layers from the middle of the network on.
     let d = tempfile::tempdir().unwrap();
@@ -107,6 +110,7 @@ fn smollm2_capture_is_deterministic_and_sinks_appear() {
 
 #[test]
 fn gemma3_capture_is_deterministic() {
+    let _one = common::one_at_a_time();
     deterministic(GEMMA);
 }
 
@@ -126,11 +130,13 @@ fn perplexity_unchanged_by_capture(name: &str) {
 
 #[test]
 fn smollm2_perplexity_finite_and_unchanged_by_capture() {
+    let _one = common::one_at_a_time();
     perplexity_unchanged_by_capture(SMOL);
 }
 
 #[test]
 fn gemma3_perplexity_finite_and_unchanged_by_capture() {
+    let _one = common::one_at_a_time();
     perplexity_unchanged_by_capture(GEMMA);
 }
 
@@ -162,16 +168,19 @@ fn analyze(name: &str, n_layer: usize) {
 
 #[test]
 fn smollm2_analyze_produces_report() {
+    let _one = common::one_at_a_time();
     analyze(SMOL, 30);
 }
 
 #[test]
 fn gemma3_analyze_produces_report() {
+    let _one = common::one_at_a_time();
     analyze(GEMMA, 18);
 }
 
 #[test]
 fn smollm2_intervene_table_has_five_rows() {
+    let _one = common::one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let o = bin().args(["intervene", "--max-tokens", "256", "--model"]).arg(model_path(SMOL)).arg("--out").arg(d.path()).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -232,11 +241,13 @@ fn evict_then_continue(name: &str) {
 
 #[test]
 fn smollm2_generation_continues_after_cells_eviction() {
+    let _one = common::one_at_a_time();
     evict_then_continue(SMOL);
 }
 
 #[test]
 fn gemma3_generation_continues_after_cells_eviction() {
+    let _one = common::one_at_a_time();
     evict_then_continue(GEMMA);
 }
 
@@ -341,11 +352,13 @@ fn mask_equals_cells(name: &str) {
 
 #[test]
 fn smollm2_mask_equals_cells() {
+    let _one = common::one_at_a_time();
     mask_equals_cells(SMOL);
 }
 
 #[test]
 fn gemma3_mask_equals_cells() {
+    let _one = common::one_at_a_time();
     mask_equals_cells(GEMMA);
 }
 
@@ -357,6 +370,7 @@ fn gemma3_mask_equals_cells() {
 /// Host and device paths (device graphs on the CPU backend here, the GPU's path).
 #[test]
 fn gemma3_mask_hides_exactly_inside_the_window() {
+    let _one = common::one_at_a_time();
     gemma3_mask_inside_window(attractors::capture::Reduce::Host);
     gemma3_mask_inside_window(attractors::capture::Reduce::Device);
 }
@@ -415,6 +429,7 @@ fn gemma3_mask_inside_window(reduce: attractors::capture::Reduce) {
 /// first-token share, distance buckets (relative 1e-3).
 #[test]
 fn gemma3_device_reduction_equals_host() {
+    let _one = common::one_at_a_time();
     let _gpu = common::device_lock();
     use attractors::capture::{new_capture, sliding_window_layers, CaptureConfig, Reduce};
     use attractors::ffi::KvType;
@@ -470,11 +485,13 @@ fn prune_keeps_about_half(name: &str) {
 
 #[test]
 fn smollm2_prune_keeps_about_half() {
+    let _one = common::one_at_a_time();
     prune_keeps_about_half(SMOL);
 }
 
 #[test]
 fn gemma3_prune_keeps_about_half() {
+    let _one = common::one_at_a_time();
     prune_keeps_about_half(GEMMA);
 }
 
@@ -482,6 +499,7 @@ fn gemma3_prune_keeps_about_half() {
 /// same fraction as `frequency` on each sample, and `full` keeps everything.
 #[test]
 fn smollm2_eval_long_table() {
+    let _one = common::one_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
     let o = bin()

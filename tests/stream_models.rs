@@ -8,13 +8,7 @@ use std::process::{Command, Stdio};
 mod common;
 use common::{bin, model_path, GEMMA, SMOL};
 
-/// One model run at a time: llama.cpp's threads spin while they wait, so two runs sharing
-/// this machine's cores slow each other down many times over.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
+use common::one_at_a_time as serial;
 
 const TURNS: [&str; 10] = [
     "Hello! What is your name?",

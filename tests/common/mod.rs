@@ -56,6 +56,14 @@ pub fn tiny_model_shaped(params: &ModelParams, shape: TinyConfig) -> (tempfile::
     (d, tiny, model)
 }
 
+/// One model run at a time within a test binary: llama.cpp's threads spin while they wait,
+/// so two runs sharing this machine's cores slow each other down many times over (the
+/// `archs` matrix: 46 s one at a time, 11 min two at a time on 2 cores).
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Held by every test of one binary that runs a model on the default device: ggml's Vulkan
 /// backend is not safe for two threads making and using contexts at once (two such tests
 /// in parallel crashed Mesa's llvmpipe device, and once aborted in `vkCreateFence`).
