@@ -315,8 +315,11 @@ fn calibrate_writes_one_row_per_layer_and_refuses_bad_output() {
     let cal = attractors::evict::calibration::Calibration::parse(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(cal.layers.len(), m.cfg.n_layer);
     assert_eq!(cal.node, "attn_norm");
+    // Some layer has a significant dimension, and each rho agrees with its p: at p < 0.05 over
+    // 2 x 128 tokens, |rho| is at least about 1.96 / sqrt(n - 1).
+    assert!(cal.layers.iter().flatten().count() > 0, "no layer with a significant dimension");
     for l in cal.layers.iter().flatten() {
-        assert!(l.dim < m.cfg.n_embd && l.p < 0.05 && l.rho.abs() <= 1.0);
+        assert!(l.dim < m.cfg.n_embd && l.p < 0.05 && l.rho.abs() >= 1.96 / (2.0 * 128.0 - 1.0f64).sqrt() * 0.9, "{:?}", (l.dim, l.rho, l.p));
     }
     let blocker = d.path().join("file");
     std::fs::write(&blocker, "x").unwrap();

@@ -531,3 +531,39 @@ fn smollm2_eval_long_table() {
     assert_eq!(meta["ratio"], "matched");
     assert!(meta["frequency_list"].as_str().unwrap().contains("freq"));
 }
+
+/// `cells` mode on Gemma 3: only the full-attention layers (5, 11, 17, from llama.cpp's
+/// notes, not from the profile) vote. Their H2O choice is what `choose` keeps; letting the
+/// windowed layers vote instead pulls the choice toward the last 512 positions.
+#[test]
+fn gemma3_windowed_layers_do_not_vote_in_cells_mode() {
+    let _one = common::one_at_a_time();
+    let _gpu = common::device_lock();
+    use attractors::capture::new_capture;
+    use attractors::eval::pipeline::{choose, Choice, Mode};
+    use attractors::evict::inputs::{capture_config, Inputs};
+    use attractors::evict::select::keep_cells_newest;
+    use attractors::evict::{by_name, Scores};
+    let model = Model::load(&model_path(GEMMA), &common::on_cpu()).unwrap();
+    let profile = model.profile().unwrap();
+    let mut toks = model.tokenize(DEFAULT_TEXT, true, false).unwrap();
+    toks.truncate(900);
+    let n = toks.len();
+    assert_eq!(profile.attention_layers().into_iter().filter(|l| !profile.sliding_window_layers().contains(l)).collect::<Vec<_>>(), vec![5, 11, 17]);
+    let policy = by_name("h2o", &[]).unwrap();
+    let cfg = capture_config(policy.needs(), n, "auto", None).unwrap();
+    let (hook, handle) = new_capture(&model, &cfg, &profile.sliding_window_layers(), 1024).unwrap();
+    let params = ContextParams { n_ctx: 1024, n_batch: 512, n_ubatch: 512, flash_attn: FlashAttn::Off, ..Default::default() };
+    let mut ctx = Context::new(&model, &params, Some(Box::new(hook))).unwrap();
+    feed(&mut ctx, &toks, false, |_| {}).unwrap();
+    let inputs = Inputs::from_summary(Some(&handle.summary()), n, None, None).unwrap();
+    let (budget, sinks) = (n / 4, 4);
+    let Choice::Cells(chosen) = choose(policy.as_ref(), &inputs, &toks, budget, sinks, 0, Mode::Cells { close_gaps: false }, profile).unwrap() else { panic!("cells mode gives a cells choice") };
+    let Scores::PerHead(all) = policy.score(&inputs.observation(&toks, budget, 0)).unwrap() else { panic!("h2o scores per head") };
+    let only = |keep: &dyn Fn(usize) -> bool| Scores::PerHead(all.iter().enumerate().map(|(l, v)| v.clone().filter(|_| keep(l))).collect());
+    let global = keep_cells_newest(&only(&|l| [5, 11, 17].contains(&l)), n, budget, sinks);
+    let everyone = keep_cells_newest(&only(&|_| true), n, budget, sinks);
+    assert_eq!(chosen, global);
+    let recent = |k: &[bool]| k[n - 512..].iter().filter(|&&x| x).count();
+    assert!(recent(&everyone) > recent(&chosen), "windowed votes should pull toward the window: {} vs {}", recent(&everyone), recent(&chosen));
+}

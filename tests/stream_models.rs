@@ -79,14 +79,16 @@ fn gemma3_chat_stays_within_budget_and_evicts() {
     chat_evicts(GEMMA);
 }
 
-/// Ctrl-C during a reply stops that reply; the chat goes on and answers `/stats`.
+/// Ctrl-C during a reply stops that reply; the chat goes on and answers `/stats`. The reply
+/// cannot end on its own (`--ignore-eos`, no reply limit in reach), so the signal always
+/// lands inside it, however fast the model is.
 #[test]
 fn ctrl_c_stops_the_reply_not_the_program() {
     let _one = serial();
     let mut child = bin()
         .args(["chat", "--model"])
         .arg(model_path(SMOL))
-        .args(["--budget", "256", "--temp", "0", "--max-reply", "100000"])
+        .args(["--budget", "256", "--temp", "0", "--max-reply", "100000", "--ignore-eos"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -62,7 +62,8 @@ fn tiny_analyze_equals_reference() {
     assert_eq!(la.len(), n_layer);
     for l in 0..n_layer {
         let (mut frac, mut s, mut first) = (0.0, [0.0f64; 4], 0.0);
-        let mut rho_parts = vec![];
+        // rho per dimension from the reference, documents combined as analyze does
+        let mut rho_dims: Vec<Vec<(f64, usize)>> = vec![vec![]; tiny.cfg.n_embd];
         let (mut da, mut na) = (0.0, 0.0);
         let row_corr = corr.iter().find(|r| r["kind"] == "activation" && num(r, "layer") as usize == l).unwrap();
         for (ids, r) in docs.iter().zip(&refs) {
@@ -92,10 +93,11 @@ fn tiny_analyze_equals_reference() {
                 s[k] += sets[k].0 / sets[k].1 / docs.len() as f64;
             }
             first += (0..nh).map(|h| (1..n).map(|i| a[h][i][0]).sum::<f64>()).sum::<f64>() / (nh * (n - 1)) as f64 / docs.len() as f64;
-            let dim = num(row_corr, "dim") as usize;
-            let x: Vec<f32> = (0..n).map(|j| r.attn_norm[l][j][dim] as f32).collect();
             let y: Vec<f32> = rec.iter().map(|&v| v as f32).collect();
-            rho_parts.push((spearman(&x, &y), n));
+            for (d, parts) in rho_dims.iter_mut().enumerate() {
+                let x: Vec<f32> = (0..n).map(|j| r.attn_norm[l][j][d] as f32).collect();
+                parts.push((spearman(&x, &y), n));
+            }
             // distance bucket 3 (distance exactly 3), attractor queries
             for i in 3..n {
                 if flags[i] {
@@ -111,8 +113,13 @@ fn tiny_analyze_equals_reference() {
         }
         let sr = sinks.iter().find(|r| num(r, "layer") as usize == l && r["head"] == "mean").unwrap();
         close(num(sr, "first_token_share"), first, 1e-4, &format!("first-token share {l}"));
-        let (rho, _, _) = fisher_combine(&rho_parts);
-        close(num(row_corr, "rho"), rho, 2e-2, &format!("rho layer {l}"));
+        // The chosen dimension is the reference's largest significant |rho| (or ties it
+        // within the tolerance: f32 activations can swap two nearly equal dimensions).
+        let combined: Vec<(f64, f64)> = rho_dims.iter().map(|p| fisher_combine(p)).map(|(r, p, _)| (r, p)).collect();
+        let best = (0..combined.len()).filter(|&d| combined[d].1 < 0.05).max_by(|&a, &b| combined[a].0.abs().total_cmp(&combined[b].0.abs())).expect("a significant dimension");
+        let dim = num(row_corr, "dim") as usize;
+        assert!(dim == best || (combined[dim].0.abs() - combined[best].0.abs()).abs() <= 2e-2, "layer {l}: dimension {dim}, reference {best}");
+        close(num(row_corr, "rho"), combined[dim].0, 2e-2, &format!("rho layer {l}"));
         if na > 0.0 {
             let dr = dist.iter().find(|r| r["layer"] == l.to_string() && r["bucket"] == "3").unwrap();
             close(num(dr, "attractor_queries"), da / na, 1e-4, &format!("distance 3, layer {l}"));

@@ -49,6 +49,9 @@ pub struct LayerAttention {
 #[derive(Debug, Clone)]
 pub struct AttentionAcc {
     pub n_head: usize,
+    /// KV heads (query heads share them in groups of `n_head / n_head_kv`); set by the
+    /// capture from the model's profile, `n_head` until then.
+    pub n_head_kv: usize,
     pub n_buckets: usize,
     pub distance: bool,
     /// Position capacity (grows on demand).
@@ -77,7 +80,7 @@ pub fn cell_at(cells: &[CellPos], pos: usize) -> Option<usize> {
 impl AttentionAcc {
     pub fn new(n_layer: usize, n_head: usize, max_positions: usize, distance: bool) -> AttentionAcc {
         let n_buckets = distance_bucket(max_positions.max(2) - 1) + 1;
-        AttentionAcc { n_head, n_buckets, distance, cap: 0, first_cap: max_positions.clamp(64, 1 << 20), layers: vec![None; n_layer], flow: None, obs: None }
+        AttentionAcc { n_head, n_head_kv: n_head, n_buckets, distance, cap: 0, first_cap: max_positions.clamp(64, 1 << 20), layers: vec![None; n_layer], flow: None, obs: None }
     }
 
     /// Accumulate the gradient-free information flow (needs value norms in `add`).
@@ -358,6 +361,8 @@ pub struct AttentionSummary {
     /// Number of positions T.
     pub n_pos: usize,
     pub n_head: usize,
+    /// KV heads (see [`AttentionAcc::n_head_kv`]).
+    pub n_head_kv: usize,
     pub include_self: bool,
     /// `R[l][j]`, head mean.
     pub received: Vec<Vec<f64>>,
@@ -394,6 +399,7 @@ impl AttentionSummary {
         let mut s = AttentionSummary {
             n_pos,
             n_head: h,
+            n_head_kv: acc.n_head_kv,
             include_self,
             received: vec![],
             received_head: vec![],

@@ -507,6 +507,7 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         n_layers_on: layer_on.iter().filter(|&&b| b).count(),
         attention: cfg.attention.then(|| {
             let mut a = AttentionAcc::new(n_layer, n_head, max_positions, cfg.distance);
+            a.n_head_kv = n_head_kv;
             if let Some(p) = cfg.flow_pred_start {
                 a.enable_flow(p, n_head_kv);
             }

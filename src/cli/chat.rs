@@ -79,6 +79,8 @@ struct Chat<'m> {
     system: Option<String>,
     sampler: Sampler,
     max_reply: usize,
+    /// End-of-generation tokens the sampler may not pick (`--ignore-eos`), else empty.
+    banned: Vec<usize>,
     gen_tokens: u64,
     gen_s: f64,
     last_rate: f64,
@@ -113,6 +115,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         system: a.system.clone(),
         sampler: Sampler::new(a.temp, a.policy_args.seed),
         max_reply: a.max_reply,
+        banned: if a.ignore_eos { (0..model.n_vocab()).filter(|&t| model.is_eog(t as i32)).collect() } else { vec![] },
         gen_tokens: 0,
         gen_s: 0.0,
         last_rate: 0.0,
@@ -223,7 +226,13 @@ impl<'m> Chat<'m> {
                 break;
             }
             let logits = self.stream.last_logits().ok_or_else(|| anyhow::anyhow!("no logits after the prompt"))?;
-            let tok = self.sampler.sample(logits);
+            let tok = if self.banned.is_empty() {
+                self.sampler.sample(logits)
+            } else {
+                let mut l = logits.to_vec();
+                self.banned.iter().for_each(|&t| l[t] = f32::NEG_INFINITY);
+                self.sampler.sample(&l)
+            };
             if self.model.is_eog(tok) {
                 break;
             }

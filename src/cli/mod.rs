@@ -278,6 +278,10 @@ pub struct ChatArgs {
     /// Most tokens per reply.
     #[arg(long, default_value_t = 256)]
     pub max_reply: usize,
+    /// Never end a reply with an end-of-generation token: replies run to `--max-reply` (as
+    /// llama.cpp's `--ignore-eos`; for measurements and tests).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// After every reply, print the cache size and evictions to standard error.
     #[arg(long)]
     pub show_cache: bool,
@@ -291,8 +295,9 @@ pub struct ChatArgs {
 pub struct EvalStreamArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Policies (`full` is the reference while the text fits the model's context).
-    #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,sirllm,h2o,random")]
+    /// Policies (`full` is the reference while the text fits the model's context);
+    /// `NAME:KEY=VALUE` sets a parameter (`sirllm:recent=0.5`: half the budget recent).
+    #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,frequency:recent=0.5,sirllm,sirllm:recent=0.5,h2o,random")]
     pub policies: Vec<String>,
     #[command(flatten)]
     pub bound: BoundArgs,
@@ -324,8 +329,9 @@ pub struct EvalStreamArgs {
 pub struct EvalDialogArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Policies (`full`: the whole dialogue in the cache, the ceiling).
-    #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,sirllm,h2o,random")]
+    /// Policies (`full`: the whole dialogue in the cache, the ceiling); `NAME:KEY=VALUE`
+    /// sets a parameter (`sirllm:recent=0.5`: half the budget recent).
+    #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,frequency:recent=0.5,sirllm,sirllm:recent=0.5,h2o,random")]
     pub policies: Vec<String>,
     #[command(flatten)]
     pub bound: BoundArgs,

@@ -51,7 +51,7 @@ pub fn policy_setup(model: &Model, a: &PolicyArgs, names: &[String]) -> anyhow::
         by_name(n, &[]).map_err(|e| anyhow::anyhow!(e))?;
     }
     let fp = common::vocab_fingerprint(model);
-    let uses = |p: &str| names.iter().any(|n| n == p);
+    let uses = |p: &str| names.iter().any(|n| crate::evict::base_name(n) == p);
     let (mut frequent, mut freq_file) = (vec![], None);
     if uses("frequency") {
         let path = match &a.freq {
@@ -185,6 +185,9 @@ pub fn run(a: PruneArgs) -> anyhow::Result<()> {
     let (budget, rule) = resolve_budget(a.ratio, a.budget, &prompt.context, &setup)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
     eprintln!("prune: {n} context tokens from {label}; policy {} ({rule}: keep {budget}), {} mode; flash attention off", policy.name(), mode.name());
+    if let Some(note) = crate::evict::layers_note(policy.as_ref(), mode.name()) {
+        println!("note: {note}");
+    }
     let r = run_once(&model, &params, &swa, &setup, policy.as_ref(), &prompt, budget, mode, a.max_new)?;
     println!("answer: {}", model.detokenize(&r.answer).trim());
     let frac = r.choice.kept_fraction(model.profile().map_err(|e| anyhow::anyhow!(e))?);

@@ -2,6 +2,8 @@
 //! In a bounded stream the paper "adopts the SirLLM implementation but replaces its token
 //! selection with the frequency criterion" (Sec. 3.3): a recent window takes
 //! `recent_share` of the budget, frequent tokens the rest, decayed by `decay` per turn of age.
+//! Its defaults are SirLLM's published setup (recent share 0, decay 0.7);
+//! `frequency:recent=0.5` reserves half the budget for recent tokens.
 use std::collections::HashSet;
 
 use super::{recency, Needs, Observation, Policy, PolicyError, Scores};
@@ -14,7 +16,7 @@ pub struct Frequency {
 
 impl Frequency {
     pub fn new(frequent: &[i32]) -> Frequency {
-        Frequency { frequent: frequent.iter().copied().collect(), recent_share: 0.5, decay: 0.7 }
+        Frequency { frequent: frequent.iter().copied().collect(), recent_share: 0.0, decay: 0.7 }
     }
 }
 
@@ -140,7 +142,7 @@ mod tests {
     #[test]
     fn streaming_keeps_a_recent_window_then_frequent_tokens_of_newer_turns() {
         use crate::evict::select::keep_cells;
-        let p = Frequency::new(&[1]);
+        let p = Frequency { recent_share: 0.5, ..Frequency::new(&[1]) };
         // 12 slots: tokens 1 (frequent) and 0; turns 0,0,0,0,1,1,1,1,2,2,2,2
         let tokens = [0, 1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0];
         let turn: Vec<u32> = (0..12).map(|j| (j / 4) as u32).collect();
@@ -157,5 +159,9 @@ mod tests {
         // compress-once scoring is the plain 0/1 membership
         let once = Observation { streaming: false, ..obs };
         assert_eq!(p.score(&once).unwrap(), Scores::Shared(tokens.iter().map(|&t| (t == 1) as u8 as f64).collect()));
+        // SirLLM's published setup (the default): no recent window. Frequent tokens of the
+        // newest turns first (6: 0.7, 4: 0.7, then 3 and 1: 0.49), then ties to the later.
+        let keep = keep_cells(&Frequency::new(&[1]).score(&obs).unwrap(), 12, 6, 1);
+        assert_eq!(keep, vec![true, true, false, true, true, false, true, false, false, false, false, true]);
     }
 }

@@ -66,7 +66,7 @@ impl Inputs {
             } else {
                 a.alpha.iter().map(|heads| heads.iter().map(|row| row.iter().enumerate().map(|(j, &x)| x * (a.n_pos - j) as f64).collect()).collect()).collect()
             };
-            out.attention = Some(AttentionStats { accumulated, last: a.last_head.clone(), window: a.window_head.clone() });
+            out.attention = Some(AttentionStats { accumulated, last: a.last_head.clone(), window: a.window_head.clone(), n_head_kv: a.n_head_kv });
         }
         if let Some(k) = s.and_then(|s| s.keys.as_ref()) {
             let g = k.heads.unwrap_or(1);

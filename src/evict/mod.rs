@@ -42,6 +42,9 @@ pub struct AttentionStats {
     pub last: Vec<Vec<Vec<f64>>>,
     /// `sum` over the last `window` queries (SnapKV's observation window).
     pub window: Vec<Vec<Vec<f64>>>,
+    /// KV heads: query heads `g * n_head / n_head_kv ..` share KV head `g` (0: unknown,
+    /// which a policy that groups heads refuses).
+    pub n_head_kv: usize,
 }
 
 /// What a policy sees at decision time. Slot `j` is the `j`-th cached position in order.
@@ -93,26 +96,114 @@ pub trait Policy: Send + Sync {
         true
     }
     fn score(&self, obs: &Observation) -> Result<Scores, PolicyError>;
+    /// The first layers this policy leaves unscored (`l2norm`, `activation`: 2). In `mask`
+    /// mode they keep every position; in `cells` mode, one choice for every layer, they
+    /// only do not vote ([`layers_note`] says which applied).
+    fn unscored_layers(&self) -> usize {
+        0
+    }
+}
+
+/// What the policy's unscored first layers did under `mode` (`"mask"` or `"cells"`), for
+/// every output that reports the policy; `None` when it scores every layer.
+pub fn layers_note(policy: &dyn Policy, mode: &str) -> Option<String> {
+    let k = policy.unscored_layers();
+    let layers = match k {
+        0 => return None,
+        1 => "layer 0".to_string(),
+        _ => format!("layers 0-{}", k - 1),
+    };
+    Some(if mode == "mask" {
+        format!("{}: {layers} keep every position (mask mode)", policy.name())
+    } else {
+        format!("{}: {layers} do not vote and follow the other layers' choice (cells mode)", policy.name())
+    })
 }
 
 /// Every policy name, in the order of methods.md.
 pub const POLICIES: [&str; 10] = ["full", "frequency", "l2norm", "activation", "h2o", "tova", "snapkv", "streaming", "sirllm", "random"];
 
-/// Build a policy by name; `frequent` is the token list `frequency` keeps.
-pub fn by_name(name: &str, frequent: &[i32]) -> Result<Box<dyn Policy>, String> {
-    Ok(match name {
+/// The policy name of a spec (`sirllm:recent=0.5` -> `sirllm`).
+pub fn base_name(spec: &str) -> &str {
+    spec.split(':').next().unwrap_or(spec)
+}
+
+/// Build a policy from a spec, `NAME[:KEY=VALUE...]`; `frequent` is the token list
+/// `frequency` keeps. Parameters: `h2o:recent=SHARE`, `sirllm:recent=SHARE:decay=D`,
+/// `frequency:recent=SHARE:decay=D` (its stream frame), `snapkv:pool=avg|max:kernel=K:window=W`.
+pub fn by_name(spec: &str, frequent: &[i32]) -> Result<Box<dyn Policy>, String> {
+    let mut parts = spec.split(':');
+    let name = parts.next().unwrap_or("");
+    let mut params: Vec<(&str, &str)> = vec![];
+    for p in parts {
+        let (k, v) = p.split_once('=').ok_or_else(|| format!("policy parameter `{p}` in {spec} is not KEY=VALUE: write e.g. sirllm:recent=0.5"))?;
+        params.push((k, v));
+    }
+    let num = |k: &str, v: &str, lo: f64, hi: f64| -> Result<f64, String> {
+        v.parse::<f64>().ok().filter(|x| (lo..=hi).contains(x)).ok_or_else(|| format!("policy parameter {k}={v} in {spec}: give a number from {lo} to {hi}"))
+    };
+    let unknown = |k: &str, known: &str| format!("policy {name} has no parameter {k}: use {known}");
+    let policy: Box<dyn Policy> = match name {
+        "full" | "l2norm" | "activation" | "tova" | "streaming" | "random" if !params.is_empty() => return Err(format!("policy {name} takes no parameters: write {name}")),
         "full" => Box::new(full::Full),
-        "frequency" => Box::new(frequency::Frequency::new(frequent)),
+        "frequency" => {
+            let mut p = frequency::Frequency::new(frequent);
+            for (k, v) in params {
+                match k {
+                    "recent" => p.recent_share = num(k, v, 0.0, 1.0)?,
+                    "decay" => p.decay = num(k, v, 0.0, 1.0)?,
+                    _ => return Err(unknown(k, "recent, decay")),
+                }
+            }
+            Box::new(p)
+        }
         "l2norm" => Box::new(l2norm::L2Norm::default()),
         "activation" => Box::new(activation::Activation::default()),
-        "h2o" => Box::new(h2o::H2o::default()),
+        "h2o" => {
+            let mut p = h2o::H2o::default();
+            for (k, v) in params {
+                match k {
+                    "recent" => p.recent_share = num(k, v, 0.0, 1.0)?,
+                    _ => return Err(unknown(k, "recent")),
+                }
+            }
+            Box::new(p)
+        }
         "tova" => Box::new(tova::Tova),
-        "snapkv" => Box::new(snapkv::SnapKv::default()),
+        "snapkv" => {
+            let mut p = snapkv::SnapKv::default();
+            for (k, v) in params {
+                match k {
+                    "pool" => {
+                        p.pool = match v {
+                            "avg" => snapkv::Pool::Avg,
+                            "max" => snapkv::Pool::Max,
+                            _ => return Err(format!("policy parameter pool={v} in {spec}: use avg or max")),
+                        }
+                    }
+                    "kernel" => p.kernel = num(k, v, 1.0, 63.0)? as usize,
+                    "window" => p.window = num(k, v, 0.0, 1e6)? as usize,
+                    _ => return Err(unknown(k, "pool, kernel, window")),
+                }
+            }
+            Box::new(p)
+        }
         "streaming" => Box::new(streaming::Streaming),
-        "sirllm" => Box::new(sirllm::SirLlm::default()),
+        "sirllm" => {
+            let mut p = sirllm::SirLlm::default();
+            for (k, v) in params {
+                match k {
+                    "recent" => p.recent_share = num(k, v, 0.0, 1.0)?,
+                    "decay" => p.decay = num(k, v, 0.0, 1.0)?,
+                    _ => return Err(unknown(k, "recent, decay")),
+                }
+            }
+            Box::new(p)
+        }
         "random" => Box::new(random::Random),
         other => return Err(format!("unknown policy {other}: use one of {}", POLICIES.join(", "))),
-    })
+    };
+    Ok(policy)
 }
 
 /// Recency score in [0, 1): later slots higher (used as a tie-break and for recent windows).

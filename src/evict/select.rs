@@ -85,6 +85,23 @@ pub fn keep_cells(scores: &Scores, n: usize, budget: usize, sinks: usize) -> Vec
     keep_top(&combine(scores, n), budget, sinks)
 }
 
+/// The scores that vote in `cells` mode on a model with sliding-window layers: only its
+/// full-attention layers. A windowed layer cannot see positions before its window, so they
+/// tie at the bottom of its ranks and would pull every attention policy toward the recent
+/// positions, which the windowed layers keep seeing anyway. When every attention layer is
+/// windowed (or none is), all vote. Shared scores are one vote already.
+pub fn cells_voters(scores: &Scores, windowed: &[usize], attention: &[usize]) -> Scores {
+    if windowed.is_empty() || attention.iter().all(|l| windowed.contains(l)) {
+        return scores.clone();
+    }
+    let keep = |l: usize| !windowed.contains(&l);
+    match scores {
+        Scores::Shared(v) => Scores::Shared(v.clone()),
+        Scores::PerLayer(ls) => Scores::PerLayer(ls.iter().enumerate().map(|(l, v)| v.clone().filter(|_| keep(l))).collect()),
+        Scores::PerHead(ls) => Scores::PerHead(ls.iter().enumerate().map(|(l, v)| v.clone().filter(|_| keep(l))).collect()),
+    }
+}
+
 /// [`keep_cells`] for a model whose caches need the newest position (recurrent layers or a
 /// sliding-window cache: [`crate::capture::profile::ModelProfile::keeps_newest_cell`]): it is
 /// kept first after the sinks, whatever its score, when the budget allows one slot beyond
@@ -143,6 +160,19 @@ mod tests {
         assert_eq!(combine(&s, 3), vec![1.0, 0.25, 0.25]);
     }
 
+    /// Worked by hand: layer 0 is windowed and sees only slots 3.. (the others tie at 0),
+    /// layer 1 is global and prefers slot 1. With the windowed layer voting, the mean ranks
+    /// favour the recent slots 3 and 4; without it, slot 1 is kept.
+    #[test]
+    fn windowed_layers_do_not_vote_in_cells_mode() {
+        let s = Scores::PerLayer(vec![Some(vec![0.0, 0.0, 0.0, 0.5, 0.6]), Some(vec![0.1, 0.9, 0.2, 0.3, 0.4])]);
+        assert_eq!(keep_cells(&s, 5, 2, 0), vec![false, false, false, true, true]);
+        let v = cells_voters(&s, &[0], &[0, 1]);
+        assert_eq!(keep_cells(&v, 5, 2, 0), vec![false, true, false, false, true]);
+        // every attention layer windowed: all vote
+        assert_eq!(cells_voters(&s, &[0, 1], &[0, 1]), s);
+    }
+
     #[test]
     fn budgets() {
         assert_eq!(Budget::Ratio(0.5).resolve(9).unwrap(), 5);
@@ -159,7 +189,7 @@ mod tests {
         };
         let tokens = (0..n).map(|_| (r() * 20.0) as i32).collect();
         let mut grid = || (0..n_layer).map(|_| (0..heads).map(|_| (0..n).map(|_| r()).collect()).collect()).collect::<Vec<Vec<Vec<f64>>>>();
-        let att = AttentionStats { accumulated: grid(), last: grid(), window: grid() };
+        let att = AttentionStats { accumulated: grid(), last: grid(), window: grid(), n_head_kv: heads };
         let keys = grid().into_iter().map(|l| l.into_iter().map(|h| h.into_iter().map(|v| v as f32).collect()).collect()).collect();
         let act = grid().into_iter().map(|l| l[0].iter().map(|&v| v as f32).collect()).collect();
         let sur = (0..n).map(|_| r() * 5.0).collect();

@@ -1,6 +1,9 @@
 //! `sirllm` (Yao et al. 2024): token surprisal from the model's own logits, decayed by
 //! `decay` per dialogue turn of age; the top-surprisal tokens fill `1 - recent_share` of the
-//! budget and a recent window the rest.
+//! budget and a recent window the rest. The default is SirLLM's published DailyDialog setup
+//! (its README: recent size 0, entropy tokens 508 of 512 after 4 start tokens, decay 0.7);
+//! `sirllm:recent=0.5` gives half the budget to the recent window (this project's earlier
+//! default).
 use super::{need, recency, Needs, Observation, Policy, PolicyError, Scores};
 
 pub struct SirLlm {
@@ -10,7 +13,7 @@ pub struct SirLlm {
 
 impl Default for SirLlm {
     fn default() -> Self {
-        SirLlm { decay: 0.7, recent_share: 0.5 }
+        SirLlm { decay: 0.7, recent_share: 0.0 }
     }
 }
 
@@ -41,5 +44,40 @@ impl Policy for SirLlm {
                 })
                 .collect(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::select::keep_cells;
+    use super::super::{by_name, Observation};
+
+    /// Worked by hand: surprisal [0, 5, 1, 4, 2, 3], turns [0, 0, 0, 1, 1, 1], decay 0.5.
+    /// Turn 0 is one turn old: [0, 2.5, 0.5, 4, 2, 3]. Budget 4, 1 sink: slot 0, then 3 (4),
+    /// 5 (3), 1 (2.5). With half the budget recent (slots 4, 5), then 3 (4).
+    #[test]
+    fn surprisal_decayed_per_turn_and_the_recent_share() {
+        let (t, s, turn) = ([0; 6], [0.0, 5.0, 1.0, 4.0, 2.0, 3.0], [0, 0, 0, 1, 1, 1]);
+        let o = Observation { n: 6, tokens: &t, budget: 4, surprisal: Some(&s), turn: Some(&turn), streaming: true, ..Observation::default() };
+        let keep = |spec: &str| keep_cells(&by_name(spec, &[]).unwrap().score(&o).unwrap(), 6, 4, 1);
+        assert_eq!(keep("sirllm:decay=0.5"), vec![true, true, false, true, false, true]);
+        assert_eq!(keep("sirllm:decay=0.5:recent=0.5"), vec![true, false, false, true, true, true]);
+        // SirLLM's published setup: no recent window by default.
+        assert_eq!(keep("sirllm:decay=0.5"), keep("sirllm:decay=0.5:recent=0"));
+    }
+
+    #[test]
+    fn specs_are_checked() {
+        for (spec, want) in [
+            ("sirllm:recnt=0.5", "policy sirllm has no parameter recnt: use recent, decay"),
+            ("sirllm:recent=2", "give a number from 0 to 1"),
+            ("sirllm:recent", "is not KEY=VALUE"),
+            ("tova:x=1", "policy tova takes no parameters"),
+            ("snapkv:pool=mean", "use avg or max"),
+        ] {
+            let e = by_name(spec, &[]).err().unwrap();
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+        assert_eq!(super::super::base_name("sirllm:recent=0.5"), "sirllm");
     }
 }

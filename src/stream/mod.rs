@@ -20,7 +20,7 @@ use crate::capture::{new_capture, CaptureConfig, CaptureHandle};
 use crate::evict::apply::apply_cells;
 use crate::evict::calibration::Calibration;
 use crate::evict::inputs::capture_config;
-use crate::evict::select::{keep_cells, keep_cells_newest};
+use crate::evict::select::{cells_voters, keep_cells, keep_cells_newest};
 use crate::evict::{AttentionStats, Needs, Observation, Policy};
 use crate::ffi::{Batch, Context, ContextParams, DecodeError, EvalHook, Model};
 use crate::session::nll_of;
@@ -109,6 +109,9 @@ pub struct Bounded<'m> {
     keep_newest: bool,
     /// The model has recurrent layers: probes save and restore the sequence.
     recurrent: bool,
+    /// Sliding-window and attention layers (which scores vote in `cells` mode).
+    windowed: Vec<usize>,
+    attention_layers: Vec<usize>,
     pub stats: StreamStats,
 }
 
@@ -152,6 +155,8 @@ impl<'m> Bounded<'m> {
             ctx,
             keep_newest,
             recurrent,
+            windowed: profile.sliding_window_layers(),
+            attention_layers: profile.attention_layers(),
             capture,
             needs,
             calib: p.calib.cloned(),
@@ -263,7 +268,9 @@ impl<'m> Bounded<'m> {
             streaming: true,
         };
         let scores = self.policy.score(&obs).map_err(|e| StreamError::Policy(e.to_string()))?;
-        // Recurrent states and sliding-window caches need the newest position.
+        // Only full-attention layers vote; recurrent states and sliding-window caches need
+        // the newest position.
+        let scores = cells_voters(&scores, &self.windowed, &self.attention_layers);
         let keep = if self.keep_newest { keep_cells_newest(&scores, n, target, self.cfg.sinks) } else { keep_cells(&scores, n, target, self.cfg.sinks) };
         let positions: Vec<i32> = (0..n as i32).collect();
         apply_cells(&mut self.ctx, &positions, &keep, true).map_err(|e| StreamError::Policy(e.to_string()))?;
@@ -407,6 +414,7 @@ impl<'m> Bounded<'m> {
         let n = self.tokens.len();
         if let (Some(acc), Some(a)) = (&mut self.attn, &s.attention) {
             let n_layer = a.received_head.len();
+            acc.n_head_kv = a.n_head_kv;
             if acc.accumulated.len() != n_layer {
                 acc.accumulated = vec![vec![]; n_layer];
                 acc.last = vec![vec![]; n_layer];
