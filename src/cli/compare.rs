@@ -252,6 +252,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             "activation_node": a.activation,
             "keys_node": setup.needs.keys.then(|| setup.keys_node.clone()),
             "policies": policy_names,
+            "policy_notes": crate::evict::layers_notes(&policy_names, "cells"),
             "ratio": a.ratio,
             "budgets": budgets,
             "mode": "cells (one kept set per document)",

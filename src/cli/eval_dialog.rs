@@ -150,7 +150,7 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
         "command": "eval dialog",
         "model": common::model_json(&model, &swa)?,
         "data": path.display().to_string(), "spec": spec, "dialogues": chosen.iter().map(|&d| all[d].id.clone()).collect::<Vec<_>>(),
-        "policies": a.policies, "budget": budget, "slack": slack, "sinks": a.policy_args.sinks, "seed": a.policy_args.seed,
+        "policies": a.policies, "policy_notes": crate::evict::layers_notes(&a.policies, "cells"), "budget": budget, "slack": slack, "sinks": a.policy_args.sinks, "seed": a.policy_args.seed,
         "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),
         "rule": "each dialogue starts from an empty cache and streams turn by turn (speaker 1 = user, speaker 2 = assistant, the model's chat template); before any decode that would overflow the budget the policy keeps budget - need - slack cells; at a question the turn header is fed, room is made for the longest candidate, each candidate is decoded, scored by its mean NLL and removed again; lowest mean NLL is the choice; then the true utterance is fed",
         "seconds": secs,

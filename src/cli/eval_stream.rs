@@ -210,7 +210,7 @@ pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
         "command": "eval stream",
         "model": common::model_json(&model, &swa)?,
         "text": label, "offset": a.offset, "tokens": tokens.len(), "chunk": a.chunk, "budget": budget, "slack": slack,
-        "sinks": a.policy_args.sinks, "seed": a.policy_args.seed, "policies": a.policies, "smooth": a.smooth,
+        "sinks": a.policy_args.sinks, "seed": a.policy_args.seed, "policies": a.policies, "policy_notes": crate::evict::layers_notes(&a.policies, "cells"), "smooth": a.smooth,
         "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),
         "calibration": setup.calib_file.as_ref().map(|p| p.display().to_string()),
         "rule": "StreamingLLM protocol: the text is fed in chunks of `chunk` tokens; before a chunk that would overflow the budget the policy keeps budget - chunk - slack cells (sinks first), the rest are removed and the kept ones re-positioned to 0..k; NLL of every token from the previous token's logits; PPL = exp(mean NLL)",

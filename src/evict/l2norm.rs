@@ -59,5 +59,6 @@ mod tests {
         assert_eq!(keep_cells(&s, 5, 3, 1), vec![true, false, true, false, true]);
         assert_eq!(layers_note(&L2Norm::default(), "mask").unwrap(), "l2norm: layers 0-1 keep every position (mask mode)");
         assert!(layers_note(&L2Norm::default(), "cells").unwrap().contains("do not vote"));
+        assert_eq!(super::super::layers_notes(&["l2norm", "h2o", "activation"], "cells").len(), 2);
     }
 }

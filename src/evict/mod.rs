@@ -123,6 +123,12 @@ pub fn layers_note(policy: &dyn Policy, mode: &str) -> Option<String> {
 /// Every policy name, in the order of methods.md.
 pub const POLICIES: [&str; 10] = ["full", "frequency", "l2norm", "activation", "h2o", "tova", "snapkv", "streaming", "sirllm", "random"];
 
+/// [`layers_note`] of every policy spec in `specs` that has one (bad specs give none: they
+/// were refused before any work).
+pub fn layers_notes<S: AsRef<str>>(specs: &[S], mode: &str) -> Vec<String> {
+    specs.iter().filter_map(|s| by_name(s.as_ref(), &[]).ok()).filter_map(|p| layers_note(p.as_ref(), mode)).collect()
+}
+
 /// The policy name of a spec (`sirllm:recent=0.5` -> `sirllm`).
 pub fn base_name(spec: &str) -> &str {
     spec.split(':').next().unwrap_or(spec)
