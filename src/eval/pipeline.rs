@@ -8,7 +8,7 @@ use crate::evict::apply::apply_cells;
 use crate::evict::calibration::Calibration;
 use crate::evict::inputs::{capture_config, Inputs};
 use crate::capture::profile::ModelProfile;
-use crate::evict::select::{cells_voters, keep_cells, keep_cells_newest, keep_mask};
+use crate::evict::select::{keep_cells_for, keep_mask};
 use crate::evict::{Needs, Policy};
 use crate::ffi::{Batch, Context, DecodeError, EvalHook, Model};
 use crate::session::feed;
@@ -129,19 +129,16 @@ impl Choice {
 }
 
 /// Score and choose: `budget` positions of `tokens` (the context), first `sinks` protected.
-/// In `cells` mode a hybrid or sliding-window model keeps the newest position (see
-/// [`ModelProfile::keeps_newest_cell`]), and only full-attention layers vote
-/// ([`cells_voters`]).
+/// `cells` mode chooses through [`keep_cells_for`] (full-attention layers vote; the newest
+/// position kept where the model's caches need it).
 #[allow(clippy::too_many_arguments)]
 pub fn choose(policy: &dyn Policy, inputs: &Inputs, tokens: &[i32], budget: usize, sinks: usize, seed: u64, mode: Mode, profile: &ModelProfile) -> Result<Choice, String> {
     let n_layer = profile.n_layer;
     let n = tokens.len();
     let (budget, sinks) = if policy.protects_sinks() { (budget, sinks) } else { (n, 0) };
     let scores = policy.score(&inputs.observation(tokens, budget, seed)).map_err(|e| e.to_string())?;
-    let voters = || cells_voters(&scores, &profile.sliding_window_layers(), &profile.attention_layers());
     Ok(match mode {
-        Mode::Cells { .. } if profile.keeps_newest_cell() => Choice::Cells(keep_cells_newest(&voters(), n, budget, sinks)),
-        Mode::Cells { .. } => Choice::Cells(keep_cells(&voters(), n, budget, sinks)),
+        Mode::Cells { .. } => Choice::Cells(keep_cells_for(&scores, n, budget, sinks, profile)),
         Mode::Mask => Choice::Mask(keep_mask(&scores, n, n_layer, budget, sinks)),
     })
 }

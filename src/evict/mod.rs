@@ -149,30 +149,30 @@ pub fn by_name(spec: &str, frequent: &[i32]) -> Result<Box<dyn Policy>, String> 
         v.parse::<f64>().ok().filter(|x| (lo..=hi).contains(x)).ok_or_else(|| format!("policy parameter {k}={v} in {spec}: give a number from {lo} to {hi}"))
     };
     let unknown = |k: &str, known: &str| format!("policy {name} has no parameter {k}: use {known}");
+    // `recent=SHARE` (and `decay=D` where the policy has one), each in [0, 1].
+    let shares = |params: Vec<(&str, &str)>, recent: &mut f64, mut decay: Option<&mut f64>| -> Result<(), String> {
+        for (k, v) in params {
+            match (k, decay.as_deref_mut()) {
+                ("recent", _) => *recent = num(k, v, 0.0, 1.0)?,
+                ("decay", Some(d)) => *d = num(k, v, 0.0, 1.0)?,
+                _ => return Err(unknown(k, if decay.is_some() { "recent, decay" } else { "recent" })),
+            }
+        }
+        Ok(())
+    };
     let policy: Box<dyn Policy> = match name {
         "full" | "l2norm" | "activation" | "tova" | "streaming" | "random" if !params.is_empty() => return Err(format!("policy {name} takes no parameters: write {name}")),
         "full" => Box::new(full::Full),
         "frequency" => {
             let mut p = frequency::Frequency::new(frequent);
-            for (k, v) in params {
-                match k {
-                    "recent" => p.recent_share = num(k, v, 0.0, 1.0)?,
-                    "decay" => p.decay = num(k, v, 0.0, 1.0)?,
-                    _ => return Err(unknown(k, "recent, decay")),
-                }
-            }
+            shares(params, &mut p.recent_share, Some(&mut p.decay))?;
             Box::new(p)
         }
         "l2norm" => Box::new(l2norm::L2Norm::default()),
         "activation" => Box::new(activation::Activation::default()),
         "h2o" => {
             let mut p = h2o::H2o::default();
-            for (k, v) in params {
-                match k {
-                    "recent" => p.recent_share = num(k, v, 0.0, 1.0)?,
-                    _ => return Err(unknown(k, "recent")),
-                }
-            }
+            shares(params, &mut p.recent_share, None)?;
             Box::new(p)
         }
         "tova" => Box::new(tova::Tova),
@@ -197,13 +197,7 @@ pub fn by_name(spec: &str, frequent: &[i32]) -> Result<Box<dyn Policy>, String> 
         "streaming" => Box::new(streaming::Streaming),
         "sirllm" => {
             let mut p = sirllm::SirLlm::default();
-            for (k, v) in params {
-                match k {
-                    "recent" => p.recent_share = num(k, v, 0.0, 1.0)?,
-                    "decay" => p.decay = num(k, v, 0.0, 1.0)?,
-                    _ => return Err(unknown(k, "recent, decay")),
-                }
-            }
+            shares(params, &mut p.recent_share, Some(&mut p.decay))?;
             Box::new(p)
         }
         "random" => Box::new(random::Random),

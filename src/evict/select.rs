@@ -114,6 +114,19 @@ pub fn keep_cells_newest(scores: &Scores, n: usize, budget: usize, sinks: usize)
     keep_top(&c, budget, sinks)
 }
 
+/// `cells` mode on a model: only its full-attention layers vote ([`cells_voters`]), and the
+/// newest position is kept when its caches need it
+/// ([`crate::capture::profile::ModelProfile::keeps_newest_cell`]). The one place both the
+/// compress-once choice and the bounded stream choose cells.
+pub fn keep_cells_for(scores: &Scores, n: usize, budget: usize, sinks: usize, profile: &crate::capture::profile::ModelProfile) -> Vec<bool> {
+    let voters = cells_voters(scores, &profile.sliding_window_layers(), &profile.attention_layers());
+    if profile.keeps_newest_cell() {
+        keep_cells_newest(&voters, n, budget, sinks)
+    } else {
+        keep_cells(&voters, n, budget, sinks)
+    }
+}
+
 /// `mask` mode: per layer, per scored head, the kept slots (`None`: the layer keeps all).
 /// `Shared` scores give one head per layer with the same choice everywhere.
 pub fn keep_mask(scores: &Scores, n: usize, n_layer: usize, budget: usize, sinks: usize) -> Vec<Option<Vec<Vec<bool>>>> {

@@ -20,7 +20,7 @@ use crate::capture::{new_capture, CaptureConfig, CaptureHandle};
 use crate::evict::apply::apply_cells;
 use crate::evict::calibration::Calibration;
 use crate::evict::inputs::capture_config;
-use crate::evict::select::{cells_voters, keep_cells, keep_cells_newest};
+use crate::evict::select::keep_cells_for;
 use crate::evict::{AttentionStats, Needs, Observation, Policy};
 use crate::ffi::{Batch, Context, ContextParams, DecodeError, EvalHook, Model};
 use crate::session::nll_of;
@@ -105,13 +105,8 @@ pub struct Bounded<'m> {
     last_logits: Option<Vec<f32>>,
     batch: Batch,
     after_evict: bool,
-    /// Evictions keep the newest position ([`crate::capture::profile::ModelProfile::keeps_newest_cell`]).
-    keep_newest: bool,
     /// The model has recurrent layers: probes save and restore the sequence.
     recurrent: bool,
-    /// Sliding-window and attention layers (which scores vote in `cells` mode).
-    windowed: Vec<usize>,
-    attention_layers: Vec<usize>,
     pub stats: StreamStats,
 }
 
@@ -129,7 +124,6 @@ impl<'m> Bounded<'m> {
         if cfg.budget.is_some() {
             profile.require_attention().map_err(|e| anyhow::anyhow!(e))?;
         }
-        let keep_newest = profile.keeps_newest_cell();
         let recurrent = profile.has_recurrent_layers();
         if let Some(b) = cfg.budget {
             if !p.policy.streaming() {
@@ -153,10 +147,7 @@ impl<'m> Bounded<'m> {
         let n_batch = ctx.n_batch();
         Ok(Bounded {
             ctx,
-            keep_newest,
             recurrent,
-            windowed: profile.sliding_window_layers(),
-            attention_layers: profile.attention_layers(),
             capture,
             needs,
             calib: p.calib.cloned(),
@@ -268,10 +259,8 @@ impl<'m> Bounded<'m> {
             streaming: true,
         };
         let scores = self.policy.score(&obs).map_err(|e| StreamError::Policy(e.to_string()))?;
-        // Only full-attention layers vote; recurrent states and sliding-window caches need
-        // the newest position.
-        let scores = cells_voters(&scores, &self.windowed, &self.attention_layers);
-        let keep = if self.keep_newest { keep_cells_newest(&scores, n, target, self.cfg.sinks) } else { keep_cells(&scores, n, target, self.cfg.sinks) };
+        let profile = self.ctx.model().profile().map_err(StreamError::Policy)?;
+        let keep = keep_cells_for(&scores, n, target, self.cfg.sinks, profile);
         let positions: Vec<i32> = (0..n as i32).collect();
         apply_cells(&mut self.ctx, &positions, &keep, true).map_err(|e| StreamError::Policy(e.to_string()))?;
         let kept = keep.iter().filter(|&&k| k).count();
