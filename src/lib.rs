@@ -1,13 +1,83 @@
-//! `attractors`: observe attention attractors inside llama.cpp.
+//! `attractors`: see and use attention attractors (the tokens that draw unusually high
+//! attention: sinks, "_the", ".", "\n") inside llama.cpp, on the GGUF model you deploy.
+//!
+//! Four main uses, each a few lines (every pipeline takes a plain config struct with a
+//! `Default`, returns its results, and writes files only when asked):
+//!
+//! **Capture a text** and read received attention per layer and position
+//! ([`capture::session`]):
+//! ```no_run
+//! # use attractors::{capture::{session::capture_text, CaptureConfig}, engine::*};
+//! let model = load_model(&ModelSource::default())?; // models/SmolLM2-135M-Instruct.Q4_1.gguf
+//! let tokens = model.tokenize(DEFAULT_TEXT, true, false)?;
+//! let run = capture_text(&model, &tokens, &CaptureConfig { attention: true, ..Default::default() }, &EngineConfig::default(), |_| {})?;
+//! let received = &run.summary.attention.unwrap().received; // [layer][position]
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
+//! **Analyse a corpus** (every analysis of the paper) and write tables, figures and a
+//! report ([`analyze`]):
+//! ```no_run
+//! # use attractors::{analyze::{analyze, AnalyzeConfig}, engine::*};
+//! # let model = load_model(&ModelSource::default())?;
+//! let a = analyze(&model, &AnalyzeConfig { docs: 4, ..Default::default() }, |_, _| {})?;
+//! a.write("out/analyze".as_ref())?;
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
+//! **Compress a context once** with a policy and answer a question ([`prune`]):
+//! ```no_run
+//! # use attractors::{engine::*, prune::*};
+//! # let model = load_model(&ModelSource::default())?;
+//! let cfg = PruneConfig { policy: "h2o".into(), keep: Keep::Tokens(512), ..Default::default() };
+//! let r = prune(&model, DEFAULT_TEXT, "What is this text about?", &cfg)?;
+//! println!("{} ({} of {} positions kept)", r.answer, r.budget, r.context.len());
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
+//! **Chat with a bounded cache** that never holds more than its budget ([`conversation`]):
+//! ```no_run
+//! # use attractors::{conversation::*, engine::*, stream::setup::Bound};
+//! # let model = load_model(&ModelSource::default())?;
+//! let cfg = ChatConfig { policy: "h2o".into(), bound: Bound { budget: 512, slack: None }, ..Default::default() };
+//! let mut chat = Conversation::new(&model, &cfg)?;
+//! chat.turn("Hello!", |piece| Ok(print!("{piece}")))?;
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
+//! Your own policy implements [`evict::Policy`] (it only scores positions and declares what
+//! it needs) and is registered by name with [`evict::registry::register`]; it then runs in
+//! every pipeline above like a built-in. `examples/` has runnable versions of all five.
+//!
+//! Where things live: [`engine`] (models, data folders resolved at run time, context
+//! parameters), [`corpus`], [`capture`] (the eval callback and its reductions), [`analysis`]
+//! (pure statistics), [`evict`] (policies, selection, the evictor), [`stream`] (the bounded
+//! cache), [`eval`] (long-context, stream and dialogue evaluations), [`compare`]
+//! (quantization comparison), [`ladder`] (quantization ladder), [`intervention`],
+//! [`bench`](mod@bench), [`ffi`] (the only `unsafe`: one wrapper per llama.cpp object).
 pub mod analysis;
+pub mod analyze;
+pub mod bench;
+pub mod compare;
 pub mod capture;
+/// The command line: clap arguments into the configs above, and printing.
+#[doc(hidden)]
 pub mod cli;
+pub mod conversation;
+pub mod corpus;
+pub mod engine;
 pub mod eval;
 pub mod evict;
 pub mod ffi;
 pub mod output;
+pub mod intervention;
+pub mod ladder;
 pub mod plot;
+pub mod prune;
 pub mod rng;
 pub mod session;
 pub mod stream;
-pub mod tiny;
+/// Tiny seeded GGUF models and the plain f64 reference forward pass, for the tests (and the
+/// examples' tests); not part of the API a user builds on.
+#[doc(hidden)]
+pub mod test_support;

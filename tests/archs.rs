@@ -1,4 +1,4 @@
-//! Many architectures: tiny random-weight GGUFs written by `tiny::zoo`, each profiled from its
+//! Many architectures: tiny random-weight GGUFs written by `test_support::zoo`, each profiled from its
 //! graph and run through every command (properties), and two of them (qwen2: q/k/v biases;
 //! phi3: fused QKV) checked value by value against the f64 reference forward pass.
 
@@ -10,7 +10,7 @@ use attractors::capture::profile::{Role, AUTO};
 use attractors::capture::{new_capture, CaptureConfig, Reduce};
 use attractors::ffi::{Context, ContextParams, FlashAttn, KvType, Model};
 use attractors::session::feed;
-use attractors::tiny::{zoo, TinyArch, TinyConfig, TinyModel};
+use attractors::test_support::{zoo, TinyArch, TinyConfig, TinyModel};
 
 fn write(dir: &Path, arch: &str) -> PathBuf {
     let p = dir.join(format!("{arch}.gguf"));

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use attractors::tiny::{TinyConfig, TinyModel};
+use attractors::test_support::{TinyConfig, TinyModel};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_attractors"))

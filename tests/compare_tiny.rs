@@ -13,7 +13,7 @@ use attractors::analysis::stats::spearman;
 use attractors::capture::{new_capture, CaptureConfig};
 use attractors::ffi::{Context, Model, ModelParams};
 use attractors::session::feed;
-use attractors::tiny::{TinyConfig, TinyModel};
+use attractors::test_support::{TinyConfig, TinyModel};
 use common::{bin, num, read_csv, tiny_params};
 
 const TEXT: &str = "The whale and the sea. Of the ship, a man; the rope and the sail. \

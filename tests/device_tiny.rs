@@ -12,7 +12,7 @@ use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, ModelPar
 use attractors::session::feed;
 
 mod common;
-use attractors::tiny::TinyConfig;
+use attractors::test_support::TinyConfig;
 use common::{device_lock, expect_device, tiny_model_shaped, tiny_model_with};
 
 const N: usize = 150;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use attractors::capture::split_node_name;
-use attractors::cli::DEFAULT_TEXT;
+use attractors::engine::DEFAULT_TEXT;
 use attractors::ffi::{Context, ContextParams, EvalHook, FlashAttn, HookError, Model, ModelParams, NodeInfo, TensorView};
 use attractors::session::feed;
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, Model, ModelParams};
-use attractors::tiny::{TinyConfig, TinyModel};
+use attractors::test_support::{TinyConfig, TinyModel};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_attractors"))

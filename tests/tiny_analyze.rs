@@ -9,7 +9,7 @@ use attractors::analysis::attractors::{attractor_flags, AttractorRule};
 use attractors::analysis::stats::{fisher_combine, spearman};
 use attractors::capture::intervene::{Edit, EditHook, LayerEdit};
 use attractors::ffi::{Batch, Context, ContextParams, FlashAttn, KvType, Model};
-use attractors::tiny::{Reference, TinyConfig, TinyModel};
+use attractors::test_support::{Reference, TinyConfig, TinyModel};
 
 mod common;
 use common::{num, read_csv};

@@ -9,7 +9,7 @@ use attractors::capture::attention::distance_bucket;
 use attractors::capture::{new_capture, CaptureConfig, CaptureHandle, CaptureSummary, Reduce};
 use attractors::ffi::{Context, ContextParams, FlashAttn, KvType, Model};
 use attractors::session::feed;
-use attractors::tiny::{Reference, TinyConfig, TinyModel};
+use attractors::test_support::{Reference, TinyConfig, TinyModel};
 
 mod common;
 

@@ -77,6 +77,31 @@ pub fn sink_rate(alpha_first_per_head: &[f64], eps: f64) -> f64 {
     alpha_first_per_head.iter().filter(|&&a| a > eps).count() as f64 / alpha_first_per_head.len() as f64
 }
 
+/// How received attention is counted and which tokens are attractors.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RuleConfig {
+    /// Count a token's attention to itself in received attention.
+    #[arg(long)]
+    pub include_self: bool,
+    /// Absolute attractor threshold (the paper's 0.0003); default is the relative rule c/T.
+    #[arg(long, conflicts_with = "c")]
+    pub tau: Option<f64>,
+    /// Relative attractor rule constant: share >= c/T.
+    #[arg(long)]
+    pub c: Option<f64>,
+}
+
+impl RuleConfig {
+    /// The attractor rule these flags give.
+    pub fn rule(&self) -> AttractorRule {
+        match (self.tau, self.c) {
+            (Some(tau), _) => AttractorRule::Absolute { tau },
+            (None, Some(c)) => AttractorRule::Relative { c },
+            (None, None) => AttractorRule::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod cells;
 pub mod intervene;
 pub mod mask;
+pub mod session;
 pub mod profile;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -370,7 +371,7 @@ struct PendingMerge {
 /// On the device path, merging an attention node's summaries into the accumulators is host
 /// work the GPU would wait for: the callback leaves it pending and a merger thread does it
 /// while the scheduler computes the next layers. Every lock of the state first runs a pending
-/// merge (see [`lock`]), so whoever comes next (the next callback, a reader of the results)
+/// merge (see `lock`), so whoever comes next (the next callback, a reader of the results)
 /// sees exactly what an immediate merge would have left, in the same order.
 pub struct CaptureHook {
     state: Arc<Mutex<State>>,

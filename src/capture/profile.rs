@@ -16,7 +16,7 @@
 //!   `l_out` in post-norm ones), whatever it is called.
 //!
 //! Sliding-window layers are measured, not read from the metadata (see
-//! [`measure_windows`]). Names are hints only in that `Kcur` / `Vcur` / `kq` are the names
+//! `measure_windows`). Names are hints only in that `Kcur` / `Vcur` / `kq` are the names
 //! llama.cpp's graph builders give these tensors in every architecture.
 
 use std::sync::{Arc, Mutex};

@@ -1,23 +1,17 @@
 //! `attractors capture`: prefill with capture, then write the tables.
 
-use std::fmt::Write as _;
-
 use serde_json::json;
 
 use super::{common, CaptureArgs};
-use crate::analysis::attractors::{attractor_flags, sink_rate, AttractorRule, SINK_EPS};
-use crate::analysis::distance::{add_profile, DistanceGroup};
-use crate::capture::attention::bucket_range;
-use crate::capture::{new_capture, sliding_window_layers, CaptureConfig, CaptureSummary};
-use crate::ffi::{Context, FlashAttn, Model};
-use crate::output::{csv_field, OutDir};
-use crate::session::feed;
+use crate::analysis::attractors::SINK_EPS;
+use crate::capture::session::{capture_text, Tables};
+use crate::capture::CaptureConfig;
+use crate::output::OutDir;
 
 pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
     let model = common::load_model(&a.model)?;
     common::require_attention(&model)?;
     let (label, toks) = common::load_tokens(&model, &a.text)?;
-    let params = common::context_params(&model, &a.engine, toks.len(), FlashAttn::Off)?;
     let rule = a.rule.rule();
     let out = OutDir::prepare(&a.out)?;
     let cfg = CaptureConfig {
@@ -30,19 +24,12 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
         ..CaptureConfig::default()
     };
     eprintln!("capture: flash attention is off (needed to see attention weights)");
-    let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
-    let (hook, handle) = new_capture(&model, &cfg, &swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
-    let mut ctx = Context::new(&model, &params, Some(Box::new(hook)))?;
     let pb = common::progress_bar(toks.len() as u64, "capture");
-    let t0 = std::time::Instant::now();
-    feed(&mut ctx, &toks, false, |d| pb.set_position(d as u64))?;
+    let run = capture_text(&model, &toks, &cfg, &a.engine, |d| pb.set_position(d as u64))?;
     pb.finish_and_clear();
-    let secs = t0.elapsed().as_secs_f64();
-    let sum = handle.summary();
-    let actual = ctx.params().clone();
-    drop(ctx);
+    let (sum, swa, actual, secs) = (&run.summary, &run.swa, &run.context, run.seconds);
 
-    let tables = Tables::build(&model, &toks, &sum, rule);
+    let tables = Tables::build(&model, &toks, sum, rule);
     out.write("received.csv", tables.received.as_bytes())?;
     out.write("layers.csv", tables.layers.as_bytes())?;
     out.write("distance.csv", tables.distance.as_bytes())?;
@@ -55,7 +42,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
     let meta = json!({
         "tool": "attractors capture",
         "version": env!("CARGO_PKG_VERSION"),
-        "model": common::model_json(&model, &swa)?,
+        "model": common::model_json(&model, swa)?,
         "text": label,
         "n_tokens": toks.len(),
         "token_ids": toks,
@@ -69,7 +56,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
             "layers": cfg.layers,
             "per_head": a.per_head,
         },
-        "attention_reduction": handle.transfers(),
+        "attention_reduction": run.transfers,
         "attractor_rule": rule,
         "attractor_rule_text": rule.describe(),
         "attractor_threshold_at_this_length": rule.threshold(toks.len()),
@@ -91,82 +78,3 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The CSV tables of one capture.
-pub struct Tables {
-    pub received: String,
-    pub layers: String,
-    pub distance: String,
-    pub heads: String,
-    pub activations: Option<String>,
-}
-
-impl Tables {
-    pub fn build(model: &Model, toks: &[i32], sum: &CaptureSummary, rule: AttractorRule) -> Tables {
-        let att = sum.attention.as_ref().expect("capture always records attention");
-        let cells: Vec<String> = toks.iter().map(|&t| csv_field(&common::token_cell(model, t))).collect();
-        let mut received = String::from("layer,pos,token_id,token,received,alpha\n");
-        let mut heads = String::from("layer,head,pos,received,alpha\n");
-        let mut layers = String::from("layer,first_token_share,sink_rate,attractor_fraction,max_abs,median_abs,learned_sink_share\n");
-        let mut distance = String::from("layer,bucket,d_min,d_max,all_queries,attractor_queries,other_queries\n");
-        let n = att.n_pos;
-        for &l in &att.layers {
-            let r = &att.received[l];
-            let alpha = att.alpha_mean(l);
-            for j in 0..n {
-                let _ = writeln!(received, "{l},{j},{},{},{:.9e},{:.9e}", toks[j], cells[j], r[j], alpha[j]);
-            }
-            for h in 0..att.n_head {
-                for j in 0..n {
-                    let _ = writeln!(heads, "{l},{h},{j},{:.9e},{:.9e}", att.received_head[l][h][j], att.alpha[l][h][j]);
-                }
-            }
-            let flags = attractor_flags(r, rule);
-            let frac = flags.iter().filter(|&&f| f).count() as f64 / n as f64;
-            let alpha0: Vec<f64> = (0..att.n_head).map(|h| att.alpha[l][h][0]).collect();
-            let (mx, md) = sum
-                .activation
-                .as_ref()
-                .and_then(|a| a.layers[l].as_ref())
-                .map(|la| (format!("{:.6e}", la.max_abs()), format!("{:.6e}", la.median_of_medians())))
-                .unwrap_or_default();
-            let _ = writeln!(layers, "{l},{:.9},{:.6},{:.6},{mx},{md},{:.9}", att.first_token_share[l], sink_rate(&alpha0, SINK_EPS), frac, att.sink_share[l]);
-            if !att.distance[l].is_empty() {
-                let (mut ga, mut go, mut all) = (DistanceGroup::default(), DistanceGroup::default(), DistanceGroup::default());
-                add_profile(&att.distance[l], &flags, &mut ga, &mut go);
-                add_profile(&att.distance[l], &[], &mut DistanceGroup::default(), &mut all);
-                for b in 0..all.sum.len() {
-                    if all.n[b] == 0.0 {
-                        break;
-                    }
-                    let (lo, hi) = bucket_range(b);
-                    let m = |g: &DistanceGroup| if g.mean(b).is_finite() { format!("{:.9e}", g.mean(b)) } else { String::new() };
-                    let _ = writeln!(distance, "{l},{b},{lo},{hi},{},{},{}", m(&all), m(&ga), m(&go));
-                }
-            }
-        }
-        let activations = sum.activation.as_ref().map(|act| {
-            let mut t = String::from("layer,pos,token_id,norm,median_abs,top1_dim,top1_abs,top2_dim,top2_abs,top3_dim,top3_abs");
-            for d in &act.dims {
-                let _ = write!(t, ",dim_{d}");
-            }
-            t.push('\n');
-            for (l, la) in act.layers.iter().enumerate() {
-                let Some(la) = la else { continue };
-                for p in 0..la.n_pos {
-                    let tp = la.top3[p];
-                    let _ = write!(
-                        t,
-                        "{l},{p},{},{:.6e},{:.6e},{},{:.6e},{},{:.6e},{},{:.6e}",
-                        toks[p], la.norm[p], la.median_abs[p], tp[0].0, tp[0].1, tp[1].0, tp[1].1, tp[2].0, tp[2].1
-                    );
-                    for k in 0..act.dims.len() {
-                        let _ = write!(t, ",{:.6e}", la.values[p * act.dims.len() + k]);
-                    }
-                    t.push('\n');
-                }
-            }
-            t
-        });
-        Tables { received, layers, distance, heads, activations }
-    }
-}

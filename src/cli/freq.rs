@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::analyze::{corpus_files, default_corpus};
+use crate::corpus::files_or_default;
 use super::{common, FreqBuildArgs};
 use crate::evict::frequency::FreqList;
 use crate::output::write_atomic;
@@ -12,8 +12,7 @@ pub fn build(a: FreqBuildArgs) -> anyhow::Result<()> {
         anyhow::bail!("--top must be at least 1");
     }
     let model = common::load_model(&a.model)?;
-    let paths = if a.corpus.is_empty() { vec![default_corpus()?] } else { a.corpus.clone() };
-    let files = corpus_files(&paths)?;
+    let files = files_or_default(&a.corpus)?;
     let mut counts: HashMap<i32, u64> = HashMap::new();
     for f in &files {
         let bytes = std::fs::read(f).map_err(|e| anyhow::anyhow!("cannot read corpus file {}: {e}", f.display()))?;

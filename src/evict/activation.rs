@@ -2,7 +2,9 @@
 //! layer (the caller passes the signed values); the first `keep_layers` layers keep all.
 use super::{need, Needs, Observation, Policy, PolicyError, Scores};
 
+/// Scores positions by the calibrated activation dimension of each layer, times its sign.
 pub struct Activation {
+    /// The first layers left unscored (they keep every position in `mask` mode).
     pub keep_layers: usize,
 }
 

@@ -4,12 +4,26 @@
 
 use crate::ffi::Context;
 
+/// Why a choice could not be applied.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EvictError {
+    /// The choice does not match the cache.
     #[error("keep mask has {keep} entries for {positions} cached positions")]
-    Length { keep: usize, positions: usize },
+    Length {
+        /// Entries of the choice.
+        keep: usize,
+        /// Cached positions.
+        positions: usize,
+    },
+    /// `llama_memory_seq_rm` refused a run.
     #[error("llama.cpp refused to remove positions {p0}..{p1}")]
-    Remove { p0: i32, p1: i32 },
+    Remove {
+        /// First position of the run.
+        p0: i32,
+        /// One past its last.
+        p1: i32,
+    },
+    /// Gap closing on a cache that cannot shift positions.
     #[error("this model's cache cannot shift positions: close gaps is impossible, evict without it")]
     NoShift,
 }

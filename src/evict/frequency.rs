@@ -8,13 +8,17 @@ use std::collections::HashSet;
 
 use super::{recency, Needs, Observation, Policy, PolicyError, Scores};
 
+/// Keeps the tokens of a frequency list (score 1) over the others (score 0).
 pub struct Frequency {
     frequent: HashSet<i32>,
+    /// Share of the budget for a recent window in a stream.
     pub recent_share: f64,
+    /// Decay per dialogue turn of age in a stream.
     pub decay: f64,
 }
 
 impl Frequency {
+    /// The policy for the token ids `frequent`, with SirLLM's stream defaults.
     pub fn new(frequent: &[i32]) -> Frequency {
         Frequency { frequent: frequent.iter().copied().collect(), recent_share: 0.0, decay: 0.7 }
     }
@@ -62,7 +66,9 @@ impl Policy for Frequency {
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct FreqList {
+    /// The vocabulary it was built with (fingerprint, size, model name).
     pub vocab: String,
+    /// The corpus it was counted on.
     pub corpus: String,
     /// `(token id, count, share, token text)` by decreasing count.
     pub entries: Vec<(i32, u64, f64, String)>,
@@ -78,10 +84,12 @@ impl FreqList {
         FreqList { vocab, corpus, entries }
     }
 
+    /// The token ids, most frequent first.
     pub fn ids(&self) -> Vec<i32> {
         self.entries.iter().map(|e| e.0).collect()
     }
 
+    /// The list file's text.
     pub fn to_csv(&self) -> String {
         let mut s = format!("# attractors frequency list\n# vocab: {}\n# corpus: {}\nrank,token_id,count,share,token\n", self.vocab, self.corpus);
         for (k, (t, c, sh, txt)) in self.entries.iter().enumerate() {
@@ -90,6 +98,7 @@ impl FreqList {
         s
     }
 
+    /// Read a list file's text.
     pub fn parse(s: &str) -> Result<FreqList, String> {
         let mut vocab = None;
         let mut corpus = String::new();

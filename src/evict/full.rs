@@ -1,6 +1,7 @@
 //! `full`: keep everything (the baseline; no sinks needed).
 use super::{Needs, Observation, Policy, PolicyError, Scores};
 
+/// Keeps everything (the ceiling).
 pub struct Full;
 
 impl Policy for Full {

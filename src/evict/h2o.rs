@@ -4,7 +4,9 @@
 //! above the head's largest sum.
 use super::{need, recency, Needs, Observation, Policy, PolicyError, Scores};
 
+/// Heavy hitters: accumulated attention per head, plus a recent window.
 pub struct H2o {
+    /// Share of the budget for the recent window.
     pub recent_share: f64,
 }
 

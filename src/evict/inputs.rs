@@ -44,9 +44,13 @@ pub fn capture_config(needs: Needs, n: usize, keys_node: &str, calib: Option<&Ca
 /// Owned policy inputs for one context of `n` positions.
 #[derive(Debug, Clone, Default)]
 pub struct Inputs {
+    /// Attention statistics (H2O, TOVA, SnapKV).
     pub attention: Option<AttentionStats>,
+    /// Key norms `[l][g][j]` (l2norm).
     pub key_norms: Option<Vec<Vec<Vec<f32>>>>,
+    /// The calibrated activation `[l][j]` (activation).
     pub activation: Option<Vec<Vec<f32>>>,
+    /// Next-token surprisal per position (SirLLM).
     pub surprisal: Option<Vec<f64>>,
 }
 
@@ -107,6 +111,7 @@ impl Inputs {
         Ok(out)
     }
 
+    /// What a policy sees of these inputs, for a compress-once choice.
     pub fn observation<'a>(&'a self, tokens: &'a [i32], budget: usize, seed: u64) -> Observation<'a> {
         Observation {
             n: tokens.len(),

@@ -2,7 +2,9 @@
 //! head; the first `keep_layers` layers keep everything.
 use super::{need, Needs, Observation, Policy, PolicyError, Scores};
 
+/// Scores positions by minus the L2 norm of their keys per KV head (low norm = keep).
 pub struct L2Norm {
+    /// The first layers left unscored (they keep every position in `mask` mode).
     pub keep_layers: usize,
 }
 

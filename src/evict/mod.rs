@@ -2,20 +2,39 @@
 //! declares what it needs; [`select`] turns scores and a budget into the kept positions
 //! (one choice for all layers in `cells` mode, or per layer and head in `mask` mode).
 //! Applying a choice to llama.cpp lives elsewhere; everything here is pure.
+#![warn(missing_docs)]
 
+/// `activation`: the calibrated dimension of each layer.
 pub mod activation;
+/// The evictor: a `cells` choice applied to llama.cpp's cache.
 pub mod apply;
+/// The calibration of `activation` (file format and the pipeline that makes it).
 pub mod calibration;
+/// What a set of policies needs captured, and their inputs from a capture.
 pub mod inputs;
+/// `frequency` and its token lists.
 pub mod frequency;
+/// `full`: keep everything.
 pub mod full;
+/// `h2o`: heavy hitters.
 pub mod h2o;
+/// `l2norm`: low key norms.
 pub mod l2norm;
+/// `random`.
 pub mod random;
+/// Policies by name (built-ins and users').
+pub mod registry;
+/// Policies with their input files resolved for one model.
+pub mod setup;
+/// Scores and a budget into kept positions.
 pub mod select;
+/// `sirllm`: surprisal.
 pub mod sirllm;
+/// `snapkv`: the observation window's attention.
 pub mod snapkv;
+/// `streaming`: sinks and recent positions.
 pub mod streaming;
+/// `tova`: the last query's attention.
 pub mod tova;
 
 use serde::Serialize;
@@ -50,11 +69,13 @@ pub struct AttentionStats {
 /// What a policy sees at decision time. Slot `j` is the `j`-th cached position in order.
 #[derive(Debug, Clone, Default)]
 pub struct Observation<'a> {
+    /// Number of slots.
     pub n: usize,
     /// Token id per slot.
     pub tokens: &'a [i32],
     /// Number of positions to keep (policies with a recent window size it from this).
     pub budget: usize,
+    /// Attention statistics, when captured.
     pub attention: Option<&'a AttentionStats>,
     /// `||k[l,g,j]||`, `[l][g][j]`.
     pub key_norms: Option<&'a [Vec<Vec<f32>>]>,
@@ -64,6 +85,7 @@ pub struct Observation<'a> {
     pub surprisal: Option<&'a [f64]>,
     /// Dialogue turn of each slot (SirLLM decays older turns).
     pub turn: Option<&'a [u32]>,
+    /// Seed (of `random`).
     pub seed: u64,
     /// Scoring before a decode of a bounded stream (not a compress-once choice): `frequency`
     /// then works inside SirLLM's frame (recent window, decay per turn), as the paper did.
@@ -73,21 +95,32 @@ pub struct Observation<'a> {
 /// Scores, higher = keep. `None` for a layer: keep everything in that layer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scores {
+    /// One score per slot for every layer and head.
     Shared(Vec<f64>),
+    /// `[l][j]`, one score per slot and layer.
     PerLayer(Vec<Option<Vec<f64>>>),
     /// `[l][head][j]`; heads are query heads or KV heads as the policy says.
     PerHead(Vec<Option<Vec<Vec<f64>>>>),
 }
 
+/// Why a policy could not score.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
+    /// An input it declared in [`Needs`] was not captured.
     #[error("policy {policy} needs {what}, which was not captured")]
-    Missing { policy: &'static str, what: &'static str },
+    Missing {
+        /// The policy.
+        policy: &'static str,
+        /// The input.
+        what: &'static str,
+    },
 }
 
 /// A scoring rule.
 pub trait Policy: Send + Sync {
+    /// The name it reports in tables (its registry name).
     fn name(&self) -> &'static str;
+    /// What it reads (captured before it scores).
     fn needs(&self) -> Needs;
     /// Can run before every decode of a bounded streaming cache.
     fn streaming(&self) -> bool;
@@ -95,6 +128,7 @@ pub trait Policy: Send + Sync {
     fn protects_sinks(&self) -> bool {
         true
     }
+    /// Scores of the `obs.n` slots, higher = keep.
     fn score(&self, obs: &Observation) -> Result<Scores, PolicyError>;
     /// The first layers this policy leaves unscored (`l2norm`, `activation`: 2). In `mask`
     /// mode they keep every position; in `cells` mode, one choice for every layer, they
@@ -134,76 +168,12 @@ pub fn base_name(spec: &str) -> &str {
     spec.split(':').next().unwrap_or(spec)
 }
 
-/// Build a policy from a spec, `NAME[:KEY=VALUE...]`; `frequent` is the token list
-/// `frequency` keeps. Parameters: `h2o:recent=SHARE`, `sirllm:recent=SHARE:decay=D`,
+/// Build a policy from a spec, `NAME[:KEY=VALUE...]`, through the [`registry`] (built-ins
+/// and policies a user registered); `frequent` is the token list `frequency` keeps.
+/// Parameters of the built-ins: `h2o:recent=SHARE`, `sirllm:recent=SHARE:decay=D`,
 /// `frequency:recent=SHARE:decay=D` (its stream frame), `snapkv:pool=avg|max:kernel=K:window=W`.
 pub fn by_name(spec: &str, frequent: &[i32]) -> Result<Box<dyn Policy>, String> {
-    let mut parts = spec.split(':');
-    let name = parts.next().unwrap_or("");
-    let mut params: Vec<(&str, &str)> = vec![];
-    for p in parts {
-        let (k, v) = p.split_once('=').ok_or_else(|| format!("policy parameter `{p}` in {spec} is not KEY=VALUE: write e.g. sirllm:recent=0.5"))?;
-        params.push((k, v));
-    }
-    let num = |k: &str, v: &str, lo: f64, hi: f64| -> Result<f64, String> {
-        v.parse::<f64>().ok().filter(|x| (lo..=hi).contains(x)).ok_or_else(|| format!("policy parameter {k}={v} in {spec}: give a number from {lo} to {hi}"))
-    };
-    let unknown = |k: &str, known: &str| format!("policy {name} has no parameter {k}: use {known}");
-    // `recent=SHARE` (and `decay=D` where the policy has one), each in [0, 1].
-    let shares = |params: Vec<(&str, &str)>, recent: &mut f64, mut decay: Option<&mut f64>| -> Result<(), String> {
-        for (k, v) in params {
-            match (k, decay.as_deref_mut()) {
-                ("recent", _) => *recent = num(k, v, 0.0, 1.0)?,
-                ("decay", Some(d)) => *d = num(k, v, 0.0, 1.0)?,
-                _ => return Err(unknown(k, if decay.is_some() { "recent, decay" } else { "recent" })),
-            }
-        }
-        Ok(())
-    };
-    let policy: Box<dyn Policy> = match name {
-        "full" | "l2norm" | "activation" | "tova" | "streaming" | "random" if !params.is_empty() => return Err(format!("policy {name} takes no parameters: write {name}")),
-        "full" => Box::new(full::Full),
-        "frequency" => {
-            let mut p = frequency::Frequency::new(frequent);
-            shares(params, &mut p.recent_share, Some(&mut p.decay))?;
-            Box::new(p)
-        }
-        "l2norm" => Box::new(l2norm::L2Norm::default()),
-        "activation" => Box::new(activation::Activation::default()),
-        "h2o" => {
-            let mut p = h2o::H2o::default();
-            shares(params, &mut p.recent_share, None)?;
-            Box::new(p)
-        }
-        "tova" => Box::new(tova::Tova),
-        "snapkv" => {
-            let mut p = snapkv::SnapKv::default();
-            for (k, v) in params {
-                match k {
-                    "pool" => {
-                        p.pool = match v {
-                            "avg" => snapkv::Pool::Avg,
-                            "max" => snapkv::Pool::Max,
-                            _ => return Err(format!("policy parameter pool={v} in {spec}: use avg or max")),
-                        }
-                    }
-                    "kernel" => p.kernel = num(k, v, 1.0, 63.0)? as usize,
-                    "window" => p.window = num(k, v, 0.0, 1e6)? as usize,
-                    _ => return Err(unknown(k, "pool, kernel, window")),
-                }
-            }
-            Box::new(p)
-        }
-        "streaming" => Box::new(streaming::Streaming),
-        "sirllm" => {
-            let mut p = sirllm::SirLlm::default();
-            shares(params, &mut p.recent_share, Some(&mut p.decay))?;
-            Box::new(p)
-        }
-        "random" => Box::new(random::Random),
-        other => return Err(format!("unknown policy {other}: use one of {}", POLICIES.join(", "))),
-    };
-    Ok(policy)
+    registry::build(spec, frequent)
 }
 
 /// Recency score in [0, 1): later slots higher (used as a tie-break and for recent windows).

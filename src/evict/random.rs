@@ -1,6 +1,7 @@
 //! `random`: seeded random scores (control).
 use super::{Needs, Observation, Policy, PolicyError, Scores};
 
+/// Uniform random scores from the seed (shared across layers).
 pub struct Random;
 
 impl Policy for Random {

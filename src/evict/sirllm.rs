@@ -6,8 +6,11 @@
 //! default).
 use super::{need, recency, Needs, Observation, Policy, PolicyError, Scores};
 
+/// Token surprisal decayed per turn of age, plus a recent window.
 pub struct SirLlm {
+    /// Decay per dialogue turn of age.
     pub decay: f64,
+    /// Share of the budget for the recent window.
     pub recent_share: f64,
 }
 

@@ -1,5 +1,5 @@
 //! `snapkv` (Li et al. 2024), as the official code and kvpress do it: the observation
-//! window (the last [`WINDOW`] positions, right before the question) is always kept; every
+//! window (the last `WINDOW` positions, right before the question) is always kept; every
 //! position before it scores the attention it received from the window's queries, pooled
 //! over neighbouring positions (average of width `kernel`, zero padding at both ends of the
 //! scored range, as `avg_pool1d(padding = kernel / 2)`; or max pooling when asked), then
@@ -16,8 +16,11 @@ pub enum Pool {
     Max,
 }
 
+/// Attention from the observation window (the last queries), pooled, per KV head.
 pub struct SnapKv {
+    /// Pooling width (odd).
     pub kernel: usize,
+    /// Average (the references) or max pooling.
     pub pool: Pool,
     /// Positions at the end that are the observation window (kept, not scored).
     pub window: usize,

@@ -1,6 +1,7 @@
 //! `streaming` (StreamingLLM, Xiao et al. 2024): sinks plus the most recent positions.
 use super::{recency, Needs, Observation, Policy, PolicyError, Scores};
 
+/// Sinks plus the most recent positions.
 pub struct Streaming;
 
 impl Policy for Streaming {

@@ -3,6 +3,7 @@
 //! own) and the last slot is always kept: it scores one above the layer's best.
 use super::{head_mean, need, Needs, Observation, Policy, PolicyError, Scores};
 
+/// The last query's attention, without its self term; the last token always kept.
 pub struct Tova;
 
 impl Policy for Tova {

@@ -161,7 +161,7 @@ pub struct HidePlan<'a> {
 }
 
 /// A ggml backend on the device that owns a tensor's buffer. A graph is built, checked,
-/// planned and placed in device memory once for a shape and plan ([`Prepared`]), then run
+/// planned and placed in device memory once for a shape and plan (`Prepared`), then run
 /// again for every tensor that matches them: the layers of a micro-batch differ only in the
 /// memory they read, so each of them costs one repointing of the alias, at most one upload
 /// (none when the inputs are the ones already there), the kernels and one download.

@@ -2,7 +2,7 @@
 //!
 //! Every wrapper holds a `NonNull` pointer and frees it in `Drop`; every fallible
 //! operation has its own error enum. The eval callback trampoline lives in
-//! [`callback`]; it catches panics so that none crosses into C.
+//! `callback`; it catches panics so that none crosses into C.
 
 mod backend;
 mod batch;

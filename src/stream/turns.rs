@@ -4,7 +4,7 @@
 
 use crate::ffi::Model;
 
-pub struct Conversation<'m> {
+pub struct Transcript<'m> {
     model: &'m Model,
     msgs: Vec<(String, String)>,
     /// Text rendered so far (what the cache has seen, evictions aside).
@@ -22,10 +22,10 @@ pub struct TurnText {
     pub rest: String,
 }
 
-impl<'m> Conversation<'m> {
-    pub fn new(model: &'m Model) -> Conversation<'m> {
+impl<'m> Transcript<'m> {
+    pub fn new(model: &'m Model) -> Transcript<'m> {
         let templated = model.apply_chat_template(&[("user", "x")], true).is_ok();
-        Conversation { model, msgs: vec![], rendered: String::new(), started: false, templated }
+        Transcript { model, msgs: vec![], rendered: String::new(), started: false, templated }
     }
 
     fn render(&self, msgs: &[(String, String)], add_assistant: bool) -> String {

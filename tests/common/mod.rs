@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use attractors::ffi::{ContextParams, FlashAttn, KvType, Model, ModelParams};
-use attractors::tiny::{TinyConfig, TinyModel};
+use attractors::test_support::{TinyConfig, TinyModel};
 
 pub const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";

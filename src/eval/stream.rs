@@ -9,15 +9,76 @@ use std::time::Instant;
 use anyhow::bail;
 use serde_json::json;
 
-use super::analyze::default_corpus;
-use super::chat::{check_stream_policies, check_streaming, eval_context, open_stream, stream_params};
-use super::prune::policy_setup;
-use super::{common, BenchStreamArgs, EvalStreamArgs};
+use crate::corpus::default_corpus;
+use crate::stream::setup::{check_stream_policies, check_streaming, eval_context, open_stream, stream_params};
+use crate::evict::setup::policy_setup;
+use crate::engine;
 use crate::capture::sliding_window_layers;
 use crate::ffi::Model;
 use crate::output::OutDir;
 use crate::plot::{self, Figure, Series};
 use crate::stream::StreamStats;
+
+use crate::engine::{EngineConfig, ModelSource};
+use crate::evict::setup::PolicyConfig;
+use crate::stream::setup::Bound;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalStreamConfig {
+    #[command(flatten)]
+    pub model: ModelSource,
+    /// Policies (`full` is the reference while the text fits the model's context);
+    /// `NAME:KEY=VALUE` sets a parameter (`sirllm:recent=0.5`: half the budget recent).
+    #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,frequency:recent=0.5,sirllm,sirllm:recent=0.5,h2o,random")]
+    pub policies: Vec<String>,
+    #[command(flatten)]
+    pub bound: Bound,
+    /// Plain-text file (default: Moby-Dick).
+    #[arg(long, short = 'f')]
+    pub text: Option<PathBuf>,
+    /// Start this many characters into the text (skips front matter).
+    #[arg(long, default_value_t = 0)]
+    pub offset: usize,
+    /// Tokens to stream.
+    #[arg(long, default_value_t = 8000)]
+    pub tokens: usize,
+    /// Tokens per decode (1 = token by token, the StreamingLLM protocol).
+    #[arg(long, default_value_t = 1)]
+    pub chunk: usize,
+    /// Moving-average window of the NLL curve (tokens).
+    #[arg(long, default_value_t = 200)]
+    pub smooth: usize,
+    #[command(flatten)]
+    pub policy_args: PolicyConfig,
+    #[command(flatten)]
+    pub engine: EngineConfig,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/eval-stream")]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchStreamConfig {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[arg(long, default_value = "frequency")]
+    pub policy: String,
+    #[command(flatten)]
+    pub bound: Bound,
+    /// Tokens to stream, one per decode (as in generation).
+    #[arg(long, default_value_t = 16000)]
+    pub tokens: usize,
+    /// Tokens per speed window (the first window vs the last one).
+    #[arg(long, default_value_t = 1000)]
+    pub window: usize,
+    /// Plain-text file (default: Moby-Dick, repeated if too short).
+    #[arg(long, short = 'f')]
+    pub text: Option<PathBuf>,
+    #[command(flatten)]
+    pub policy_args: PolicyConfig,
+    #[command(flatten)]
+    pub engine: EngineConfig,
+}
 
 /// `tokens` tokens of the text from character `offset` (BOS first when the model wants
 /// one); `repeat`: cycle the text when it is too short.
@@ -99,7 +160,7 @@ struct PolicyRun {
     budget: Option<usize>,
 }
 
-pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
+pub fn run(a: EvalStreamConfig) -> anyhow::Result<()> {
     check_stream_policies(&a.policies)?;
     if a.tokens < 2 {
         bail!("--tokens must be at least 2");
@@ -111,14 +172,14 @@ pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
     if budget <= a.policy_args.sinks + a.chunk {
         bail!("--budget {budget} leaves no room for chunks of {} after {} sinks: raise --budget", a.chunk, a.policy_args.sinks);
     }
-    let model = common::load_model(&a.model)?;
-    common::require_attention(&model)?;
+    let model = engine::load_model(&a.model)?;
+    engine::require_attention(&model)?;
     let setup = policy_setup(&model, &a.policy_args, &a.policies)?;
     let (label, tokens) = stream_tokens(&model, &a.text, a.offset, a.tokens, false)?;
     let out = OutDir::prepare(&a.out)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
     let n_train = model.n_ctx_train();
-    let pb = common::progress_bar((tokens.len() * a.policies.len()) as u64, "eval stream");
+    let pb = engine::progress_bar((tokens.len() * a.policies.len()) as u64, "eval stream");
     let mut runs: Vec<PolicyRun> = vec![];
     for name in &a.policies {
         pb.set_message(format!("eval stream: {name}"));
@@ -208,7 +269,7 @@ pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
     };
     let meta = json!({
         "command": "eval stream",
-        "model": common::model_json(&model, &swa)?,
+        "model": engine::model_json(&model, &swa)?,
         "text": label, "offset": a.offset, "tokens": tokens.len(), "chunk": a.chunk, "budget": budget, "slack": slack,
         "sinks": a.policy_args.sinks, "seed": a.policy_args.seed, "policies": a.policies, "policy_notes": crate::evict::layers_notes(&a.policies, "cells"), "smooth": a.smooth,
         "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),
@@ -226,25 +287,20 @@ pub fn run(a: EvalStreamArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resident memory of this process in bytes (Linux; 0 elsewhere).
-pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm").ok().and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok())).map_or(0, |pages| pages * 4096)
-}
-
-pub fn bench(a: BenchStreamArgs) -> anyhow::Result<()> {
+pub fn bench(a: BenchStreamConfig) -> anyhow::Result<()> {
     check_streaming(&a.policy)?;
     if a.window == 0 || a.tokens < 2 * a.window {
         bail!("--tokens must be at least twice --window (and --window at least 1)");
     }
-    let model = common::load_model(&a.model)?;
-    common::require_attention(&model)?;
+    let model = engine::load_model(&a.model)?;
+    engine::require_attention(&model)?;
     let setup = policy_setup(&model, &a.policy_args, std::slice::from_ref(&a.policy))?;
     let (label, tokens) = stream_tokens(&model, &a.text, 0, a.tokens, true)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
     let (budget, slack) = (a.bound.budget, a.bound.slack());
     let params = stream_params(&model, &a.engine, budget)?;
     let mut s = open_stream(&model, &params, &setup, &swa, &a.policy, a.bound.config(&a.policy_args, true))?;
-    let pb = common::progress_bar(tokens.len() as u64, "bench stream");
+    let pb = engine::progress_bar(tokens.len() as u64, "bench stream");
     let w = a.window;
     let mut step_s = vec![0f64; tokens.len()];
     let mut rss_at_1000 = 0;
@@ -257,14 +313,14 @@ pub fn bench(a: BenchStreamArgs) -> anyhow::Result<()> {
         s.feed(&[t], false)?;
         step_s[i] = t0.elapsed().as_secs_f64();
         if i + 1 == 1000.min(tokens.len()) {
-            rss_at_1000 = rss_bytes();
+            rss_at_1000 = crate::bench::rss_bytes();
         }
         if i % 64 == 0 {
             pb.set_position(i as u64);
         }
     }
     pb.finish_and_clear();
-    let rss_end = rss_bytes();
+    let rss_end = crate::bench::rss_bytes();
     let total = t_all.elapsed().as_secs_f64();
     let n = tokens.len();
     let first: f64 = step_s[..w].iter().sum();

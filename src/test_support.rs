@@ -1,7 +1,7 @@
 //! A tiny model with seeded weights, written as GGUF in plain Rust, and a reference forward
 //! pass for it (f64, no llama.cpp) so captures can be checked value by value. Three
 //! architectures share the reference: `llama`, `qwen2` (q/k/v biases, NeoX RoPE) and `phi3`
-//! (fused QKV and fused gate/up projections, NeoX RoPE). [`zoo`] writes random-weight
+//! (fused QKV and fused gate/up projections, NeoX RoPE). [`zoo`](crate::test_support::zoo) writes random-weight
 //! models of many more architectures, for property tests.
 
 pub mod zoo;

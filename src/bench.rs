@@ -1,27 +1,23 @@
-//! `attractors bench capture`: prefill with full capture vs no callback, flash attention off
-//! in both, each mode in its own child process so peak memory is measured separately.
+//! Benchmarks that print ratios measured in one run: `bench capture` (prefill with the
+//! capture against no callback, each mode in its own child process so peak memory is
+//! measured separately), `bench compare` (`compare` against one `analyze` per model), and
+//! the memory readings they and `bench stream` share.
+
 
 use anyhow::{bail, Context as _};
 
-use super::{common, BenchCaptureArgs, BenchCompareArgs};
+use crate::engine;
+use crate::corpus::DocSet;
+use crate::engine::ModelSource;
+use std::path::PathBuf;
 use crate::capture::{new_capture, sliding_window_layers, CaptureConfig, Reduce, TransferStats};
 use crate::ffi::{Context, ContextParams, EvalHook, FlashAttn, KvType};
 use crate::session::feed;
 
-pub fn peak_rss_mb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-fn child(a: &BenchCaptureArgs, mode: &str) -> anyhow::Result<()> {
-    let model = common::load_model(&a.model)?;
-    let mut toks = model.tokenize(common::DEFAULT_TEXT, true, false)?;
-    let body = model.tokenize(common::DEFAULT_TEXT, false, false)?;
+fn child(a: &BenchCaptureConfig, mode: &str) -> anyhow::Result<()> {
+    let model = engine::load_model(&a.model)?;
+    let mut toks = model.tokenize(engine::DEFAULT_TEXT, true, false)?;
+    let body = model.tokenize(engine::DEFAULT_TEXT, false, false)?;
     while toks.len() < a.tokens {
         toks.extend_from_slice(&body);
     }
@@ -74,7 +70,7 @@ fn child(a: &BenchCaptureArgs, mode: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
+pub fn run_capture(a: BenchCaptureConfig) -> anyhow::Result<()> {
     if let Some(mode) = &a.child {
         return child(&a, mode);
     }
@@ -82,7 +78,7 @@ pub fn run_capture(a: BenchCaptureArgs) -> anyhow::Result<()> {
         bail!("--tokens must be at least 2");
     }
     // Resolve (and fetch) the model once in the parent.
-    let model = common::load_model(&a.model)?;
+    let model = engine::load_model(&a.model)?;
     let model_path = model.path().to_path_buf();
     let exe = std::env::current_exe().context("locating the attractors binary")?;
     if !a.modes.iter().any(|m| m == "plain") || a.modes.len() < 2 {
@@ -186,9 +182,9 @@ fn timed_child(exe: &std::path::Path, args: &[std::ffi::OsString]) -> anyhow::Re
     Ok(secs)
 }
 
-pub fn run_compare(a: BenchCompareArgs) -> anyhow::Result<()> {
+pub fn run_compare(a: BenchCompareConfig) -> anyhow::Result<()> {
     let models = if a.models.is_empty() {
-        let p = common::load_model(&super::ModelArgs { model: None, gpu_layers: None })?.path().to_path_buf();
+        let p = engine::load_model(&ModelSource { model: None, gpu_layers: None })?.path().to_path_buf();
         vec![p.clone(), p]
     } else {
         a.models.clone()
@@ -196,7 +192,7 @@ pub fn run_compare(a: BenchCompareArgs) -> anyhow::Result<()> {
     if models.len() < 2 {
         bail!("bench compare needs at least two models: repeat --model");
     }
-    let corpus = if a.set.corpus.is_empty() { vec![super::analyze::default_corpus()?] } else { a.set.corpus.clone() };
+    let corpus = if a.set.corpus.is_empty() { vec![crate::corpus::default_corpus()?] } else { a.set.corpus.clone() };
     let exe = std::env::current_exe().context("locating the attractors binary")?;
     let tmp = Scratch::new()?;
     let common_args = |v: &mut Vec<std::ffi::OsString>| {
@@ -235,3 +231,63 @@ pub fn run_compare(a: BenchCompareArgs) -> anyhow::Result<()> {
     println!("compare_s {compare_s:.2} analyze_sum_s {sum:.2} compare_over_analyzes {:.3} docs {} max_tokens {}", compare_s / sum, a.set.docs, a.set.max_tokens);
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct BenchCaptureConfig {
+    #[command(flatten)]
+    pub model: ModelSource,
+    /// Tokens to prefill (the default text repeated as needed).
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    /// Repetitions of each mode; the fastest counts.
+    #[arg(long, default_value_t = 2)]
+    pub reps: usize,
+    #[arg(long, default_value_t = 512)]
+    pub ubatch: u32,
+    #[arg(long, short = 't')]
+    pub threads: Option<i32>,
+    /// Modes to time: plain (no callback), capture (`--attn-reduce auto`: on the device when
+    /// attention lives there), device (device graphs forced, CPU too), naive (whole tensors
+    /// copied to the host).
+    #[arg(long, value_delimiter = ',', default_value = "plain,capture,naive")]
+    pub modes: Vec<String>,
+    /// Activation node captured alongside attention, as `capture` does by default; `none`
+    /// times attention capture alone.
+    #[arg(long, default_value = crate::capture::DEFAULT_ACTIVATION_NODE)]
+    pub activation: String,
+    /// Internal: run one mode in this process and print its measurement.
+    #[arg(long, hide = true)]
+    pub child: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchCompareConfig {
+    /// GGUF files (at least two; the default is the SmolLM2 model twice).
+    #[arg(long = "model", short = 'm')]
+    pub models: Vec<PathBuf>,
+    #[command(flatten)]
+    pub set: DocSet,
+    #[arg(long, short = 't')]
+    pub threads: Option<i32>,
+    /// Layers to offload to a GPU in every child (default: all when a GPU is present).
+    #[arg(long, visible_alias = "ngl")]
+    pub gpu_layers: Option<i32>,
+}
+
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`; NaN elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Resident memory of this process in bytes (Linux; 0 elsewhere).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm").ok().and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok())).map_or(0, |pages| pages * 4096)
+}
+

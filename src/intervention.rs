@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use anyhow::bail;
 use serde_json::json;
 
-use super::{common, InterveneArgs};
+use crate::engine;
+use crate::engine::{EngineConfig, ModelSource, TextSource};
+use std::path::PathBuf;
 use crate::analysis::attractors::{AttractorRule, SINK_EPS};
 use crate::analysis::corpus::{best_of, CorpusAcc};
 use crate::capture::intervene::{Edit, EditHook, LayerEdit};
@@ -14,6 +16,30 @@ use crate::capture::{new_capture, sliding_window_layers, CaptureConfig, CaptureS
 use crate::ffi::{Context, EvalHook, FlashAttn};
 use crate::output::OutDir;
 use crate::session::feed;
+
+#[derive(clap::Args, Debug)]
+pub struct InterveneConfig {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[command(flatten)]
+    pub text: TextSource,
+    #[command(flatten)]
+    pub engine: EngineConfig,
+    /// zero, random (Gaussian with the dimension's mean and std) or both.
+    #[arg(long, default_value = "both")]
+    pub mode: String,
+    /// correlated (the most correlated dimension per layer), random (control) or both.
+    #[arg(long, default_value = "both")]
+    pub dims: String,
+    /// Activation node edited (and correlated).
+    #[arg(long, default_value = "auto")]
+    pub node: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write intervene.csv, intervene.md and meta.json here.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
 
 /// Mean and standard deviation of dimension `d` over positions.
 fn moments(values: &[f32], width: usize, d: usize) -> (f64, f64) {
@@ -49,7 +75,7 @@ pub fn choose_dims(sum: &CaptureSummary, tokens: &[String], n_layer: usize, n_he
     Ok((corr, ctrl))
 }
 
-pub fn run(a: InterveneArgs) -> anyhow::Result<()> {
+pub fn run(a: InterveneConfig) -> anyhow::Result<()> {
     let modes: Vec<Edit> = match a.mode.as_str() {
         "zero" => vec![Edit::Zero],
         "random" => vec![Edit::Random],
@@ -62,10 +88,10 @@ pub fn run(a: InterveneArgs) -> anyhow::Result<()> {
         "both" => vec!["correlated", "random"],
         d => bail!("unknown --dims {d}: use correlated, random or both"),
     };
-    let model = common::load_model(&a.model)?;
-    common::require_attention(&model)?;
-    let (label, toks) = common::load_tokens(&model, &a.text)?;
-    let params = common::context_params(&model, &a.engine, toks.len(), FlashAttn::Off)?;
+    let model = engine::load_model(&a.model)?;
+    engine::require_attention(&model)?;
+    let (label, toks) = engine::load_tokens(&model, &a.text)?;
+    let params = engine::context_params(&model, &a.engine, toks.len(), FlashAttn::Off)?;
     if model.n_embd() < 2 {
         bail!("model has fewer than two activation dimensions: nothing to compare");
     }
@@ -125,7 +151,7 @@ pub fn run(a: InterveneArgs) -> anyhow::Result<()> {
         let meta = json!({
             "tool": "attractors intervene",
             "version": env!("CARGO_PKG_VERSION"),
-            "model": common::model_json(&model, &swa)?,
+            "model": engine::model_json(&model, &swa)?,
             "text": label,
             "n_tokens": toks.len(),
             "parameters": {"node": a.node, "mode": a.mode, "dims": a.dims, "seed": a.seed, "context": ppl_params},

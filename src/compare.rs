@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
-use super::analyze::{corpus_files, cut_corpus, default_corpus, Document};
-use super::prune::policy_setup;
-use super::quantize::{base_stem, model_type_name};
-use super::{common, CompareArgs};
+use crate::corpus::{cut_corpus, Document};
+use crate::evict::setup::policy_setup;
+use crate::ladder::{base_stem, model_type_name};
+use crate::engine;
 use crate::analysis::attractors::SINK_EPS;
 use crate::analysis::compare::{pairs, DocRecord, PairAcc};
 use crate::analysis::corpus::{best_of, BestDim, CorpusAcc};
@@ -26,6 +26,47 @@ use crate::ffi::{Context, FlashAttn, Model, ModelParams};
 use crate::output::Staged;
 use crate::plot::{self, Figure, Series};
 use crate::session::feed;
+
+use crate::engine::EngineConfig;
+use crate::evict::setup::PolicyConfig;
+use crate::corpus::DocSet;
+use crate::analysis::attractors::RuleConfig;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CompareConfig {
+    /// GGUF files to compare, repeated (`--model A --model B ...`); the first is the reference.
+    #[arg(long = "model", short = 'm', required = true)]
+    pub models: Vec<PathBuf>,
+    /// Layers to offload to a GPU (default: all when a GPU is present; 0 keeps everything on the CPU).
+    #[arg(long, visible_alias = "ngl")]
+    pub gpu_layers: Option<i32>,
+    #[command(flatten)]
+    pub set: DocSet,
+    /// Documents shorter than this many tokens are skipped.
+    #[arg(long, default_value_t = 128)]
+    pub min_tokens: usize,
+    /// One document per file (its first tokens) instead of consecutive pieces.
+    #[arg(long)]
+    pub truncate: bool,
+    /// Policies whose kept sets are compared.
+    #[arg(long, value_delimiter = ',', default_value = "frequency,l2norm,activation,h2o,tova,snapkv,streaming,sirllm,random")]
+    pub policies: Vec<String>,
+    /// Kept fraction of each document for the policies.
+    #[arg(long, default_value_t = 0.5)]
+    pub ratio: f64,
+    /// Activation node correlated with received attention (and read by `activation`).
+    #[arg(long, default_value = "auto")]
+    pub activation: String,
+    #[command(flatten)]
+    pub policy_args: PolicyConfig,
+    #[command(flatten)]
+    pub rule: RuleConfig,
+    #[command(flatten)]
+    pub engine: EngineConfig,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/compare")]
+    pub out: PathBuf,
+}
 
 /// One model's run over the documents.
 struct ModelRun {
@@ -88,7 +129,7 @@ fn labels_for(files: &[PathBuf], types: &[String]) -> Vec<String> {
         .collect()
 }
 
-pub fn run(a: CompareArgs) -> anyhow::Result<()> {
+pub fn run(a: CompareConfig) -> anyhow::Result<()> {
     if a.models.len() < 2 {
         bail!("compare needs at least two models: repeat --model (the first is the reference)");
     }
@@ -101,10 +142,10 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
     Budget::Ratio(a.ratio).resolve(1).map_err(|e| anyhow::anyhow!("--ratio: {e}"))?;
     // Every model is checked before any work: loadable, same vocabulary, same shape.
     let reference = load_vocab(&a.models[0])?;
-    let (fp0, shape0, n_ctx_train) = (common::vocab_fingerprint(&reference), (reference.n_layer(), reference.n_head(), reference.n_head_kv()), reference.n_ctx_train());
+    let (fp0, shape0, n_ctx_train) = (engine::vocab_fingerprint(&reference), (reference.n_layer(), reference.n_head(), reference.n_head_kv()), reference.n_ctx_train());
     for p in &a.models[1..] {
         let m = load_vocab(p)?;
-        let fp = common::vocab_fingerprint(&m);
+        let fp = engine::vocab_fingerprint(&m);
         if fp != fp0 {
             bail!(
                 "{} has a different vocabulary from {} (fingerprints {fp} and {fp0}): compare runs the same token ids through every model, so give models of one family (e.g. a ladder from `attractors quantize`)",
@@ -121,8 +162,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         bail!("--max-tokens {} exceeds the models' trained context of {n_ctx_train}: pass --max-tokens {n_ctx_train} or less", a.set.max_tokens);
     }
     let setup = policy_setup(&reference, &a.policy_args, &a.policies)?;
-    let paths = if a.set.corpus.is_empty() { vec![default_corpus()?] } else { a.set.corpus.clone() };
-    let files = corpus_files(&paths)?;
+    let files = a.set.files()?;
     let min = a.min_tokens.min(a.set.max_tokens).max(2);
     let (docs, cut) = cut_corpus(&reference, &files, a.set.max_tokens, min, a.truncate, a.set.docs)?;
     if docs.is_empty() {
@@ -132,7 +172,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
     let staged = Staged::new(&a.out)?;
     let out = staged.out();
     let longest = docs.iter().map(|d| d.tokens.len()).max().unwrap_or(a.set.max_tokens);
-    let engine = super::EngineArgs { ctx: Some(a.engine.ctx.unwrap_or(longest.max(256) as u32)), ..a.engine.clone() };
+    let engine = crate::engine::EngineConfig { ctx: Some(a.engine.ctx.unwrap_or(longest.max(256) as u32)), ..a.engine.clone() };
     let rule = a.rule.rule();
     let n_runs = (a.models.len() * docs.len()) as u64;
     let pb = indicatif::ProgressBar::with_draw_target(Some(n_runs), indicatif::ProgressDrawTarget::stderr());
@@ -162,7 +202,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
                 bail!("the activation calibration was made on node {}, compare captures {}: pass --activation {} or another --calibration", c.node, a.activation, c.node);
             }
         }
-        let params = common::context_params(&model, &engine, longest, FlashAttn::Off)?;
+        let params = engine::context_params(&model, &engine, longest, FlashAttn::Off)?;
         let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
         let cfg = CaptureConfig {
             attention: true,
@@ -212,7 +252,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         drop(ctx);
         let best = (0..n_layer).map(|l| best_of(&acc.corr[l])).collect();
         let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let meta = common::model_json(&model, &swa)?;
+        let meta = engine::model_json(&model, &swa)?;
         // files without general.file_type: llama.cpp guesses the type from the tensors,
         // which a vocabulary-only load does not read
         let type_name = model_type_name(&model);
@@ -456,7 +496,7 @@ fn write_figures(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((
 /// sets are the same for every model by construction.
 const MODEL_FREE: [&str; 3] = ["frequency", "streaming", "random"];
 
-fn report(runs: &[ModelRun], pair_accs: &[((usize, usize), PairAcc)], policies: &[&str], a: &CompareArgs, docs: &[Document], figures: &[(String, String)]) -> String {
+fn report(runs: &[ModelRun], pair_accs: &[((usize, usize), PairAcc)], policies: &[&str], a: &CompareConfig, docs: &[Document], figures: &[(String, String)]) -> String {
     let r0 = &runs[0];
     let n_tokens: usize = docs.iter().map(|d| d.tokens.len()).sum();
     let mut s = String::new();
