@@ -467,15 +467,24 @@ impl Report {
     fn html(&self, md: &str, out: &OutDir) -> String {
         let figures = &self.figures;
         let mut h = String::from("<!doctype html><html><head><meta charset=\"utf-8\"><title>attractors report</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}svg{max-width:100%;height:auto}</style></head><body>\n");
-        let mut in_table = false;
+        let (mut in_table, mut in_list) = (false, false);
         for line in md.lines() {
             if line.starts_with("## Figures") {
                 break;
             }
+            let item = line.strip_prefix("- ");
+            if in_list && item.is_none() {
+                h.push_str("</ul>\n");
+                in_list = false;
+            }
+            if in_table && !line.starts_with('|') {
+                h.push_str("</table>\n");
+                in_table = false;
+            }
             if let Some(t) = line.strip_prefix("# ") {
-                let _ = writeln!(h, "<h1>{}</h1>", html_escape(t));
+                let _ = writeln!(h, "<h1>{}</h1>", inline_md(t));
             } else if let Some(t) = line.strip_prefix("## ") {
-                let _ = writeln!(h, "<h2>{}</h2>", html_escape(t));
+                let _ = writeln!(h, "<h2>{}</h2>", inline_md(t));
             } else if line.starts_with("| ---") {
                 continue;
             } else if line.starts_with('|') {
@@ -485,23 +494,24 @@ impl Report {
                 }
                 h.push_str("<tr>");
                 for cell in line.trim_matches('|').split(" | ") {
-                    let _ = write!(h, "<td>{}</td>", html_escape(cell.trim()).replace("**", ""));
+                    let _ = write!(h, "<td>{}</td>", inline_md(cell.trim()));
                 }
                 h.push_str("</tr>\n");
-            } else {
-                if in_table {
-                    h.push_str("</table>\n");
-                    in_table = false;
+            } else if let Some(t) = item {
+                if !in_list {
+                    h.push_str("<ul>\n");
+                    in_list = true;
                 }
-                if let Some(t) = line.strip_prefix("- ") {
-                    let _ = writeln!(h, "<li>{}</li>", html_escape(t));
-                } else if !line.is_empty() {
-                    let _ = writeln!(h, "<p>{}</p>", html_escape(line));
-                }
+                let _ = writeln!(h, "<li>{}</li>", inline_md(t));
+            } else if !line.is_empty() {
+                let _ = writeln!(h, "<p>{}</p>", inline_md(line));
             }
         }
         if in_table {
             h.push_str("</table>\n");
+        }
+        if in_list {
+            h.push_str("</ul>\n");
         }
         h.push_str("<h2>Figures</h2>\n");
         for (stem, caption) in figures {
@@ -526,6 +536,54 @@ fn mean_of(v: &[crate::analysis::similarity::Mean]) -> f64 {
 
 fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// One line of the report's Markdown as HTML: escaped, with `**strong**`, `*emphasis*` and
+/// `` `code` `` rendered (an unpaired marker stays as written).
+fn inline_md(s: &str) -> String {
+    let e = html_escape(s);
+    let mut out = String::new();
+    let mut rest = e.as_str();
+    let tags: [(&str, &str); 3] = [("`", "code"), ("**", "strong"), ("*", "em")];
+    'outer: while !rest.is_empty() {
+        for (mark, tag) in tags {
+            if let Some(body) = rest.strip_prefix(mark) {
+                // emphasis hugs its text ("2 * 3 * 4" stays as written); code may not
+                let hugs = |k: usize| tag == "code" || (!body[..k].starts_with(char::is_whitespace) && !body[..k].ends_with(char::is_whitespace));
+                if let Some(end) = body.find(mark).filter(|&k| k > 0 && hugs(k)) {
+                    let inner = &body[..end];
+                    let inner = if tag == "code" { inner.to_string() } else { inline_md_escaped(inner) };
+                    let _ = write!(out, "<{tag}>{inner}</{tag}>");
+                    rest = &body[end + mark.len()..];
+                    continue 'outer;
+                }
+            }
+        }
+        let c = rest.chars().next().unwrap_or_default();
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// [`inline_md`] of text that is already escaped.
+fn inline_md_escaped(s: &str) -> String {
+    inline_md(&s.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inline_md;
+
+    #[test]
+    fn report_html_renders_markdown_emphasis() {
+        assert_eq!(inline_md("a **gradient-free** flow"), "a <strong>gradient-free</strong> flow");
+        assert_eq!(inline_md("the `kq` node, *not* Eq. 1"), "the <code>kq</code> node, <em>not</em> Eq. 1");
+        assert_eq!(inline_md("**A<B** and 2 * 3"), "<strong>A&lt;B</strong> and 2 * 3");
+        assert_eq!(inline_md("x ** y"), "x ** y");
+        assert_eq!(inline_md("2 * 3 * 4"), "2 * 3 * 4");
+        assert_eq!(inline_md("`a*b*c`"), "<code>a*b*c</code>");
+    }
 }
 
 /// Run every analysis of the paper over the corpus `a` names; nothing is written (see

@@ -128,7 +128,7 @@ impl Figure {
         match self {
             Figure::Lines { .. } => (900, 560),
             Figure::Heatmap { .. } => (820, 760),
-            Figure::Bars { bars, .. } => (700, 140 + 26 * bars.len().max(1) as u32),
+            Figure::Bars { bars, .. } => (760, 150 + 36 * bars.len().max(1) as u32),
             Figure::Row(p) => {
                 let sizes: Vec<(u32, u32)> = p.iter().map(|f| f.size()).collect();
                 (sizes.iter().map(|s| s.0).sum::<u32>().max(1), sizes.iter().map(|s| s.1).max().unwrap_or(400))
@@ -159,12 +159,21 @@ impl Figure {
 fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, xl: &str, yl: &str, series: &[Series], log_x: bool, log_y: bool) -> Result<(), String> {
     let (x0, x1) = finite_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)), log_x);
     let (y0, y1) = finite_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)), log_y);
+    // Integer x values (layers, positions) get integer tick labels, never 2.5 or 5.0.
+    let int_x = !log_x && series.iter().flat_map(|s| s.points.iter()).all(|p| !p.0.is_finite() || p.0.fract() == 0.0);
+    let x_fmt = |v: &f64| if v.fract().abs() < 1e-9 { format!("{v:.0}") } else { String::new() };
+    let n_x = ((x1 - x0).round().max(0.0) as usize + 1).clamp(2, 16);
     let mut b = ChartBuilder::on(root);
     b.caption(title, ("sans-serif", 22)).margin(12).x_label_area_size(45).y_label_area_size(80);
     macro_rules! body {
         ($chart:expr) => {{
             let mut chart = $chart;
-            chart.configure_mesh().x_desc(xl).y_desc(yl).label_style(("sans-serif", 14)).draw().map_err(err)?;
+            let mut mesh = chart.configure_mesh();
+            mesh.x_desc(xl).y_desc(yl).label_style(("sans-serif", 14));
+            if int_x {
+                mesh.x_labels(n_x).x_label_formatter(&x_fmt);
+            }
+            mesh.draw().map_err(err)?;
             for (k, s) in series.iter().enumerate() {
                 let c = COLORS[k % COLORS.len()];
                 let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite() && (!log_x || p.0 > 0.0) && (!log_y || p.1 > 0.0)).collect();
@@ -272,8 +281,8 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, xl:
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(110)
+        .x_label_area_size(44)
+        .y_label_area_size(170)
         .build_cartesian_2d(0.0..hi, 0..n.max(1))
         .map_err(err)?;
     chart
@@ -282,7 +291,7 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, xl:
         .x_desc(xl)
         .y_labels(n.max(1))
         .y_label_formatter(&|v| if *v < n { names[n - 1 - *v].clone() } else { String::new() })
-        .label_style(("sans-serif", 13))
+        .label_style(("sans-serif", 18))
         .draw()
         .map_err(err)?;
     chart
