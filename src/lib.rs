@@ -54,7 +54,7 @@
 //! (pure statistics), [`evict`] (policies, selection, the evictor), [`stream`] (the bounded
 //! cache), [`eval`] (long-context, stream and dialogue evaluations), [`compare`]
 //! (quantization comparison), [`ladder`] (quantization ladder), [`intervention`],
-//! [`bench`](mod@bench), [`ffi`] (the only `unsafe`: one wrapper per llama.cpp object).
+//! [`bench`](mod@bench), [`ffi`] (the only module that calls C: one wrapper per llama.cpp object).
 pub mod analysis;
 pub mod analyze;
 pub mod bench;
