@@ -14,6 +14,29 @@ use crate::capture::{new_capture, sliding_window_layers, CaptureConfig, Reduce, 
 use crate::ffi::{Context, ContextParams, EvalHook, FlashAttn, KvType};
 use crate::session::feed;
 
+/// What a benchmark measured: the lines it reports (ending in `name value` lines of the
+/// ratios), and those ratios by name.
+#[derive(Debug, Default, Clone)]
+pub struct BenchReport {
+    /// Report lines, in order.
+    pub lines: Vec<String>,
+}
+
+impl BenchReport {
+    /// Add a line.
+    pub fn line(&mut self, s: String) {
+        self.lines.push(s);
+    }
+
+    /// A value printed as `name value` (alone or among other pairs on a line), if any.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.lines.iter().find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.windows(2).find(|p| p[0] == name).and_then(|p| p[1].parse().ok())
+        })
+    }
+}
+
 fn child(a: &BenchCaptureConfig, mode: &str) -> anyhow::Result<()> {
     let model = engine::load_model(&a.model)?;
     let mut toks = model.tokenize(engine::DEFAULT_TEXT, true, false)?;
@@ -70,9 +93,14 @@ fn child(a: &BenchCaptureConfig, mode: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run_capture(a: BenchCaptureConfig) -> anyhow::Result<()> {
+/// Prefill with the capture against no callback, each mode in a child process of the
+/// `attractors` binary (so each peak RSS is its own); with `child` set, run that one mode
+/// here and print its measurement as JSON (what the parent reads), returning no lines.
+pub fn run_capture(a: &BenchCaptureConfig) -> anyhow::Result<BenchReport> {
+    let mut rep = BenchReport::default();
     if let Some(mode) = &a.child {
-        return child(&a, mode);
+        child(a, mode)?;
+        return Ok(rep);
     }
     if a.tokens < 2 {
         bail!("--tokens must be at least 2");
@@ -86,10 +114,10 @@ pub fn run_capture(a: BenchCaptureConfig) -> anyhow::Result<()> {
     }
     let mut results: Vec<(&str, serde_json::Value)> = vec![];
     match a.activation.as_str() {
-        "none" => println!("captured: attention (received per head and cell, self-attention, first-token share, distance buckets)"),
+        "none" => rep.line(format!("captured: attention (received per head and cell, self-attention, first-token share, distance buckets)")),
         node => {
             let label = model.profile().and_then(|p| p.label(crate::capture::profile::Role::Activation, node)).map_err(|e| anyhow::anyhow!(e))?;
-            println!("captured: attention (received per head and cell, self-attention, first-token share, distance buckets) and activation {label}")
+            rep.line(format!("captured: attention (received per head and cell, self-attention, first-token share, distance buckets) and activation {label}"))
         }
     }
     for mode in &a.modes {
@@ -109,46 +137,46 @@ pub fn run_capture(a: BenchCaptureConfig) -> anyhow::Result<()> {
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing the child's result")?;
         let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        println!(
+        rep.line(format!(
             "{mode:8} prefill {:.3} s   peak RSS {:.1} MB   device->host {:.0} bytes per layer ({:.0} per attention node; the attention tensors are {:.0} per layer)",
             f("seconds"),
             f("peak_mb"),
             f("bytes_down_per_layer"),
             f("bytes_down_per_node"),
             v["transfers"]["tensor_bytes"].as_f64().unwrap_or(0.0) / v["layers"].as_f64().unwrap_or(f64::NAN)
-        );
+        ));
         results.push((mode.as_str(), v));
     }
     let get = |m: &str| results.iter().find(|(k, _)| *k == m).map(|(_, v)| v);
     let p = get("plain").expect("plain is among the modes (checked above)");
-    println!("device {}", p["device"]);
+    rep.line(format!("device {}", p["device"]));
     let secs = |v: &serde_json::Value| v["seconds"].as_f64().unwrap_or(f64::NAN);
     for (mode, v) in results.iter().filter(|(m, _)| *m != "plain") {
-        println!("{mode} transfers {}", v["transfers"]);
+        rep.line(format!("{mode} transfers {}", v["transfers"]));
         // Where the extra time goes: our callback (of which device graphs), and the rest of
         // the difference to plain: the scheduler splitting the graph at every observed node
         // and synchronising before each callback.
         let cb = v["callback_seconds"].as_f64().unwrap_or(f64::NAN);
         let dev = v["device_seconds"].as_f64().unwrap_or(f64::NAN);
         let merge = v["merge_seconds"].as_f64().unwrap_or(f64::NAN);
-        println!(
+        rep.line(format!(
             "{mode} time: {:.4} s in the callback ({:.4} s of it in device graphs), {:.4} s more outside it than plain (graph splits, synchronisation; device results merged after the callback: {:.4} s, mostly on a thread of their own while the device computes on)",
             cb,
             dev,
             secs(v) - cb - secs(p),
             merge
-        );
+        ));
     }
     if let Some(c) = get("capture") {
-        println!("capture accumulators {:.1} MB", c["accumulator_mb"].as_f64().unwrap_or(0.0));
-        println!("capture_overhead {:.3} capture_peak_mb {:.1} plain_peak_mb {:.1}", secs(c) / secs(p), c["peak_mb"].as_f64().unwrap_or(f64::NAN), p["peak_mb"].as_f64().unwrap_or(f64::NAN));
+        rep.line(format!("capture accumulators {:.1} MB", c["accumulator_mb"].as_f64().unwrap_or(0.0)));
+        rep.line(format!("capture_overhead {:.3} capture_peak_mb {:.1} plain_peak_mb {:.1}", secs(c) / secs(p), c["peak_mb"].as_f64().unwrap_or(f64::NAN), p["peak_mb"].as_f64().unwrap_or(f64::NAN)));
     }
     for mode in ["device", "naive"] {
         if let Some(v) = get(mode) {
-            println!("{mode}_overhead {:.3} {mode}_bytes_per_layer {:.0}", secs(v) / secs(p), v["bytes_down_per_layer"].as_f64().unwrap_or(f64::NAN));
+            rep.line(format!("{mode}_overhead {:.3} {mode}_bytes_per_layer {:.0}", secs(v) / secs(p), v["bytes_down_per_layer"].as_f64().unwrap_or(f64::NAN)));
         }
     }
-    Ok(())
+    Ok(rep)
 }
 
 /// A scratch folder under the system temp dir, removed when dropped.
@@ -182,7 +210,10 @@ fn timed_child(exe: &std::path::Path, args: &[std::ffi::OsString]) -> anyhow::Re
     Ok(secs)
 }
 
-pub fn run_compare(a: BenchCompareConfig) -> anyhow::Result<()> {
+/// `compare` of the models against one `analyze` per model, each a child process of the
+/// `attractors` binary: wall time of compare over the sum of the analyze runs.
+pub fn run_compare(a: &BenchCompareConfig) -> anyhow::Result<BenchReport> {
+    let mut rep = BenchReport::default();
     let models = if a.models.is_empty() {
         let p = engine::load_model(&ModelSource { model: None, gpu_layers: None })?.path().to_path_buf();
         vec![p.clone(), p]
@@ -225,16 +256,18 @@ pub fn run_compare(a: BenchCompareConfig) -> anyhow::Result<()> {
     let compare_s = timed_child(&exe, &v)?;
     let sum: f64 = analyze_s.iter().sum();
     for (m, s) in models.iter().zip(&analyze_s) {
-        println!("analyze {:<60} {s:.2} s", m.display());
+        rep.line(format!("analyze {:<60} {s:.2} s", m.display()));
     }
-    println!("compare of {} models {compare_s:.2} s", models.len());
-    println!("compare_s {compare_s:.2} analyze_sum_s {sum:.2} compare_over_analyzes {:.3} docs {} max_tokens {}", compare_s / sum, a.set.docs, a.set.max_tokens);
-    Ok(())
+    rep.line(format!("compare of {} models {compare_s:.2} s", models.len()));
+    rep.line(format!("compare_s {compare_s:.2} analyze_sum_s {sum:.2} compare_over_analyzes {:.3} docs {} max_tokens {}", compare_s / sum, a.set.docs, a.set.max_tokens));
+    Ok(rep)
 }
 
 #[derive(clap::Args, Debug)]
+/// What `bench capture` prefills and which modes it times.
 pub struct BenchCaptureConfig {
     #[command(flatten)]
+    /// The model.
     pub model: ModelSource,
     /// Tokens to prefill (the default text repeated as needed).
     #[arg(long, default_value_t = 2048)]
@@ -243,8 +276,10 @@ pub struct BenchCaptureConfig {
     #[arg(long, default_value_t = 2)]
     pub reps: usize,
     #[arg(long, default_value_t = 512)]
+    /// Micro-batch (and batch) size.
     pub ubatch: u32,
     #[arg(long, short = 't')]
+    /// Threads (default: llama.cpp's).
     pub threads: Option<i32>,
     /// Modes to time: plain (no callback), capture (`--attn-reduce auto`: on the device when
     /// attention lives there), device (device graphs forced, CPU too), naive (whole tensors
@@ -261,13 +296,16 @@ pub struct BenchCaptureConfig {
 }
 
 #[derive(clap::Args, Debug)]
+/// What `bench compare` runs.
 pub struct BenchCompareConfig {
     /// GGUF files (at least two; the default is the SmolLM2 model twice).
     #[arg(long = "model", short = 'm')]
     pub models: Vec<PathBuf>,
     #[command(flatten)]
+    /// The documents.
     pub set: DocSet,
     #[arg(long, short = 't')]
+    /// Threads (default: llama.cpp's).
     pub threads: Option<i32>,
     /// Layers to offload to a GPU in every child (default: all when a GPU is present).
     #[arg(long, visible_alias = "ngl")]

@@ -11,28 +11,29 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
-use crate::corpus::{cut_corpus, Document};
-use crate::evict::setup::policy_setup;
-use crate::ladder::{base_stem, model_type_name};
-use crate::engine;
 use crate::analysis::attractors::SINK_EPS;
 use crate::analysis::compare::{pairs, DocRecord, PairAcc};
 use crate::analysis::corpus::{best_of, BestDim, CorpusAcc};
 use crate::capture::{new_capture, sliding_window_layers, CaptureConfig};
+use crate::corpus::{cut_corpus, Document};
+use crate::engine;
 use crate::eval::pipeline::{choose, Choice, Mode};
 use crate::evict::inputs::{Inputs, WINDOW};
 use crate::evict::select::Budget;
+use crate::evict::setup::policy_setup;
 use crate::ffi::{Context, FlashAttn, Model, ModelParams};
-use crate::output::Staged;
-use crate::plot::{self, Figure, Series};
+use crate::ladder::{base_stem, model_type_name};
+use crate::output::Files;
+use crate::plot::{Figure, Series};
 use crate::session::feed;
 
+use crate::analysis::attractors::RuleConfig;
+use crate::corpus::DocSet;
 use crate::engine::EngineConfig;
 use crate::evict::setup::PolicyConfig;
-use crate::corpus::DocSet;
-use crate::analysis::attractors::RuleConfig;
 
 #[derive(clap::Args, Debug, Clone)]
+/// What `compare` runs: the models (the first is the reference), the documents, the policies.
 pub struct CompareConfig {
     /// GGUF files to compare, repeated (`--model A --model B ...`); the first is the reference.
     #[arg(long = "model", short = 'm', required = true)]
@@ -41,6 +42,7 @@ pub struct CompareConfig {
     #[arg(long, visible_alias = "ngl")]
     pub gpu_layers: Option<i32>,
     #[command(flatten)]
+    /// The documents.
     pub set: DocSet,
     /// Documents shorter than this many tokens are skipped.
     #[arg(long, default_value_t = 128)]
@@ -58,33 +60,45 @@ pub struct CompareConfig {
     #[arg(long, default_value = "auto")]
     pub activation: String,
     #[command(flatten)]
+    /// Policy parameters.
     pub policy_args: PolicyConfig,
     #[command(flatten)]
+    /// The attractor rule.
     pub rule: RuleConfig,
     #[command(flatten)]
+    /// Context parameters.
     pub engine: EngineConfig,
-    /// Output directory.
-    #[arg(long, short, default_value = "out/compare")]
-    pub out: PathBuf,
 }
 
 /// One model's run over the documents.
-struct ModelRun {
-    label: String,
-    file: PathBuf,
-    type_name: String,
-    bytes: u64,
-    meta: serde_json::Value,
-    acc: CorpusAcc,
-    best: Vec<Option<BestDim>>,
-    nll_sum: f64,
-    nll_n: usize,
-    docs: Vec<DocRecord>,
-    seconds: f64,
+pub struct ModelRun {
+    /// Short name (the weight type for a ladder, else the file stem).
+    pub label: String,
+    /// The GGUF file.
+    pub file: PathBuf,
+    /// Weight type.
+    pub type_name: String,
+    /// File size.
+    pub bytes: u64,
+    /// The model's description (as in every meta.json).
+    pub meta: serde_json::Value,
+    /// The corpus analysis of this model.
+    pub acc: CorpusAcc,
+    /// Per layer, the activation dimension most correlated with received attention.
+    pub best: Vec<Option<BestDim>>,
+    /// Summed next-token NLL and tokens scored.
+    pub nll_sum: f64,
+    /// Tokens scored.
+    pub nll_n: usize,
+    /// Per document: received attention, attractors and every policy's kept set.
+    pub docs: Vec<DocRecord>,
+    /// Wall time for this model (seconds).
+    pub seconds: f64,
 }
 
 impl ModelRun {
-    fn ppl(&self) -> f64 {
+    /// Perplexity over every document.
+    pub fn ppl(&self) -> f64 {
         (self.nll_sum / self.nll_n.max(1) as f64).exp()
     }
 }
@@ -111,11 +125,8 @@ fn load_vocab(path: &std::path::Path) -> anyhow::Result<Model> {
 fn labels_for(files: &[PathBuf], types: &[String]) -> Vec<String> {
     let bases: Vec<String> = files.iter().map(|p| base_stem(p)).collect();
     let one_model = bases.iter().all(|b| *b == bases[0]);
-    let raw: Vec<String> = files
-        .iter()
-        .zip(types)
-        .map(|(p, t)| if one_model && !t.starts_with("unknown") { t.clone() } else { p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()) })
-        .collect();
+    let raw: Vec<String> =
+        files.iter().zip(types).map(|(p, t)| if one_model && !t.starts_with("unknown") { t.clone() } else { p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()) }).collect();
     raw.iter()
         .enumerate()
         .map(|(i, r)| {
@@ -129,7 +140,22 @@ fn labels_for(files: &[PathBuf], types: &[String]) -> Vec<String> {
         .collect()
 }
 
-pub fn run(a: CompareConfig) -> anyhow::Result<()> {
+/// A checked comparison: every model loadable with the same vocabulary and shape, the
+/// documents cut, the policies built; nothing run yet.
+pub struct ComparePlan {
+    cfg: CompareConfig,
+    setup: crate::evict::setup::PolicySetup,
+    docs: Vec<Document>,
+    cut: crate::corpus::CorpusCut,
+    doc_strings: Vec<Vec<String>>,
+    budgets: Vec<usize>,
+    fp0: String,
+    shape0: (usize, usize, usize),
+}
+
+/// Check every model (vocabulary-only loads) and cut the documents.
+pub fn plan(cfg: &CompareConfig) -> anyhow::Result<ComparePlan> {
+    let a = cfg;
     if a.models.len() < 2 {
         bail!("compare needs at least two models: repeat --model (the first is the reference)");
     }
@@ -168,159 +194,202 @@ pub fn run(a: CompareConfig) -> anyhow::Result<()> {
     if docs.is_empty() {
         bail!("the corpus has no document of at least {min} tokens ({} pieces were shorter): add text or lower --min-tokens", cut.skipped_short);
     }
-    let (n_layer, n_head, n_head_kv) = shape0;
-    let staged = Staged::new(&a.out)?;
-    let out = staged.out();
-    let longest = docs.iter().map(|d| d.tokens.len()).max().unwrap_or(a.set.max_tokens);
-    let engine = crate::engine::EngineConfig { ctx: Some(a.engine.ctx.unwrap_or(longest.max(256) as u32)), ..a.engine.clone() };
-    let rule = a.rule.rule();
-    let n_runs = (a.models.len() * docs.len()) as u64;
-    let pb = indicatif::ProgressBar::with_draw_target(Some(n_runs), indicatif::ProgressDrawTarget::stderr());
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("compare {msg} [{bar:30}] {pos}/{len} model-documents ({elapsed}, eta {eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    eprintln!("compare: {} models x {} documents of up to {} tokens; flash attention off (needed to see attention weights)", a.models.len(), docs.len(), a.set.max_tokens);
-    let t0 = std::time::Instant::now();
-    let mut runs: Vec<ModelRun> = vec![];
-    let mut ctx_params = None;
     // token strings for the analyses, the same for every model (one vocabulary)
     let doc_strings: Vec<Vec<String>> = docs.iter().map(|d| d.tokens.iter().map(|&t| reference.token_str(t)).collect()).collect();
     let budgets: Vec<usize> = docs.iter().map(|d| Budget::Ratio(a.ratio).resolve(d.tokens.len())).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!(e))?;
-    drop(reference);
-    for path in &a.models {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        pb.set_message(name.clone());
-        let tm = std::time::Instant::now();
-        let model = load(path, a.gpu_layers)?;
-        if let Some(c) = &setup.calib {
-            // The same nodes on this model, however each names them (`auto` or a name).
-            let role = crate::capture::profile::Role::Activation;
-            let same = model.profile().and_then(|p| Ok(p.resolve(role, &c.node)? == p.resolve(role, &a.activation)?)).map_err(|e| anyhow::anyhow!(e))?;
-            if !same {
-                bail!("the activation calibration was made on node {}, compare captures {}: pass --activation {} or another --calibration", c.node, a.activation, c.node);
-            }
-        }
-        let params = engine::context_params(&model, &engine, longest, FlashAttn::Off)?;
-        let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
-        let cfg = CaptureConfig {
-            attention: true,
-            include_self: a.rule.include_self,
-            distance: false,
-            activation: Some(a.activation.clone()),
-            dims: vec![],
-            layers: None,
-            all_dims: true,
-            keys: setup.needs.keys.then(|| setup.keys_node.clone()),
-            values: None,
-            hidden: None,
-            flow_pred_start: None,
-            window: Some((longest.saturating_sub(WINDOW), longest - 1)),
-            reduce: crate::capture::default_reduce(),
-        };
-        let (hook, handle) = new_capture(&model, &cfg, &swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
-        let mut ctx = Context::new(&model, &params, Some(Box::new(hook)))?;
-        let mut acc = CorpusAcc::new(rule, SINK_EPS, n_layer, n_head, n_head_kv);
-        let (mut nll_sum, mut nll_n) = (0.0, 0);
-        let mut records = vec![];
-        for ((d, strings), &budget) in docs.iter().zip(&doc_strings).zip(&budgets) {
-            let n = d.tokens.len();
-            ctx.clear();
-            handle.reset();
-            handle.set_observation_window(n.saturating_sub(WINDOW), n - 1);
-            let nll = feed(&mut ctx, &d.tokens, true, |_| {}).with_context(|| format!("{name}: document from {} at token {}", d.source, d.first_token))?;
-            nll_sum += nll.iter().sum::<f64>();
-            nll_n += nll.len();
-            let mut s = handle.take_summary();
-            let inputs = Inputs::from_summary(Some(&s), n, setup.calib.as_ref(), Some(&nll)).map_err(|e| anyhow::anyhow!(e))?;
-            // keys were captured for `l2norm` only: no per-head key correlations here
-            s.keys = None;
-            acc.add_document(&s, strings).map_err(|e| anyhow::anyhow!(e))?;
-            let att = s.attention.as_ref().ok_or_else(|| anyhow::anyhow!("no attention was captured"))?;
-            let mut kept = vec![];
-            for p in &setup.policies {
-                match choose(p.as_ref(), &inputs, &d.tokens, budget, setup.sinks, setup.seed, Mode::Cells { close_gaps: false }, model.profile().map_err(|e| anyhow::anyhow!(e))?).map_err(|e| anyhow::anyhow!(e))? {
-                    Choice::Cells(k) => kept.push(k),
-                    Choice::Mask(_) => unreachable!("cells mode gives one choice"),
+    Ok(ComparePlan { cfg: a.clone(), setup, docs, cut, doc_strings, budgets, fp0, shape0 })
+}
+
+/// What `compare` measured: one run per model and the agreement of every pair.
+pub struct Comparison {
+    /// One run per model, the reference first.
+    pub runs: Vec<ModelRun>,
+    /// Agreement per pair of models (indices into `runs`).
+    pub pairs: Vec<((usize, usize), PairAcc)>,
+    /// The policies compared.
+    pub policies: Vec<String>,
+    /// The configuration it ran.
+    pub cfg: CompareConfig,
+    /// Wall time (seconds).
+    pub seconds: f64,
+    docs: Vec<Document>,
+    meta: serde_json::Value,
+}
+
+impl ComparePlan {
+    /// Run every model over the documents, one after the other (a progress bar on stderr).
+    pub fn run(self) -> anyhow::Result<Comparison> {
+        let ComparePlan { cfg, setup, docs, cut, doc_strings, budgets, fp0, shape0 } = self;
+        let a = &cfg;
+        let (n_layer, n_head, n_head_kv) = shape0;
+        let longest = docs.iter().map(|d| d.tokens.len()).max().unwrap_or(a.set.max_tokens);
+        let engine = crate::engine::EngineConfig { ctx: Some(a.engine.ctx.unwrap_or(longest.max(256) as u32)), ..a.engine.clone() };
+        let rule = a.rule.rule();
+        let n_runs = (a.models.len() * docs.len()) as u64;
+        let pb = indicatif::ProgressBar::with_draw_target(Some(n_runs), indicatif::ProgressDrawTarget::stderr());
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("compare {msg} [{bar:30}] {pos}/{len} model-documents ({elapsed}, eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()).progress_chars("=> "),
+        );
+        eprintln!("compare: {} models x {} documents of up to {} tokens; flash attention off (needed to see attention weights)", a.models.len(), docs.len(), a.set.max_tokens);
+        let t0 = std::time::Instant::now();
+        let mut runs: Vec<ModelRun> = vec![];
+        let mut ctx_params = None;
+        for path in &a.models {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            pb.set_message(name.clone());
+            let tm = std::time::Instant::now();
+            let model = load(path, a.gpu_layers)?;
+            if let Some(c) = &setup.calib {
+                // The same nodes on this model, however each names them (`auto` or a name).
+                let role = crate::capture::profile::Role::Activation;
+                let same = model.profile().and_then(|p| Ok(p.resolve(role, &c.node)? == p.resolve(role, &a.activation)?)).map_err(|e| anyhow::anyhow!(e))?;
+                if !same {
+                    bail!("the activation calibration was made on node {}, compare captures {}: pass --activation {} or another --calibration", c.node, a.activation, c.node);
                 }
             }
-            records.push(DocRecord::new(&att.received, rule, kept));
-            pb.inc(1);
+            let params = engine::context_params(&model, &engine, longest, FlashAttn::Off)?;
+            let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
+            let cfg = CaptureConfig {
+                attention: true,
+                include_self: a.rule.include_self,
+                distance: false,
+                activation: Some(a.activation.clone()),
+                dims: vec![],
+                layers: None,
+                all_dims: true,
+                keys: setup.needs.keys.then(|| setup.keys_node.clone()),
+                values: None,
+                hidden: None,
+                flow_pred_start: None,
+                window: Some((longest.saturating_sub(WINDOW), longest - 1)),
+                reduce: crate::capture::default_reduce(),
+            };
+            let (hook, handle) = new_capture(&model, &cfg, &swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
+            let mut ctx = Context::new(&model, &params, Some(Box::new(hook)))?;
+            let mut acc = CorpusAcc::new(rule, SINK_EPS, n_layer, n_head, n_head_kv);
+            let (mut nll_sum, mut nll_n) = (0.0, 0);
+            let mut records = vec![];
+            for ((d, strings), &budget) in docs.iter().zip(&doc_strings).zip(&budgets) {
+                let n = d.tokens.len();
+                ctx.clear();
+                handle.reset();
+                handle.set_observation_window(n.saturating_sub(WINDOW), n - 1);
+                let nll = feed(&mut ctx, &d.tokens, true, |_| {}).with_context(|| format!("{name}: document from {} at token {}", d.source, d.first_token))?;
+                nll_sum += nll.iter().sum::<f64>();
+                nll_n += nll.len();
+                let mut s = handle.take_summary();
+                let inputs = Inputs::from_summary(Some(&s), n, setup.calib.as_ref(), Some(&nll)).map_err(|e| anyhow::anyhow!(e))?;
+                // keys were captured for `l2norm` only: no per-head key correlations here
+                s.keys = None;
+                acc.add_document(&s, strings).map_err(|e| anyhow::anyhow!(e))?;
+                let att = s.attention.as_ref().ok_or_else(|| anyhow::anyhow!("no attention was captured"))?;
+                let mut kept = vec![];
+                for p in &setup.policies {
+                    match choose(p.as_ref(), &inputs, &d.tokens, budget, setup.sinks, setup.seed, Mode::Cells { close_gaps: false }, model.profile().map_err(|e| anyhow::anyhow!(e))?).map_err(|e| anyhow::anyhow!(e))? {
+                        Choice::Cells(k) => kept.push(k),
+                        Choice::Mask(_) => unreachable!("cells mode gives one choice"),
+                    }
+                }
+                records.push(DocRecord::new(&att.received, rule, kept));
+                pb.inc(1);
+            }
+            ctx_params.get_or_insert_with(|| ctx.params().clone());
+            drop(ctx);
+            let best = (0..n_layer).map(|l| best_of(&acc.corr[l])).collect();
+            let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let meta = engine::model_json(&model, &swa)?;
+            // files without general.file_type: llama.cpp guesses the type from the tensors,
+            // which a vocabulary-only load does not read
+            let type_name = model_type_name(&model);
+            runs.push(ModelRun { label: String::new(), file: path.clone(), type_name, bytes, meta, acc, best, nll_sum, nll_n, docs: records, seconds: tm.elapsed().as_secs_f64() });
         }
-        ctx_params.get_or_insert_with(|| ctx.params().clone());
-        drop(ctx);
-        let best = (0..n_layer).map(|l| best_of(&acc.corr[l])).collect();
-        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let meta = engine::model_json(&model, &swa)?;
-        // files without general.file_type: llama.cpp guesses the type from the tensors,
-        // which a vocabulary-only load does not read
-        let type_name = model_type_name(&model);
-        runs.push(ModelRun { label: String::new(), file: path.clone(), type_name, bytes, meta, acc, best, nll_sum, nll_n, docs: records, seconds: tm.elapsed().as_secs_f64() });
-    }
-    pb.finish_and_clear();
-    let types: Vec<String> = runs.iter().map(|r| r.type_name.clone()).collect();
-    for (r, l) in runs.iter_mut().zip(labels_for(&a.models, &types)) {
-        r.label = l;
-    }
-    let mut pair_accs = vec![];
-    for (ia, ib) in pairs(runs.len()) {
-        let mut p = PairAcc::new(n_layer, setup.policies.len());
-        for (da, db) in runs[ia].docs.iter().zip(&runs[ib].docs) {
-            p.add(da, db).map_err(|e| anyhow::anyhow!(e))?;
+        pb.finish_and_clear();
+        let types: Vec<String> = runs.iter().map(|r| r.type_name.clone()).collect();
+        for (r, l) in runs.iter_mut().zip(labels_for(&a.models, &types)) {
+            r.label = l;
         }
-        pair_accs.push(((ia, ib), p));
+        let mut pair_accs = vec![];
+        for (ia, ib) in pairs(runs.len()) {
+            let mut p = PairAcc::new(n_layer, setup.policies.len());
+            for (da, db) in runs[ia].docs.iter().zip(&runs[ib].docs) {
+                p.add(da, db).map_err(|e| anyhow::anyhow!(e))?;
+            }
+            pair_accs.push(((ia, ib), p));
+        }
+        let policy_names: Vec<&str> = setup.policies.iter().map(|p| p.name()).collect();
+        let secs = t0.elapsed().as_secs_f64();
+        let meta = json!({
+            "tool": "attractors compare",
+            "version": env!("CARGO_PKG_VERSION"),
+            "reference": runs[0].label,
+            "models": runs.iter().map(|r| json!({"label": r.label, "type": r.type_name, "bytes": r.bytes, "perplexity": r.ppl(), "nll_tokens": r.nll_n, "seconds": r.seconds, "model": r.meta})).collect::<Vec<_>>(),
+            "vocab_fingerprint": fp0,
+            "corpus": cut,
+            "documents": docs.iter().map(|d| json!({"source": d.source, "first_token": d.first_token, "n_tokens": d.tokens.len(), "token_ids": d.tokens})).collect::<Vec<_>>(),
+            "parameters": {
+                "context": ctx_params,
+                "flash_attention": "off (forced: attention weights are only visible without it)",
+                "include_self": a.rule.include_self,
+                "activation_node": a.activation,
+                "keys_node": setup.needs.keys.then(|| setup.keys_node.clone()),
+                "policies": policy_names,
+                "policy_notes": crate::evict::layers_notes(&policy_names, "cells"),
+                "ratio": a.ratio,
+                "budgets": budgets,
+                "mode": "cells (one kept set per document)",
+                "sinks": setup.sinks,
+                "seed": setup.seed,
+                "frequency_list": setup.freq_file,
+                "calibration": setup.calib_file,
+            },
+            "attractor_rule": rule,
+            "attractor_rule_text": rule.describe(),
+            "definitions": DEFINITIONS,
+            "timing_seconds": {"total": secs},
+        });
+        let policies = policy_names.iter().map(|s| s.to_string()).collect();
+        Ok(Comparison { runs, pairs: pair_accs, policies, cfg: cfg.clone(), seconds: secs, docs, meta })
     }
-    let policy_names: Vec<&str> = setup.policies.iter().map(|p| p.name()).collect();
-    write_tables(out, &runs, &pair_accs, &policy_names, a.ratio, &rule.short())?;
-    let figures = write_figures(out, &runs, &pair_accs, &policy_names)?;
-    let md = report(&runs, &pair_accs, &policy_names, &a, &docs, &figures);
-    out.write("report.md", md.as_bytes())?;
-    let secs = t0.elapsed().as_secs_f64();
-    let meta = json!({
-        "tool": "attractors compare",
-        "version": env!("CARGO_PKG_VERSION"),
-        "reference": runs[0].label,
-        "models": runs.iter().map(|r| json!({"label": r.label, "type": r.type_name, "bytes": r.bytes, "perplexity": r.ppl(), "nll_tokens": r.nll_n, "seconds": r.seconds, "model": r.meta})).collect::<Vec<_>>(),
-        "vocab_fingerprint": fp0,
-        "corpus": cut,
-        "documents": docs.iter().map(|d| json!({"source": d.source, "first_token": d.first_token, "n_tokens": d.tokens.len(), "token_ids": d.tokens})).collect::<Vec<_>>(),
-        "parameters": {
-            "context": ctx_params,
-            "flash_attention": "off (forced: attention weights are only visible without it)",
-            "include_self": a.rule.include_self,
-            "activation_node": a.activation,
-            "keys_node": setup.needs.keys.then(|| setup.keys_node.clone()),
-            "policies": policy_names,
-            "policy_notes": crate::evict::layers_notes(&policy_names, "cells"),
-            "ratio": a.ratio,
-            "budgets": budgets,
-            "mode": "cells (one kept set per document)",
-            "sinks": setup.sinks,
-            "seed": setup.seed,
-            "frequency_list": setup.freq_file,
-            "calibration": setup.calib_file,
-        },
-        "attractor_rule": rule,
-        "attractor_rule_text": rule.describe(),
-        "definitions": DEFINITIONS,
-        "timing_seconds": {"total": secs},
-    });
-    out.write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
-    staged.commit()?;
-    eprintln!("compared {} models on {} documents in {secs:.1}s; wrote {}", runs.len(), docs.len(), a.out.display());
-    for ((ia, ib), p) in pair_accs.iter().filter(|((ia, _), _)| *ia == 0) {
-        println!(
-            "{} vs {}: attractor Jaccard {:.3}, received rho {:.3}, perplexity {:.2} vs {:.2}",
-            runs[*ia].label,
-            runs[*ib].label,
-            PairAcc::layer_mean(&p.jaccard),
-            PairAcc::layer_mean(&p.spearman),
-            runs[*ia].ppl(),
-            runs[*ib].ppl()
-        );
+}
+
+impl Comparison {
+    /// Every table (`models.csv`, `layers.csv`, `pairs_layers.csv`, `pairs_policies.csv`,
+    /// `pairs.csv`), the four figures, `report.md` and `meta.json`.
+    pub fn files(&self) -> Files {
+        let policies: Vec<&str> = self.policies.iter().map(|s| s.as_str()).collect();
+        let mut files = Files::default();
+        let rule = self.runs[0].acc.rule;
+        write_tables(&mut files, &self.runs, &self.pairs, &policies, self.cfg.ratio, &rule.short());
+        let figures = write_figures(&mut files, &self.runs, &self.pairs, &policies);
+        files.text("report.md", report(&self.runs, &self.pairs, &policies, &self.cfg, &self.docs, &figures));
+        files.json("meta.json", &self.meta);
+        files
     }
-    Ok(())
+
+    /// One line per model against the reference: attractor Jaccard, received rho, perplexity.
+    pub fn summary(&self) -> Vec<String> {
+        let runs = &self.runs;
+        self.pairs
+            .iter()
+            .filter(|((ia, _), _)| *ia == 0)
+            .map(|((ia, ib), p)| {
+                format!(
+                    "{} vs {}: attractor Jaccard {:.3}, received rho {:.3}, perplexity {:.2} vs {:.2}",
+                    runs[*ia].label,
+                    runs[*ib].label,
+                    PairAcc::layer_mean(&p.jaccard),
+                    PairAcc::layer_mean(&p.spearman),
+                    runs[*ia].ppl(),
+                    runs[*ib].ppl()
+                )
+            })
+            .collect()
+    }
+
+    /// Documents each model read.
+    pub fn n_docs(&self) -> usize {
+        self.docs.len()
+    }
 }
 
 const DEFINITIONS: &[(&str, &str)] = &[
@@ -333,12 +402,12 @@ const DEFINITIONS: &[(&str, &str)] = &[
     ("perplexity", "exp of the mean next-token NLL over every document token after the first"),
 ];
 
-fn write_tables(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((usize, usize), PairAcc)], policies: &[&str], ratio: f64, rule: &str) -> anyhow::Result<()> {
+fn write_tables(out: &mut Files, runs: &[ModelRun], pair_accs: &[((usize, usize), PairAcc)], policies: &[&str], ratio: f64, rule: &str) {
     let mut t = String::from("model,label,type,file,bytes,perplexity,nll_tokens,docs,tokens\n");
     for (i, r) in runs.iter().enumerate() {
         let _ = writeln!(t, "{i},{},{},{},{},{},{},{},{}", r.label, r.type_name, crate::output::csv_field(&r.file.display().to_string()), r.bytes, f(r.ppl()), r.nll_n, r.acc.n_docs, r.acc.n_tokens);
     }
-    out.write("models.csv", t.as_bytes())?;
+    out.text("models.csv", std::mem::take(&mut t));
 
     let mut t = String::from("model,label,layer,attractor_fraction,first_token_share,sink_rate,best_dim,best_rho,best_p,rule\n");
     for (i, r) in runs.iter().enumerate() {
@@ -347,7 +416,7 @@ fn write_tables(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((u
             let _ = writeln!(t, "{i},{},{l},{},{},{},{d},{rho},{p},{rule}", r.label, f(r.acc.attractor_fraction[l].get()), f(r.acc.first_share[l].get()), f(r.acc.sink_rate[l].get()));
         }
     }
-    out.write("layers.csv", t.as_bytes())?;
+    out.text("layers.csv", std::mem::take(&mut t));
 
     let mut t = String::from("model_a,model_b,label_a,label_b,layer,attractor_jaccard,received_spearman,docs,first_share_a,first_share_b,sink_rate_a,sink_rate_b,dim_a,dim_b,same_dim,rho_a,rho_b,rho_b_at_dim_a,rule\n");
     for ((ia, ib), p) in pair_accs {
@@ -378,7 +447,7 @@ fn write_tables(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((u
             );
         }
     }
-    out.write("pairs_layers.csv", t.as_bytes())?;
+    out.text("pairs_layers.csv", std::mem::take(&mut t));
 
     let mut t = String::from("model_a,model_b,label_a,label_b,policy,ratio,kept_overlap,kept_jaccard,docs\n");
     for ((ia, ib), p) in pair_accs {
@@ -386,9 +455,11 @@ fn write_tables(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((u
             let _ = writeln!(t, "{ia},{ib},{},{},{name},{ratio},{},{},{}", runs[*ia].label, runs[*ib].label, f(p.kept_overlap[k].get()), f(p.kept_jaccard[k].get()), p.kept_overlap[k].n);
         }
     }
-    out.write("pairs_policies.csv", t.as_bytes())?;
+    out.text("pairs_policies.csv", std::mem::take(&mut t));
 
-    let mut t = String::from("model_a,model_b,label_a,label_b,mean_attractor_jaccard,min_attractor_jaccard,min_jaccard_layer,mean_received_spearman,same_dim_layers,layers_with_both_dims,mean_kept_overlap,perplexity_a,perplexity_b\n");
+    let mut t = String::from(
+        "model_a,model_b,label_a,label_b,mean_attractor_jaccard,min_attractor_jaccard,min_jaccard_layer,mean_received_spearman,same_dim_layers,layers_with_both_dims,mean_kept_overlap,perplexity_a,perplexity_b\n",
+    );
     for ((ia, ib), p) in pair_accs {
         let (ra, rb) = (&runs[*ia], &runs[*ib]);
         let (wl, wj) = PairAcc::worst_layer(&p.jaccard).map(|(l, j)| (l.to_string(), f(j))).unwrap_or_default();
@@ -405,8 +476,7 @@ fn write_tables(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((u
             f(rb.ppl())
         );
     }
-    out.write("pairs.csv", t.as_bytes())?;
-    Ok(())
+    out.text("pairs.csv", std::mem::take(&mut t));
 }
 
 /// Layers where both models pick the same most-correlated dimension, of those where both
@@ -423,12 +493,11 @@ fn dim_agreement(a: &ModelRun, b: &ModelRun) -> (usize, usize) {
     (same, both)
 }
 
-fn write_figures(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((usize, usize), PairAcc)], policies: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
+fn write_figures(out: &mut Files, runs: &[ModelRun], pair_accs: &[((usize, usize), PairAcc)], policies: &[&str]) -> Vec<(String, String)> {
     let mut figs = vec![];
-    let mut save = |stem: &str, caption: &str, fig: Figure| -> anyhow::Result<()> {
-        plot::save(&fig, out, stem).map_err(|e| anyhow::anyhow!(e))?;
+    let mut save = |stem: &str, caption: &str, fig: Figure| {
+        out.figure(stem, fig);
         figs.push((stem.to_string(), caption.to_string()));
-        Ok(())
     };
     let n_layer = runs[0].acc.n_layer;
     let curve = |title: &str, y: &str, v: &dyn Fn(&ModelRun, usize) -> f64| Figure::Lines {
@@ -448,7 +517,7 @@ fn write_figures(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((
             curve("Sink rate", "heads with alpha0 > 0.3", &|r, l| r.acc.sink_rate[l].get()),
             curve("Most correlated dimension", "|Spearman rho|", &|r, l| r.best[l].as_ref().map(|b| b.rho.abs()).unwrap_or(f64::NAN)),
         ]),
-    )?;
+    );
     let vs_ref: Vec<&((usize, usize), PairAcc)> = pair_accs.iter().filter(|((a, _), _)| *a == 0).collect();
     let y_ticks: Vec<String> = vs_ref.iter().map(|((_, b), _)| runs[*b].label.clone()).collect();
     let x_layers: Vec<String> = (0..n_layer).map(|l| l.to_string()).collect();
@@ -464,7 +533,7 @@ fn write_figures(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((
             y_ticks: y_ticks.clone(),
             matrix: vs_ref.iter().map(|(_, p)| p.jaccard.iter().map(|m| m.get()).collect()).collect(),
         },
-    )?;
+    );
     save(
         "spearman_vs_reference",
         "Spearman rho of each model's received attention with the reference's, per layer",
@@ -476,7 +545,7 @@ fn write_figures(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((
             y_ticks: y_ticks.clone(),
             matrix: vs_ref.iter().map(|(_, p)| p.spearman.iter().map(|m| m.get()).collect()).collect(),
         },
-    )?;
+    );
     save(
         "kept_overlap_vs_reference",
         "Share of the reference's kept positions each model keeps too, per policy",
@@ -488,8 +557,8 @@ fn write_figures(out: &crate::output::OutDir, runs: &[ModelRun], pair_accs: &[((
             y_ticks,
             matrix: vs_ref.iter().map(|(_, p)| p.kept_overlap.iter().map(|m| m.get()).collect()).collect(),
         },
-    )?;
-    Ok(figs)
+    );
+    figs
 }
 
 /// Policies whose choice depends only on token ids and positions (and the seed): their kept
@@ -556,7 +625,14 @@ fn report(runs: &[ModelRun], pair_accs: &[((usize, usize), PairAcc)], policies: 
         let _ = write!(s, " The most correlated activation dimension is the same in {same} of {both} layers.");
         let dependent: Vec<(usize, f64)> = policies.iter().enumerate().filter(|(_, n)| !MODEL_FREE.contains(n)).map(|(k, _)| (k, p.kept_overlap[k].get())).filter(|(_, x)| x.is_finite()).collect();
         if let (Some(lo), Some(hi)) = (dependent.iter().min_by(|x, y| x.1.total_cmp(&y.1)), dependent.iter().max_by(|x, y| x.1.total_cmp(&y.1))) {
-            let _ = write!(s, " Among policies that read the model, `{}` keeps the most similar set ({:.0}% of the reference's kept positions) and `{}` the least ({:.0}%).", policies[hi.0], hi.1 * 100.0, policies[lo.0], lo.1 * 100.0);
+            let _ = write!(
+                s,
+                " Among policies that read the model, `{}` keeps the most similar set ({:.0}% of the reference's kept positions) and `{}` the least ({:.0}%).",
+                policies[hi.0],
+                hi.1 * 100.0,
+                policies[lo.0],
+                lo.1 * 100.0
+            );
         }
         let _ = writeln!(s, " Perplexity {:.2} vs {:.2} ({:+.1}%).", rb.ppl(), r0.ppl(), (rb.ppl() / r0.ppl() - 1.0) * 100.0);
     }

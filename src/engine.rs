@@ -78,6 +78,16 @@ pub struct EngineConfig {
     pub kv_type: KvType,
 }
 
+/// A config's command-line defaults (what a run without flags uses), so a library caller
+/// starts from the same values as `attractors`: `let cfg: EvalLongConfig = cli_defaults();`.
+/// Panics only for a config with a required flag (none of those implementing `Default`
+/// through it has one; a unit test parses each).
+pub fn cli_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults").no_binary_name(true));
+    let m = cmd.try_get_matches_from(std::iter::empty::<String>()).unwrap_or_else(|e| panic!("a config with a required flag has no defaults: {e}"));
+    T::from_arg_matches(&m).unwrap_or_else(|e| panic!("defaults do not parse: {e}"))
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig { ctx: None, batch: 512, ubatch: 512, threads: None, kv_type: KvType::F16 }

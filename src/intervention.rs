@@ -6,24 +6,24 @@ use std::fmt::Write as _;
 use anyhow::bail;
 use serde_json::json;
 
-use crate::engine;
-use crate::engine::{EngineConfig, ModelSource, TextSource};
-use std::path::PathBuf;
 use crate::analysis::attractors::{AttractorRule, SINK_EPS};
 use crate::analysis::corpus::{best_of, CorpusAcc};
 use crate::capture::intervene::{Edit, EditHook, LayerEdit};
 use crate::capture::{new_capture, sliding_window_layers, CaptureConfig, CaptureSummary};
-use crate::ffi::{Context, EvalHook, FlashAttn};
-use crate::output::OutDir;
+use crate::engine;
+use crate::engine::{EngineConfig, TextSource};
+use crate::ffi::{Context, ContextParams, EvalHook, FlashAttn, Model};
+use crate::output::Files;
 use crate::session::feed;
 
-#[derive(clap::Args, Debug)]
+/// What `intervene` edits and on which text.
+#[derive(clap::Args, Debug, Clone)]
 pub struct InterveneConfig {
     #[command(flatten)]
-    pub model: ModelSource,
-    #[command(flatten)]
+    /// The text.
     pub text: TextSource,
     #[command(flatten)]
+    /// Context parameters.
     pub engine: EngineConfig,
     /// zero, random (Gaussian with the dimension's mean and std) or both.
     #[arg(long, default_value = "both")]
@@ -34,11 +34,16 @@ pub struct InterveneConfig {
     /// Activation node edited (and correlated).
     #[arg(long, default_value = "auto")]
     pub node: String,
+    /// Seed of the random values and of the control dimensions.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Also write intervene.csv, intervene.md and meta.json here.
-    #[arg(long, short)]
-    pub out: Option<PathBuf>,
+}
+
+impl Default for InterveneConfig {
+    /// The command line's defaults.
+    fn default() -> Self {
+        crate::engine::cli_defaults()
+    }
 }
 
 /// Mean and standard deviation of dimension `d` over positions.
@@ -75,83 +80,117 @@ pub fn choose_dims(sum: &CaptureSummary, tokens: &[String], n_layer: usize, n_he
     Ok((corr, ctrl))
 }
 
-pub fn run(a: InterveneConfig) -> anyhow::Result<()> {
+/// A checked intervention: the edits parsed, the text tokenized, the context sized.
+pub struct IntervenePlan<'m> {
+    model: &'m Model,
+    cfg: InterveneConfig,
+    modes: Vec<Edit>,
+    dims: Vec<&'static str>,
+    label: String,
+    toks: Vec<i32>,
+    params: ContextParams,
+}
+
+/// Check `cfg` against `model` and tokenize the text.
+pub fn plan<'m>(model: &'m Model, cfg: &InterveneConfig) -> anyhow::Result<IntervenePlan<'m>> {
+    let a = cfg;
     let modes: Vec<Edit> = match a.mode.as_str() {
         "zero" => vec![Edit::Zero],
         "random" => vec![Edit::Random],
         "both" => vec![Edit::Zero, Edit::Random],
         m => bail!("unknown --mode {m}: use zero, random or both"),
     };
-    let dims: Vec<&str> = match a.dims.as_str() {
+    let dims: Vec<&'static str> = match a.dims.as_str() {
         "correlated" => vec!["correlated"],
         "random" => vec!["random"],
         "both" => vec!["correlated", "random"],
         d => bail!("unknown --dims {d}: use correlated, random or both"),
     };
-    let model = engine::load_model(&a.model)?;
-    engine::require_attention(&model)?;
-    let (label, toks) = engine::load_tokens(&model, &a.text)?;
-    let params = engine::context_params(&model, &a.engine, toks.len(), FlashAttn::Off)?;
+    engine::require_attention(model)?;
+    let (label, toks) = engine::load_tokens(model, &a.text)?;
+    let params = engine::context_params(model, &a.engine, toks.len(), FlashAttn::Off)?;
     if model.n_embd() < 2 {
         bail!("model has fewer than two activation dimensions: nothing to compare");
     }
-    let out = match &a.out {
-        Some(d) => Some(OutDir::prepare(d)?),
-        None => None,
-    };
-    // 1. Calibration: which dimension tracks received attention, on this text.
-    let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
-    let cfg = CaptureConfig { activation: Some(a.node.clone()), all_dims: true, distance: false, ..CaptureConfig::default() };
-    let (hook, handle) = new_capture(&model, &cfg, &swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
-    let mut ctx = Context::new(&model, &params, Some(Box::new(hook)))?;
-    eprintln!("intervene: calibrating on {} tokens (attention capture, flash attention off)", toks.len());
-    feed(&mut ctx, &toks, false, |_| {})?;
-    let sum = handle.summary();
-    drop(ctx);
-    let strings: Vec<String> = toks.iter().map(|&t| model.token_str(t)).collect();
-    let (corr, ctrl) = choose_dims(&sum, &strings, model.n_layer(), model.n_head(), model.n_head_kv(), a.seed).map_err(|e| anyhow::anyhow!(e))?;
-    if corr.is_empty() {
-        bail!("no layer has a dimension significantly correlated with received attention on this text: use a longer --text");
-    }
-    // 2. Perplexity, unmodified and with each edit.
-    let ppl_params = crate::ffi::ContextParams { flash_attn: FlashAttn::Off, ..params.clone() };
-    let run_one = |hook: Option<Box<dyn EvalHook>>| -> anyhow::Result<(f64, f64)> {
-        let mut ctx = Context::new(&model, &ppl_params, hook)?;
-        let nll = feed(&mut ctx, &toks, true, |_| {})?;
-        let mean = nll.iter().sum::<f64>() / nll.len() as f64;
-        Ok((mean, mean.exp()))
-    };
-    let total = 1 + modes.len() * dims.len();
-    let pb = indicatif::ProgressBar::with_draw_target(Some(total as u64), indicatif::ProgressDrawTarget::stderr());
-    let (base_nll, base_ppl) = run_one(None)?;
-    pb.inc(1);
-    let mut rows = vec![("none".to_string(), "none".to_string(), base_nll, base_ppl)];
-    for &m in &modes {
-        for &d in &dims {
-            let edits = if d == "correlated" { &corr } else { &ctrl };
-            let nodes = model.profile().and_then(|p| p.resolve(crate::capture::profile::Role::Activation, &a.node)).map_err(|e| anyhow::anyhow!(e))?;
-            let hook = EditHook::new(nodes, m, edits, model.n_layer(), a.seed);
-            let (nll, ppl) = run_one(Some(Box::new(hook)))?;
-            rows.push((format!("{m:?}").to_lowercase(), d.to_string(), nll, ppl));
-            pb.inc(1);
+    Ok(IntervenePlan { model, cfg: a.clone(), modes, dims, label, toks, params })
+}
+
+/// One perplexity run: an edit (`none`, `zero`, `random`) of some dimensions (`none`,
+/// `correlated`, `random`).
+#[derive(Debug, Clone)]
+pub struct InterventionRow {
+    /// none, zero or random.
+    pub mode: String,
+    /// none, correlated or random (the control).
+    pub dims: String,
+    /// Mean next-token NLL.
+    pub nll: f64,
+    /// exp(nll).
+    pub ppl: f64,
+}
+
+/// What `intervene` measured.
+pub struct Intervention {
+    /// The unedited run first, then each edit.
+    pub rows: Vec<InterventionRow>,
+    /// The most correlated dimension per layer (layers without a significant one left out).
+    pub correlated: Vec<LayerEdit>,
+    /// The control: a seeded random other dimension per layer.
+    pub control: Vec<LayerEdit>,
+    cfg: InterveneConfig,
+    label: String,
+    n_tokens: usize,
+    meta: serde_json::Value,
+}
+
+impl IntervenePlan<'_> {
+    /// Calibrate on the text, then measure perplexity unedited and with each edit.
+    pub fn run(self) -> anyhow::Result<Intervention> {
+        let IntervenePlan { model, cfg, modes, dims, label, toks, params } = self;
+        let a = &cfg;
+        // 1. Calibration: which dimension tracks received attention, on this text.
+        let swa = sliding_window_layers(&model).map_err(|e| anyhow::anyhow!(e))?;
+        let capture_cfg = CaptureConfig { activation: Some(a.node.clone()), all_dims: true, distance: false, ..CaptureConfig::default() };
+        let (hook, handle) = new_capture(&model, &capture_cfg, &swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
+        let mut ctx = Context::new(&model, &params, Some(Box::new(hook)))?;
+        eprintln!("intervene: calibrating on {} tokens (attention capture, flash attention off)", toks.len());
+        feed(&mut ctx, &toks, false, |_| {})?;
+        let sum = handle.summary();
+        drop(ctx);
+        let strings: Vec<String> = toks.iter().map(|&t| model.token_str(t)).collect();
+        let (corr, ctrl) = choose_dims(&sum, &strings, model.n_layer(), model.n_head(), model.n_head_kv(), a.seed).map_err(|e| anyhow::anyhow!(e))?;
+        if corr.is_empty() {
+            bail!("no layer has a dimension significantly correlated with received attention on this text: use a longer --text");
         }
-    }
-    pb.finish_and_clear();
-    let mut csv = String::from("mode,dims,mean_nll,perplexity,delta_ppl,layers_edited,node\n");
-    let mut table = format!("text {label}, {} tokens; node {}; {} layers with a significant dimension\n\n| mode | dims | perplexity | change |\n| --- | --- | --- | --- |\n", toks.len(), a.node, corr.len());
-    for (m, d, nll, ppl) in &rows {
-        let _ = writeln!(csv, "{m},{d},{nll:.6},{ppl:.4},{:.4},{},{}", ppl - base_ppl, if m == "none" { 0 } else { corr.len() }, a.node);
-        let _ = writeln!(table, "| {m} | {d} | {ppl:.3} | {:+.3} |", ppl - base_ppl);
-    }
-    println!("{table}");
-    println!("correlated dims (layer:dim): {}", corr.iter().map(|e| format!("{}:{}", e.layer, e.dim)).collect::<Vec<_>>().join(" "));
-    if let Some(out) = out {
-        out.write("intervene.csv", csv.as_bytes())?;
-        out.write("intervene.md", table.as_bytes())?;
+        // 2. Perplexity, unmodified and with each edit.
+        let ppl_params = crate::ffi::ContextParams { flash_attn: FlashAttn::Off, ..params.clone() };
+        let run_one = |hook: Option<Box<dyn EvalHook>>| -> anyhow::Result<(f64, f64)> {
+            let mut ctx = Context::new(&model, &ppl_params, hook)?;
+            let nll = feed(&mut ctx, &toks, true, |_| {})?;
+            let mean = nll.iter().sum::<f64>() / nll.len() as f64;
+            Ok((mean, mean.exp()))
+        };
+        let total = 1 + modes.len() * dims.len();
+        let pb = indicatif::ProgressBar::with_draw_target(Some(total as u64), indicatif::ProgressDrawTarget::stderr());
+        let (base_nll, base_ppl) = run_one(None)?;
+        pb.inc(1);
+        let mut rows = vec![("none".to_string(), "none".to_string(), base_nll, base_ppl)];
+        for &m in &modes {
+            for &d in &dims {
+                let edits = if d == "correlated" { &corr } else { &ctrl };
+                let nodes = model.profile().and_then(|p| p.resolve(crate::capture::profile::Role::Activation, &a.node)).map_err(|e| anyhow::anyhow!(e))?;
+                let hook = EditHook::new(nodes, m, edits, model.n_layer(), a.seed);
+                let (nll, ppl) = run_one(Some(Box::new(hook)))?;
+                rows.push((format!("{m:?}").to_lowercase(), d.to_string(), nll, ppl));
+                pb.inc(1);
+            }
+        }
+        pb.finish_and_clear();
+        let rows = rows.into_iter().map(|(mode, dims, nll, ppl)| InterventionRow { mode, dims, nll, ppl }).collect();
         let meta = json!({
             "tool": "attractors intervene",
             "version": env!("CARGO_PKG_VERSION"),
-            "model": engine::model_json(&model, &swa)?,
+            "model": engine::model_json(model, &swa)?,
             "text": label,
             "n_tokens": toks.len(),
             "parameters": {"node": a.node, "mode": a.mode, "dims": a.dims, "seed": a.seed, "context": ppl_params},
@@ -159,7 +198,38 @@ pub fn run(a: InterveneConfig) -> anyhow::Result<()> {
             "correlated_dims": corr,
             "control_dims": ctrl,
         });
-        out.write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
+        Ok(Intervention { rows, correlated: corr, control: ctrl, cfg: cfg.clone(), label, n_tokens: toks.len(), meta })
     }
-    Ok(())
+}
+
+impl Intervention {
+    /// The Markdown table: perplexity and its change per edit.
+    pub fn table_md(&self) -> String {
+        let base = self.rows[0].ppl;
+        let mut table = format!(
+            "text {}, {} tokens; node {}; {} layers with a significant dimension\n\n| mode | dims | perplexity | change |\n| --- | --- | --- | --- |\n",
+            self.label,
+            self.n_tokens,
+            self.cfg.node,
+            self.correlated.len()
+        );
+        for r in &self.rows {
+            let _ = writeln!(table, "| {} | {} | {:.3} | {:+.3} |", r.mode, r.dims, r.ppl, r.ppl - base);
+        }
+        table
+    }
+
+    /// `intervene.csv`, `intervene.md` and `meta.json`.
+    pub fn files(&self) -> Files {
+        let base = self.rows[0].ppl;
+        let mut csv = String::from("mode,dims,mean_nll,perplexity,delta_ppl,layers_edited,node\n");
+        for r in &self.rows {
+            let _ = writeln!(csv, "{},{},{:.6},{:.4},{:.4},{},{}", r.mode, r.dims, r.nll, r.ppl, r.ppl - base, if r.mode == "none" { 0 } else { self.correlated.len() }, self.cfg.node);
+        }
+        let mut files = Files::default();
+        files.text("intervene.csv", csv);
+        files.text("intervene.md", self.table_md());
+        files.json("meta.json", &self.meta);
+        files
+    }
 }

@@ -1,7 +1,7 @@
 //! `attractors`: see and use attention attractors (the tokens that draw unusually high
 //! attention: sinks, "_the", ".", "\n") inside llama.cpp, on the GGUF model you deploy.
 //!
-//! Four main uses, each a few lines (every pipeline takes a plain config struct with a
+//! The main uses, each a few lines (every pipeline takes a plain config struct with a
 //! `Default`, returns its results, and writes files only when asked):
 //!
 //! **Capture a text** and read received attention per layer and position
@@ -45,9 +45,25 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 //!
+//! **Evaluate** policies the way the paper's tables do ([`eval`]; [`compare`] and
+//! [`intervention`] have the same shape): `plan` checks everything and loads the data
+//! before any work, `run` measures and returns typed rows, `files` renders the tables,
+//! figures and `meta.json` in memory (write them, read them, or skip them):
+//! ```no_run
+//! # use attractors::{engine::*, eval::long::{plan, EvalLongConfig}};
+//! # let model = load_model(&ModelSource::default())?;
+//! let cfg = EvalLongConfig { task: vec!["passkey".into()], policies: vec!["full".into(), "h2o".into()], n: 5, ..Default::default() };
+//! let result = plan(&model, &cfg)?.run()?;
+//! let h2o = result.rows.iter().filter(|r| r.policy == "h2o" && r.correct).count();
+//! result.files().write("out/eval-long".as_ref())?;
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//! Every config's `Default` is the command line's defaults ([`engine::cli_defaults`]).
+//!
 //! Your own policy implements [`evict::Policy`] (it only scores positions and declares what
 //! it needs) and is registered by name with [`evict::registry::register`]; it then runs in
-//! every pipeline above like a built-in. `examples/` has runnable versions of all five.
+//! every pipeline above like a built-in. `examples/` has runnable programs for capture,
+//! compress-once, the bounded chat and a custom policy.
 //!
 //! Where things live: [`engine`] (models, data folders resolved at run time, context
 //! parameters), [`corpus`], [`capture`] (the eval callback and its reductions), [`analysis`]
@@ -55,6 +71,8 @@
 //! cache), [`eval`] (long-context, stream and dialogue evaluations), [`compare`]
 //! (quantization comparison), [`ladder`] (quantization ladder), [`intervention`],
 //! [`bench`](mod@bench), [`ffi`] (the only module that calls C: one wrapper per llama.cpp object).
+#![warn(missing_docs)]
+
 pub mod analysis;
 pub mod analyze;
 pub mod bench;
@@ -62,6 +80,7 @@ pub mod compare;
 pub mod capture;
 /// The command line: clap arguments into the configs above, and printing.
 #[doc(hidden)]
+#[allow(missing_docs)]
 pub mod cli;
 pub mod conversation;
 pub mod corpus;
@@ -80,4 +99,5 @@ pub mod stream;
 /// Tiny seeded GGUF models and the plain f64 reference forward pass, for the tests (and the
 /// examples' tests); not part of the API a user builds on.
 #[doc(hidden)]
+#[allow(missing_docs)]
 pub mod test_support;

@@ -5,11 +5,24 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
+/// Why an output could not be written.
 pub enum OutputError {
     #[error("cannot write to output directory {dir}: {source}; choose a writable --out")]
-    Unwritable { dir: PathBuf, source: std::io::Error },
+    /// The directory cannot be made or written.
+    Unwritable {
+        /// The directory.
+        dir: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}; free space or choose another --out")]
-    Write { path: PathBuf, source: std::io::Error },
+    /// A file cannot be written.
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// An output directory that was checked to be writable.
@@ -28,6 +41,7 @@ impl OutDir {
         Ok(OutDir { dir: dir.to_path_buf() })
     }
 
+    /// Where a file of this name goes.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -50,6 +64,7 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// Stage outputs for `dir` (created if needed, removed again if nothing is committed).
     pub fn new(dir: &Path) -> Result<Staged, OutputError> {
         let created = !dir.exists();
         OutDir::prepare(dir)?;
@@ -98,6 +113,7 @@ impl Drop for Staged {
     }
 }
 
+/// Write `path` whole: a temporary file, synced, then renamed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<PathBuf, OutputError> {
     let err = |source| OutputError::Write { path: path.to_path_buf(), source };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -115,12 +131,92 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<PathBuf, OutputError> {
     Ok(path.to_path_buf())
 }
 
-/// Quote a CSV field when needed (RFC 4180).
+/// A pipeline's outputs held in memory, by file name (tables, Markdown, `meta.json`,
+/// figures), in the order they were added. A library caller reads them with
+/// [`Files::get`] or skips them; [`Files::write`] puts them in a directory, each file
+/// written whole and renamed.
+#[derive(Default)]
+pub struct Files {
+    entries: Vec<(String, FileBody)>,
+}
+
+enum FileBody {
+    Bytes(Vec<u8>),
+    Figure(Box<crate::plot::Figure>),
+}
+
+impl Files {
+    /// Add (or replace) a text file.
+    pub fn text(&mut self, name: &str, text: impl Into<String>) {
+        self.put(name, FileBody::Bytes(text.into().into_bytes()));
+    }
+
+    /// Add (or replace) `name` as pretty-printed JSON.
+    pub fn json(&mut self, name: &str, value: &serde_json::Value) {
+        let text = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        self.text(name, text);
+    }
+
+    /// Add a figure, written as `stem.png` and `stem.svg`.
+    pub fn figure(&mut self, stem: &str, fig: crate::plot::Figure) {
+        self.put(stem, FileBody::Figure(Box::new(fig)));
+    }
+
+    fn put(&mut self, name: &str, body: FileBody) {
+        self.entries.retain(|(n, _)| n != name);
+        self.entries.push((name.to_string(), body));
+    }
+
+    /// The bytes of a text file, if there is one of that name.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.entries.iter().find_map(|(n, b)| match b {
+            FileBody::Bytes(v) if n == name => Some(v.as_slice()),
+            _ => None,
+        })
+    }
+
+    /// The text of a file as a string (empty when absent or not UTF-8).
+    pub fn get_str(&self, name: &str) -> &str {
+        self.get(name).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or("")
+    }
+
+    /// The figure of that stem, if there is one.
+    pub fn get_figure(&self, stem: &str) -> Option<&crate::plot::Figure> {
+        self.entries.iter().find_map(|(n, b)| match b {
+            FileBody::Figure(f) if n == stem => Some(f.as_ref()),
+            _ => None,
+        })
+    }
+
+    /// File names (a figure's stem stands for its `.png` and `.svg`).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Write every file into `dir` (created if needed); returns the paths written.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        self.write_to(&OutDir::prepare(dir)?)
+    }
+
+    /// Write every file into a prepared directory.
+    pub fn write_to(&self, out: &OutDir) -> anyhow::Result<Vec<PathBuf>> {
+        let mut paths = vec![];
+        for (name, body) in &self.entries {
+            match body {
+                FileBody::Bytes(b) => paths.push(out.write(name, b)?),
+                FileBody::Figure(f) => paths.extend(crate::plot::save(f, out, name).map_err(|e| anyhow::anyhow!(e))?),
+            }
+        }
+        Ok(paths)
+    }
+}
+
 /// A token's text on one line: backslash, newline, carriage return and tab escaped.
 pub fn escape_token(s: &str) -> String {
     s.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r").replace('\t', "\\t")
 }
 
+/// Quote a CSV field when needed (RFC 4180).
 pub fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) || s.starts_with(' ') || s.ends_with(' ') {
         format!("\"{}\"", s.replace('"', "\"\""))

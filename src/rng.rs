@@ -2,9 +2,11 @@
 //! interventions (reproducible across platforms, no dependency).
 
 #[derive(Debug, Clone)]
+/// SplitMix64: a small seeded generator (state).
 pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

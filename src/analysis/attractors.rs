@@ -16,10 +16,16 @@ pub const SINK_EPS: f64 = 0.3;
 pub enum AttractorRule {
     /// share >= c / T (default, c = 1.2288).
     #[serde(rename = "relative")]
-    Relative { c: f64 },
+    Relative {
+        /// The multiple of the uniform share `1 / T`.
+        c: f64,
+    },
     /// share >= tau (the paper's absolute 0.03%).
     #[serde(rename = "absolute")]
-    Absolute { tau: f64 },
+    Absolute {
+        /// The share.
+        tau: f64,
+    },
 }
 
 impl Default for AttractorRule {
@@ -29,6 +35,7 @@ impl Default for AttractorRule {
 }
 
 impl AttractorRule {
+    /// The share a position must receive to be an attractor among `n_pos` positions.
     pub fn threshold(&self, n_pos: usize) -> f64 {
         match *self {
             AttractorRule::Relative { c } => c / n_pos.max(1) as f64,

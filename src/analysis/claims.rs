@@ -6,15 +6,21 @@ use super::tokens::layer_bands;
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
+/// How a finding of the paper came out on this model and corpus.
 pub enum Verdict {
+    /// The finding holds here.
     Replicated,
+    /// It holds in part (some layers, or a weaker effect).
     Partly,
     #[serde(rename = "not replicated")]
+    /// It does not hold here.
     NotReplicated,
+    /// The data cannot decide (too few documents, nothing captured).
     Undetermined,
 }
 
 impl Verdict {
+    /// The verdict as the report writes it.
     pub fn as_str(&self) -> &'static str {
         match self {
             Verdict::Replicated => "replicated",
@@ -26,10 +32,15 @@ impl Verdict {
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// One claim of the paper checked on this run.
 pub struct Claim {
+    /// The claim, in the paper's words.
     pub claim: String,
+    /// The rule that decides it.
     pub rule: String,
+    /// What this run found.
     pub finding: String,
+    /// The verdict.
     pub verdict: Verdict,
 }
 

@@ -19,6 +19,7 @@ pub struct DocRecord {
 }
 
 impl DocRecord {
+    /// A document's record from its received attention `R[l][j]`, under `rule`, with each policy's kept set.
     pub fn new(received: &[Vec<f64>], rule: AttractorRule, kept: Vec<Vec<bool>>) -> DocRecord {
         DocRecord {
             received: received.iter().map(|r| r.iter().map(|&x| x as f32).collect()).collect(),
@@ -58,11 +59,14 @@ pub struct PairAcc {
     pub spearman: Vec<Mean>,
     /// Per policy: share of model a's kept positions that model b keeps, and their Jaccard.
     pub kept_overlap: Vec<Mean>,
+    /// Per policy: Jaccard of the two kept sets.
     pub kept_jaccard: Vec<Mean>,
+    /// Documents added.
     pub docs: usize,
 }
 
 impl PairAcc {
+    /// Empty accumulators for `n_layer` layers and `n_policies` policies.
     pub fn new(n_layer: usize, n_policies: usize) -> PairAcc {
         PairAcc {
             jaccard: vec![Mean::default(); n_layer],

@@ -21,6 +21,7 @@ pub struct DimCorr {
     pub parts: Vec<(f64, usize)>,
     /// Quartile-group sums of the target, and documents counted.
     pub quart: [f64; 4],
+    /// Documents counted per quartile group.
     pub quart_n: [u64; 4],
 }
 
@@ -43,6 +44,7 @@ impl DimCorr {
         fisher_combine(&self.parts)
     }
 
+    /// Mean target per quartile group of the dimension (NaN for an empty group).
     pub fn quartiles(&self) -> [f64; 4] {
         std::array::from_fn(|g| if self.quart_n[g] > 0 { self.quart[g] / self.quart_n[g] as f64 } else { f64::NAN })
     }
@@ -53,40 +55,61 @@ impl DimCorr {
 pub struct MassiveAcc {
     /// Three largest |x| seen: `(|x|, doc, position, dim)`.
     pub top: Vec<(f32, usize, usize, u32)>,
+    /// Median |x| of the layer's activations, mean over documents.
     pub median: Mean,
 }
 
 /// Corpus-level accumulators.
 #[derive(Debug, Clone)]
 pub struct CorpusAcc {
+    /// The attractor rule.
     pub rule: AttractorRule,
+    /// Sink threshold on `alpha[l,h,0]`.
     pub sink_eps: f64,
+    /// Layers.
     pub n_layer: usize,
+    /// Query heads.
     pub n_head: usize,
+    /// KV heads.
     pub n_head_kv: usize,
+    /// Documents added.
     pub n_docs: usize,
+    /// Tokens added.
     pub n_tokens: usize,
+    /// Per layer: share of positions that are attractors, mean over documents.
     pub attractor_fraction: Vec<Mean>,
+    /// Per layer: attractors counted.
     pub attractor_count: Vec<u64>,
+    /// `[a][b]`: Jaccard of the attractor sets of layers a and b.
     pub jaccard: Vec<Vec<Mean>>,
+    /// Per layer band: attractor tokens by text.
     pub tokens: Vec<TokenCounts>,
+    /// Per layer: received attention by distance, attractors and the rest.
     pub distance: Vec<(DistanceGroup, DistanceGroup)>,
+    /// Per layer: information flow shares (the four groups of Sec. 4).
     pub flow: Vec<[Mean; 4]>,
+    /// Information flow was captured.
     pub flow_on: bool,
+    /// `[l][d]`: correlation of activation dimension d with received attention.
     pub corr: Vec<Vec<DimCorr>>,
     /// `[l][g][d]` on keys, target: mean received of the group's query heads.
     pub key_corr: Vec<Vec<Vec<DimCorr>>>,
+    /// Per layer: mean attention to position 0.
     pub first_share: Vec<Mean>,
+    /// Per layer: share of heads with `alpha[l,h,0]` above the sink threshold.
     pub sink_rate: Vec<Mean>,
     /// `alpha[l,h,0]` mean over documents, and the fraction of documents above eps.
     pub alpha0_head: Vec<Vec<Mean>>,
+    /// `[l][h]`: share of documents where head h is a sink.
     pub sink_head: Vec<Vec<Mean>>,
     /// Hidden-state norm `[l][pos]`.
     pub hidden_norm: Vec<Vec<Mean>>,
+    /// Per layer: massive activations.
     pub massive: Vec<MassiveAcc>,
 }
 
 impl CorpusAcc {
+    /// Empty accumulators for a model's shape.
     pub fn new(rule: AttractorRule, sink_eps: f64, n_layer: usize, n_head: usize, n_head_kv: usize) -> CorpusAcc {
         CorpusAcc {
             rule,
@@ -255,10 +278,15 @@ fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 /// A finished per-layer correlation result.
 #[derive(Debug, Clone, Serialize)]
 pub struct BestDim {
+    /// Activation dimension.
     pub dim: usize,
+    /// Spearman rho with received attention (combined over documents).
     pub rho: f64,
+    /// Its p-value.
     pub p: f64,
+    /// Positions counted.
     pub n: usize,
+    /// Mean received attention per quartile group of the dimension.
     pub quartiles: [f64; 4],
 }
 

@@ -7,11 +7,14 @@ use crate::capture::attention::bucket_range;
 /// `mean(b) = sum[b] / n[b]` is the mean attention weight per key at that distance.
 #[derive(Debug, Clone, Default)]
 pub struct DistanceGroup {
+    /// Sum per distance bucket.
     pub sum: Vec<f64>,
+    /// Count per distance bucket.
     pub n: Vec<f64>,
 }
 
 impl DistanceGroup {
+    /// Mean of bucket `b` (NaN when empty).
     pub fn mean(&self, b: usize) -> f64 {
         if self.n.get(b).copied().unwrap_or(0.0) == 0.0 {
             f64::NAN

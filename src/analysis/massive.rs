@@ -7,9 +7,13 @@ use serde::Serialize;
 pub struct Massive {
     /// Three largest |x| with `(position, dim)`, largest first.
     pub top: [(f32, usize, u32); 3],
+    /// Median |x| of the layer.
     pub median: f32,
+    /// Largest |x| over the median.
     pub ratio: f64,
+    /// Ratio above 100.
     pub over_100: bool,
+    /// Ratio above 1,000.
     pub over_1000: bool,
 }
 

@@ -26,17 +26,21 @@ pub fn jaccard_matrix(flags: &[Vec<bool>]) -> Vec<Vec<f64>> {
 /// Running mean that skips NaN.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Mean {
+    /// Sum of the values added.
     pub sum: f64,
+    /// Values added.
     pub n: u64,
 }
 
 impl Mean {
+    /// Add a value (NaN is skipped).
     pub fn add(&mut self, x: f64) {
         if x.is_finite() {
             self.sum += x;
             self.n += 1;
         }
     }
+    /// The mean (NaN when empty).
     pub fn get(&self) -> f64 {
         if self.n == 0 {
             f64::NAN

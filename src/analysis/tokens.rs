@@ -5,11 +5,14 @@ use std::collections::HashMap;
 /// Attractor occurrences per token string.
 #[derive(Debug, Clone, Default)]
 pub struct TokenCounts {
+    /// Count per token text.
     pub counts: HashMap<String, u64>,
+    /// Tokens counted.
     pub total: u64,
 }
 
 impl TokenCounts {
+    /// Count the tokens whose flag is set.
     pub fn add(&mut self, flags: &[bool], tokens: &[String]) {
         for (f, t) in flags.iter().zip(tokens) {
             if *f {
@@ -19,6 +22,7 @@ impl TokenCounts {
         }
     }
 
+    /// Add another count's tokens.
     pub fn merge(&mut self, other: &TokenCounts) {
         for (k, v) in &other.counts {
             *self.counts.entry(k.clone()).or_default() += v;

@@ -5,7 +5,9 @@ use serde::Serialize;
 /// Per layer, per position: L2 norm, median |x|, top-3 |x| (with dims), chosen dims.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LayerActivation {
+    /// Per position: L2 norm of the row.
     pub norm: Vec<f32>,
+    /// Per position: median |x| of the row.
     pub median_abs: Vec<f32>,
     /// `(dim, |x|)` of the three largest magnitudes, largest first.
     pub top3: Vec<[(u32, f32); 3]>,
@@ -13,24 +15,31 @@ pub struct LayerActivation {
     pub values: Vec<f32>,
     /// Per-head L2 norms `head_norm[pos * n_heads + g]` when `head_dim` is set.
     pub head_norm: Vec<f32>,
+    /// Positions recorded.
     pub n_pos: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// One activation node per layer, reduced as micro-batches arrive.
 pub struct ActivationAcc {
+    /// The node (as asked).
     pub node: String,
+    /// Dimensions whose per-position values are kept.
     pub dims: Vec<usize>,
+    /// Row width.
     pub width: usize,
     /// Keep every dimension (then `dims` becomes `0..width` on the first row).
     pub all_dims: bool,
     /// Compute per-head norms over this many equal consecutive blocks of dimensions.
     pub heads: Option<usize>,
+    /// Per layer (`None` where the node was not seen).
     pub layers: Vec<Option<LayerActivation>>,
     #[serde(skip)]
     scratch: Vec<f32>,
 }
 
 impl ActivationAcc {
+    /// Empty accumulators for `n_layer` layers keeping `dims`.
     pub fn new(node: &str, n_layer: usize, dims: Vec<usize>) -> ActivationAcc {
         ActivationAcc { node: node.to_string(), dims, width: 0, all_dims: false, heads: None, layers: vec![None; n_layer], scratch: Vec::new() }
     }

@@ -48,16 +48,20 @@ pub struct LayerAttention {
 /// Received attention for all layers, reduced as micro-batches arrive.
 #[derive(Debug, Clone)]
 pub struct AttentionAcc {
+    /// Query heads.
     pub n_head: usize,
     /// KV heads (query heads share them in groups of `n_head / n_head_kv`); set by the
     /// capture from the model's profile, `n_head` until then.
     pub n_head_kv: usize,
+    /// Distance buckets.
     pub n_buckets: usize,
+    /// Distance profiles are accumulated.
     pub distance: bool,
     /// Position capacity (grows on demand).
     cap: usize,
     /// Capacity of the first allocation.
     first_cap: usize,
+    /// Per layer (`None` until its first micro-batch).
     pub layers: Vec<Option<LayerAttention>>,
     /// `(first prediction position, KV heads)` when information flow is on.
     flow: Option<(usize, usize)>,
@@ -68,7 +72,9 @@ pub struct AttentionAcc {
 /// One cell's position, for the inner loop.
 #[derive(Debug, Clone, Copy)]
 pub struct CellPos {
+    /// Cache cell.
     pub cell: usize,
+    /// Position it holds.
     pub pos: usize,
 }
 
@@ -78,6 +84,7 @@ pub fn cell_at(cells: &[CellPos], pos: usize) -> Option<usize> {
 }
 
 impl AttentionAcc {
+    /// Empty accumulators; `max_positions` sizes the first allocation and the distance buckets.
     pub fn new(n_layer: usize, n_head: usize, max_positions: usize, distance: bool) -> AttentionAcc {
         let n_buckets = distance_bucket(max_positions.max(2) - 1) + 1;
         AttentionAcc { n_head, n_head_kv: n_head, n_buckets, distance, cap: 0, first_cap: max_positions.clamp(64, 1 << 20), layers: vec![None; n_layer], flow: None, obs: None }
@@ -94,6 +101,7 @@ impl AttentionAcc {
         self.obs = Some((start, last));
     }
 
+    /// Information flow is accumulated.
     pub fn flow_enabled(&self) -> bool {
         self.flow.is_some()
     }
@@ -105,10 +113,12 @@ impl AttentionAcc {
         }
     }
 
+    /// First prediction position of the flow, when on.
     pub fn flow_pred_start(&self) -> Option<usize> {
         self.flow.map(|f| f.0)
     }
 
+    /// Bytes the flow accumulators hold.
     pub fn flow_bytes(&self) -> usize {
         self.layers.iter().flatten().map(|l| l.flow_row.len() * 8 + l.flow_pred.iter().map(|r| r.len() * 4).sum::<usize>()).sum()
     }
@@ -121,6 +131,7 @@ impl AttentionAcc {
         self.cap = 0;
     }
 
+    /// Positions allocated.
     pub fn capacity(&self) -> usize {
         self.cap
     }
@@ -360,9 +371,11 @@ impl AttentionAcc {
 pub struct AttentionSummary {
     /// Number of positions T.
     pub n_pos: usize,
+    /// Query heads.
     pub n_head: usize,
     /// KV heads (see [`AttentionAcc::n_head_kv`]).
     pub n_head_kv: usize,
+    /// A query's attention to itself counts in `received`.
     pub include_self: bool,
     /// `R[l][j]`, head mean.
     pub received: Vec<Vec<f64>>,
@@ -384,14 +397,18 @@ pub struct AttentionSummary {
     /// Information flow per layer (empty when off): row sums per query, and full rows
     /// for queries from `flow_pred_start`.
     pub flow_row: Vec<Vec<f64>>,
+    /// Full flow rows of the prediction queries `[l][i][j]`.
     pub flow_pred: Vec<Vec<Vec<f32>>>,
+    /// First prediction query of `flow_pred`.
     pub flow_pred_start: Option<usize>,
     /// Observation window sums and last-query rows `[l][h][j]` (empty when off).
     pub window_head: Vec<Vec<Vec<f64>>>,
+    /// Attention row of the last query per head (TOVA).
     pub last_head: Vec<Vec<Vec<f64>>>,
 }
 
 impl AttentionSummary {
+    /// The summary of the accumulators.
     pub fn from_acc(acc: &AttentionAcc, include_self: bool) -> AttentionSummary {
         let h = acc.n_head;
         let cap = acc.cap;

@@ -17,6 +17,7 @@ pub struct CellMap {
 }
 
 impl CellMap {
+    /// An empty mirror; `window` for a sliding-window cache.
     pub fn new(window: Option<i32>) -> CellMap {
         CellMap { pos: Vec::new(), window }
     }
@@ -26,10 +27,12 @@ impl CellMap {
         self.pos.get(cell).copied().filter(|&p| p >= 0)
     }
 
+    /// Cells mirrored.
     pub fn len(&self) -> usize {
         self.pos.len()
     }
 
+    /// No cell holds a position.
     pub fn is_empty(&self) -> bool {
         self.pos.iter().all(|&p| p < 0)
     }
@@ -196,6 +199,7 @@ impl CellMap {
         }
     }
 
+    /// Forget every cell.
     pub fn clear(&mut self) {
         self.pos.clear();
     }
@@ -240,10 +244,12 @@ pub struct CellTracker {
     devices: super::Devices,
     /// Micro-batch masks checked on the device, and read on the host (in place or copied).
     pub masks_device: u64,
+    /// Micro-batch masks read on the host.
     pub masks_host: u64,
 }
 
 impl CellTracker {
+    /// Mirrors for a model's caches (one more for the sliding-window layers when there are any).
     pub fn new(n_layer: usize, swa_layers: &[usize], n_swa: i32) -> CellTracker {
         let mut maps = vec![CellMap::new(None)];
         let mut map_of_layer = vec![0; n_layer];
@@ -354,15 +360,19 @@ impl CellTracker {
         &self.maps[self.map_of_layer[layer]]
     }
 
+    /// Positions `p0..p1` left the cache (`llama_memory_seq_rm`).
     pub fn remove(&mut self, p0: i32, p1: i32) {
         self.maps.iter_mut().for_each(|m| m.remove(p0, p1));
     }
+    /// Positions `p0..p1` moved by `delta` (`llama_memory_seq_add`).
     pub fn shift(&mut self, p0: i32, p1: i32, delta: i32) {
         self.maps.iter_mut().for_each(|m| m.shift(p0, p1, delta));
     }
+    /// The cache was cleared.
     pub fn clear(&mut self) {
         self.maps.iter_mut().for_each(|m| m.clear());
     }
+    /// Forget these positions' cells.
     pub fn forget(&mut self, positions: &[i32]) {
         self.maps.iter_mut().for_each(|m| m.forget(positions));
     }

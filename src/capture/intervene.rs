@@ -10,6 +10,7 @@ use super::profile::NodeRef;
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Edit {
+    /// Set the dimension to 0.
     Zero,
     /// Gaussian values with this mean and standard deviation (per layer).
     Random,
@@ -18,12 +19,17 @@ pub enum Edit {
 /// Per layer: the dimension to edit and, for `Random`, its mean and std.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LayerEdit {
+    /// Layer.
     pub layer: usize,
+    /// Dimension.
     pub dim: usize,
+    /// Its mean over the text.
     pub mean: f64,
+    /// Its standard deviation over the text.
     pub std: f64,
 }
 
+/// A graph hook that edits one dimension of an activation node per layer as it is computed.
 pub struct EditHook {
     /// Per layer: the node edited there (see [`super::profile::ModelProfile::resolve`]).
     nodes: Vec<Option<NodeRef>>,

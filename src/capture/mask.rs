@@ -47,6 +47,7 @@ struct State {
     nodes: [u64; 3],
 }
 
+/// The hook that writes `-inf` into the attention scores of hidden cells (`mask` mode).
 pub struct MaskHook(Arc<Mutex<State>>);
 
 /// Sets the plan between decodes and reads how many entries were hidden.

@@ -23,6 +23,7 @@ use activation::ActivationAcc;
 use attention::{AttentionAcc, AttentionSummary};
 use cells::CellTracker;
 
+/// The attention weights' node (llama.cpp's softmax output).
 pub const ATTENTION_NODE: &str = "kq_soft_max";
 
 /// Where attention is reduced (and `mask` mode writes its `-inf`).
@@ -55,6 +56,7 @@ pub fn set_default_reduce(r: Reduce) {
     DEFAULT_REDUCE.store(r as u8, Ordering::Relaxed);
 }
 
+/// Where attention is reduced unless told otherwise (`--attn-reduce`, or `auto`).
 pub fn default_reduce() -> Reduce {
     match DEFAULT_REDUCE.load(Ordering::Relaxed) {
         1 => Reduce::Device,
@@ -109,10 +111,12 @@ impl Devices {
         }
     }
 
+    /// Devices in use.
     pub fn names(&self) -> Vec<String> {
         self.list.iter().map(|d| d.name().to_string()).collect()
     }
 
+    /// Bytes moved `(device -> host, host -> device)`.
     pub fn bytes(&self) -> (u64, u64) {
         self.list.iter().fold((0, 0), |(d, u), x| (d + x.bytes_down, u + x.bytes_up))
     }
@@ -136,6 +140,7 @@ impl Devices {
 /// How attention reached the reductions: nodes per path and bytes moved between device and host.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TransferStats {
+    /// Where attention was reduced.
     pub reduce: Option<Reduce>,
     /// Attention nodes read in place from host memory.
     pub nodes_in_place: u64,
@@ -151,10 +156,12 @@ pub struct TransferStats {
     /// Copies the device graphs made each way: each graph uploads its inputs in one copy and
     /// downloads its results in one (a GPU pays a fixed latency per copy).
     pub copies_down: u64,
+    /// Copies host -> device.
     pub copies_up: u64,
     /// Attention and activation graphs built, and run: a graph is built once per shape and
     /// plan (a micro-batch and cache) and rerun for each layer, over that layer's memory.
     pub graphs_built: u64,
+    /// Graphs run.
     pub graphs_run: u64,
     /// Bytes of the attention tensors themselves (what copying them whole would move).
     pub tensor_bytes: u64,
@@ -166,7 +173,9 @@ pub struct TransferStats {
     /// by a device graph (per-row norms, top-3, median |x|, chosen dims, head norms), or
     /// copied whole (device memory with `--attn-reduce host`, or every dimension kept).
     pub act_nodes_in_place: u64,
+    /// Activation nodes reduced by a device graph.
     pub act_nodes_device: u64,
+    /// Activation nodes copied whole.
     pub act_nodes_copied: u64,
     /// Bytes copied device -> host for activations: whole tensors and device summaries.
     pub act_bytes_down: u64,
@@ -175,6 +184,7 @@ pub struct TransferStats {
     /// Micro-batch masks (one per cache) checked against the cell maps by a device graph
     /// (counts come back) and read on the host (in place, or copied from a device).
     pub masks_device: u64,
+    /// Masks read on the host.
     pub masks_host: u64,
     /// Wall time inside the capture's callback (reading and reducing observed nodes) and,
     /// of that, in device graphs. Timings: kept out of `meta.json`, which must be the same
@@ -182,6 +192,7 @@ pub struct TransferStats {
     #[serde(skip)]
     pub callback_seconds: f64,
     #[serde(skip)]
+    /// Of the callback's time, in device graphs.
     pub device_seconds: f64,
     /// Wall time merging device results into the accumulators after the callback returned
     /// (on the merger thread while the device computes on, or at the next lock).
@@ -206,8 +217,11 @@ pub const DEFAULT_ACTIVATION_NODE: &str = profile::AUTO;
 /// What to capture.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaptureConfig {
+    /// Capture attention (received, alpha, first-token share).
     pub attention: bool,
+    /// A query's attention to itself counts as received.
     pub include_self: bool,
+    /// Also accumulate attention by distance.
     pub distance: bool,
     /// Activation node name (`attn_norm`, `l_out`, ...), optionally `NAME@OP` for names
     /// that repeat within a layer (e.g. `Kcur@ROPE`). `None`: no activations.
@@ -423,11 +437,17 @@ pub struct CaptureHandle(Arc<Mutex<State>>);
 /// Everything a capture produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaptureSummary {
+    /// Attention summaries.
     pub attention: Option<AttentionSummary>,
+    /// The activation node.
     pub activation: Option<ActivationAcc>,
+    /// Keys (per head norms, for `l2norm`).
     pub keys: Option<ActivationAcc>,
+    /// Values (norms, for the information flow).
     pub values: Option<ActivationAcc>,
+    /// Hidden states (norms, massive activations).
     pub hidden: Option<ActivationAcc>,
+    /// Sliding-window layers.
     pub swa_layers: Vec<usize>,
     /// Activation nodes whose rows did not match the micro-batch (e.g. last-layer nodes
     /// computed only for output tokens), skipped.
@@ -546,6 +566,7 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
 }
 
 impl CaptureHandle {
+    /// The summary so far.
     pub fn summary(&self) -> CaptureSummary {
         lock(&self.0).summary(|a| a.clone())
     }

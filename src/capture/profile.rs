@@ -30,7 +30,9 @@ use crate::ffi::{Batch, Context, ContextParams, EvalHook, FlashAttn, HookError, 
 /// `inp_embd`) and the op that computes it there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeRef {
+    /// Full node name.
     pub name: String,
+    /// The op that computes it.
     pub op: String,
 }
 
@@ -43,8 +45,11 @@ impl std::fmt::Display for NodeRef {
 /// One attention layer's shape.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttentionInfo {
+    /// Query heads.
     pub n_head: usize,
+    /// KV heads.
     pub n_head_kv: usize,
+    /// Head size.
     pub head_dim: usize,
     /// Sliding window in tokens (measured), `None` for full attention.
     pub window: Option<usize>,
@@ -55,18 +60,23 @@ pub struct AttentionInfo {
 /// What one layer holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerProfile {
+    /// Layer index.
     pub layer: usize,
     /// `None`: no attention in this layer (recurrent, convolution, attention-free model).
     pub attention: Option<AttentionInfo>,
+    /// The attention weights (softmax output).
     pub attention_node: Option<NodeRef>,
     /// The softmax's input: the scores after every scale, soft-cap and bias (`kq-<l>`, or
     /// Gemma 2's `kq_scaled_2-<l>`). `mask` mode writes `-inf` here, where nothing after it
     /// can turn `-inf` into a finite value (a soft-cap's `tanh` would).
     pub scores: Option<NodeRef>,
+    /// The keys.
     pub keys: Option<NodeRef>,
     /// The keys are a view of a fused QKV product.
     pub keys_fused: bool,
+    /// The values.
     pub values: Option<NodeRef>,
+    /// The attention block's input (the default activation).
     pub activation: Option<NodeRef>,
     /// Every computed node of the layer as `name@OP`, in graph order (for error messages
     /// and explicit node names).
@@ -77,17 +87,24 @@ pub struct LayerProfile {
 /// The per-layer profile of a model, discovered from its graph.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelProfile {
+    /// `general.architecture`.
     pub architecture: String,
+    /// Layers.
     pub n_layer: usize,
+    /// Per layer.
     pub layers: Vec<LayerProfile>,
 }
 
 /// The capture roles whose node can be named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// The activation node (`--node`, `--activation`).
     Activation,
+    /// The keys (`--keys-node`).
     Keys,
+    /// The values.
     Values,
+    /// The hidden state.
     Hidden,
 }
 

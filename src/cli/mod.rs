@@ -9,6 +9,7 @@ mod freq;
 mod capture;
 pub mod common;
 mod info;
+mod eval;
 mod perplexity;
 
 use std::path::PathBuf;
@@ -49,7 +50,7 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// Perplexity with the most attention-correlated dimension of every layer zeroed or
     /// randomised, against a random-dimension control (App. A.3).
-    Intervene(crate::intervention::InterveneConfig),
+    Intervene(InterveneArgs),
     /// Mean next-token NLL and perplexity of a text.
     Perplexity(PerplexityArgs),
     /// Token frequency lists for the `frequency` eviction policy.
@@ -64,7 +65,7 @@ pub enum Command {
     /// The same documents through several models of one vocabulary (e.g. a quantization
     /// ladder): per layer and pair, agreement of attractors, attention, sinks, correlated
     /// dimensions, pruning choices, and perplexity.
-    Compare(crate::compare::CompareConfig),
+    Compare(CompareArgs),
     /// Chat with a bounded KV cache (the policy evicts before the cache would overflow).
     Chat(ChatArgs),
     /// Evaluations.
@@ -139,14 +140,75 @@ pub struct PruneArgs {
     pub bench: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct EvalLongArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[command(flatten)]
+    pub cfg: crate::eval::long::EvalLongConfig,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/eval-long")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalStreamArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[command(flatten)]
+    pub cfg: crate::eval::stream::EvalStreamConfig,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/eval-stream")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalDialogArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[command(flatten)]
+    pub cfg: crate::eval::dialog::EvalDialogConfig,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/eval-dialog")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub cfg: crate::compare::CompareConfig,
+    /// Output directory.
+    #[arg(long, short, default_value = "out/compare")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct InterveneArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[command(flatten)]
+    pub cfg: crate::intervention::InterveneConfig,
+    /// Also write intervene.csv, intervene.md and meta.json here.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchStreamArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[command(flatten)]
+    pub cfg: crate::eval::stream::BenchStreamConfig,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
     /// Long-context tasks with the context compressed once (Table 1).
-    Long(crate::eval::long::EvalLongConfig),
+    Long(EvalLongArgs),
     /// Perplexity of a long text streamed through a bounded cache (StreamingLLM protocol).
-    Stream(crate::eval::stream::EvalStreamConfig),
+    Stream(EvalStreamArgs),
     /// Response selection on chit-chat dialogues streamed through a bounded cache (Table 2).
-    Dialog(crate::eval::dialog::EvalDialogConfig),
+    Dialog(EvalDialogArgs),
 }
 
 #[derive(Args, Debug)]
@@ -293,7 +355,7 @@ pub enum BenchCommand {
     Capture(crate::bench::BenchCaptureConfig),
     /// A long stream through a bounded cache: decode speed late vs early, the share of step
     /// time spent on evictions, resident memory late vs early.
-    Stream(crate::eval::stream::BenchStreamConfig),
+    Stream(BenchStreamArgs),
     /// `compare` of the given models against one plain `analyze` run per model over the
     /// same documents (each in a child process): wall time of compare / sum of the analyze runs.
     Compare(crate::bench::BenchCompareConfig),
@@ -337,20 +399,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Capture(a) => capture::run(a),
         Command::Analyze(a) => analyze::run(a),
-        Command::Intervene(a) => crate::intervention::run(a),
+        Command::Intervene(a) => eval::intervene(a),
         Command::Perplexity(a) => perplexity::run(a),
-        Command::Bench(BenchCommand::Capture(a)) => crate::bench::run_capture(a),
+        Command::Bench(BenchCommand::Capture(a)) => eval::print(crate::bench::run_capture(&a)?),
         Command::Freq(FreqCommand::Build(a)) => freq::build(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Prune(a) => prune::run(a),
-        Command::Eval(EvalCommand::Long(a)) => crate::eval::long::run(a),
-        Command::Eval(EvalCommand::Stream(a)) => crate::eval::stream::run(a),
-        Command::Eval(EvalCommand::Dialog(a)) => crate::eval::dialog::run(a),
+        Command::Eval(EvalCommand::Long(a)) => eval::long(a),
+        Command::Eval(EvalCommand::Stream(a)) => eval::stream(a),
+        Command::Eval(EvalCommand::Dialog(a)) => eval::dialog(a),
         Command::Chat(a) => chat::run(a),
         Command::Quantize(a) => quantize::run(a),
-        Command::Compare(a) => crate::compare::run(a),
-        Command::Bench(BenchCommand::Stream(a)) => crate::eval::stream::bench(a),
-        Command::Bench(BenchCommand::Compare(a)) => crate::bench::run_compare(a),
+        Command::Compare(a) => eval::compare(a),
+        Command::Bench(BenchCommand::Stream(a)) => eval::print(crate::eval::stream::bench(&common::load_model(&a.model)?, &a.cfg)?),
+        Command::Bench(BenchCommand::Compare(a)) => eval::print(crate::bench::run_compare(&a)?),
     }
 }
 
@@ -365,5 +427,25 @@ mod tests {
         let Command::Prune(p) = cli.command else { panic!("not prune") };
         assert_eq!(p.model.model.as_deref(), Some(std::path::Path::new("x.gguf")));
         assert_eq!((p.model.gpu_layers, p.engine.ctx, p.engine.threads, p.max_new, p.engine.ubatch), (Some(3), Some(1024), Some(2), 5, 64));
+    }
+
+    /// A library caller's `Default` of an eval config is what the command runs without flags.
+    #[test]
+    fn library_defaults_are_the_command_lines() {
+        let parse = |args: &[&str]| Cli::parse_from(std::iter::once("attractors").chain(args.iter().copied())).command;
+        let Command::Eval(EvalCommand::Long(a)) = parse(&["eval", "long"]) else { panic!("not eval long") };
+        assert_eq!(format!("{:?}", a.cfg), format!("{:?}", crate::eval::long::EvalLongConfig::default()));
+        assert_eq!(a.cfg.policies.len(), 10, "the ten policies of Table 1");
+        let Command::Eval(EvalCommand::Stream(a)) = parse(&["eval", "stream"]) else { panic!("not eval stream") };
+        assert_eq!(format!("{:?}", a.cfg), format!("{:?}", crate::eval::stream::EvalStreamConfig::default()));
+        let Command::Eval(EvalCommand::Dialog(a)) = parse(&["eval", "dialog"]) else { panic!("not eval dialog") };
+        assert_eq!(format!("{:?}", a.cfg), format!("{:?}", crate::eval::dialog::EvalDialogConfig::default()));
+        let Command::Intervene(a) = parse(&["intervene"]) else { panic!("not intervene") };
+        assert_eq!(format!("{:?}", a.cfg), format!("{:?}", crate::intervention::InterveneConfig::default()));
+        let Command::Bench(BenchCommand::Stream(a)) = parse(&["bench", "stream"]) else { panic!("not bench stream") };
+        assert_eq!(format!("{:?}", a.cfg), format!("{:?}", crate::eval::stream::BenchStreamConfig::default()));
+        // and a flag changes it
+        let Command::Eval(EvalCommand::Long(a)) = parse(&["eval", "long", "--n", "3"]) else { panic!("not eval long") };
+        assert_ne!(format!("{:?}", a.cfg), format!("{:?}", crate::eval::long::EvalLongConfig::default()));
     }
 }

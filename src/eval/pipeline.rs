@@ -18,12 +18,17 @@ use crate::session::feed;
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Remove cells (`llama_memory_seq_rm`), optionally closing the gaps.
-    Cells { close_gaps: bool },
+    /// Remove cells from the cache; `close_gaps` renumbers the kept positions.
+    Cells {
+        /// Renumber the kept positions 0..k-1 after removal.
+        close_gaps: bool,
+    },
     /// Hide (layer, head, position) triples with `-inf` in `kq-<l>`.
     Mask,
 }
 
 impl Mode {
+    /// `cells` or `mask`.
     pub fn parse(s: &str, close_gaps: bool) -> Result<Mode, String> {
         match s {
             "cells" => Ok(Mode::Cells { close_gaps }),
@@ -32,6 +37,7 @@ impl Mode {
             m => Err(format!("unknown mode {m}: use cells or mask")),
         }
     }
+    /// `cells` or `mask`.
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Cells { .. } => "cells",
@@ -44,7 +50,9 @@ impl Mode {
 /// question with the assistant's turn and answer prefix.
 #[derive(Debug, Clone)]
 pub struct Prompt {
+    /// Context tokens (the chat template's opening and the context).
     pub context: Vec<i32>,
+    /// Question tokens (the rest of the turn and the answer's start).
     pub question: Vec<i32>,
 }
 
@@ -89,6 +97,7 @@ pub fn generate(ctx: &mut Context, max_new: usize) -> Result<Vec<i32>, DecodeErr
     Ok(out)
 }
 
+/// Index of the largest logit.
 pub fn argmax(v: &[f32]) -> i32 {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
@@ -102,6 +111,7 @@ pub fn argmax(v: &[f32]) -> i32 {
 /// A policy's choice over the `n` context positions.
 #[derive(Debug, Clone)]
 pub enum Choice {
+    /// Kept cells (positions of the context).
     Cells(Vec<bool>),
     /// Per layer (`None`: keeps all), per head group.
     Mask(Vec<Option<Vec<Vec<bool>>>>),
@@ -165,6 +175,7 @@ pub fn apply(ctx: &mut Context, choice: &Choice, mode: Mode, mask: Option<&MaskH
 
 /// The capture a prefill needs for `needs` (None when only logits or nothing).
 pub struct Prefill {
+    /// The capture hook and its handle, when the policies read the model.
     pub capture: Option<(Box<dyn EvalHook>, CaptureHandle)>,
 }
 

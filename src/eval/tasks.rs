@@ -7,16 +7,23 @@ use serde_json::Value;
 
 use crate::rng::SplitMix64;
 
+/// The task names.
 pub const TASKS: [&str; 6] = ["passkey", "kv", "needle", "fewshot", "squad", "hotpotqa"];
 
 /// One test item: `context` is compressed, `question` and `answer_prefix` are not.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Sample {
+    /// Task name.
     pub task: String,
+    /// Sample index.
     pub index: usize,
+    /// The context (haystack).
     pub context: String,
+    /// The question.
     pub question: String,
+    /// Text the answer starts with.
     pub answer_prefix: String,
+    /// Reference answers.
     pub answers: Vec<String>,
 }
 
@@ -26,7 +33,9 @@ pub type Qa = (String, Vec<String>, Vec<usize>, Vec<usize>);
 /// Question-answering data: documents and questions pointing at them.
 #[derive(Debug, Clone, Default)]
 pub struct QaSet {
+    /// Documents.
     pub docs: Vec<String>,
+    /// Questions with their answers and gold documents.
     pub qas: Vec<Qa>,
 }
 
@@ -105,11 +114,14 @@ pub fn parse_hotpot(v: &Value) -> Result<QaSet, String> {
 pub struct TaskData {
     /// Moby-Dick, split into sentences.
     pub sentences: Vec<String>,
+    /// SQuAD (for `squad` and `fewshot`).
     pub squad: Option<QaSet>,
+    /// HotpotQA.
     pub hotpot: Option<QaSet>,
 }
 
 impl TaskData {
+    /// Task data from the filler text and the QA sets.
     pub fn new(filler: &str, squad: Option<QaSet>, hotpot: Option<QaSet>) -> TaskData {
         TaskData { sentences: split_sentences(filler), squad, hotpot }
     }

@@ -4,8 +4,10 @@ use llama_cpp_sys_2 as sys;
 use std::ptr::NonNull;
 
 #[derive(Debug, thiserror::Error)]
+/// Why a token could not join a batch.
 pub enum BatchError {
     #[error("batch is full ({0} tokens): decode it before adding more")]
+    /// The batch already holds this many tokens, its capacity.
     Full(usize),
 }
 
@@ -18,6 +20,7 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// An empty batch for up to `capacity` tokens.
     pub fn new(capacity: usize) -> Batch {
         let capacity = capacity.max(1);
         // SAFETY: allocates buffers for `capacity` tokens, one sequence id each.
@@ -26,18 +29,22 @@ impl Batch {
         Batch { raw, _owned: owned, capacity }
     }
 
+    /// Remove every token.
     pub fn clear(&mut self) {
         self.raw.n_tokens = 0;
     }
 
+    /// Tokens in the batch.
     pub fn len(&self) -> usize {
         self.raw.n_tokens as usize
     }
 
+    /// No token in the batch.
     pub fn is_empty(&self) -> bool {
         self.raw.n_tokens == 0
     }
 
+    /// Most tokens the batch holds.
     pub fn capacity(&self) -> usize {
         self.capacity
     }

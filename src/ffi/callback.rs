@@ -16,8 +16,11 @@ pub struct HookError(pub String);
 
 /// What the ask phase knows about a node.
 pub struct NodeInfo<'a> {
+    /// Node name (`kq_soft_max-3`).
     pub name: &'a str,
+    /// ggml op name.
     pub op: &'static str,
+    /// Shape, ggml order (`ne[0]` innermost).
     pub ne: [usize; 4],
     /// False for nodes that reach the ask phase but are never computed.
     pub computed: bool,
@@ -36,8 +39,11 @@ pub trait EvalHook: Send {
     fn on_batch(&mut self, _positions: &[i32]) {}
     /// The decode of the announced batch failed: nothing of it reached the cache.
     fn on_batch_failed(&mut self) {}
+    /// Positions `p0..p1` were removed from the cache.
     fn on_seq_rm(&mut self, _p0: i32, _p1: i32) {}
+    /// Positions `p0..p1` were moved by `delta`.
     fn on_seq_add(&mut self, _p0: i32, _p1: i32, _delta: i32) {}
+    /// The cache was cleared.
     fn on_clear(&mut self) {}
 }
 
@@ -50,6 +56,7 @@ pub struct Hooks {
 }
 
 impl Hooks {
+    /// Hooks called in this order.
     pub fn new(hooks: Vec<Box<dyn EvalHook>>) -> Hooks {
         let n = hooks.len();
         Hooks { hooks, wanted: vec![false; n] }

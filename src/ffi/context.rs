@@ -29,9 +29,13 @@ unsafe extern "C" fn abort_cb(_data: *mut c_void) -> bool {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+/// Flash attention (attention weights are only visible with it off).
 pub enum FlashAttn {
+    /// llama.cpp decides.
     Auto,
+    /// Always on.
     On,
+    /// Off (what attention capture needs).
     Off,
 }
 
@@ -39,17 +43,26 @@ pub enum FlashAttn {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum KvType {
+    /// 32-bit floats.
     F32,
+    /// 16-bit floats (llama.cpp's default).
     F16,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
+/// What a context is created with.
 pub struct ContextParams {
+    /// Cache cells.
     pub n_ctx: u32,
+    /// Most tokens per `llama_decode`.
     pub n_batch: u32,
+    /// Most tokens per graph run (micro-batch).
     pub n_ubatch: u32,
+    /// Threads.
     pub n_threads: i32,
+    /// Flash attention.
     pub flash_attn: FlashAttn,
+    /// KV cache element type.
     pub kv_type: KvType,
 }
 
@@ -61,32 +74,64 @@ impl Default for ContextParams {
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a context could not be made.
 pub enum ContextError {
     #[error("llama.cpp could not create a context (n_ctx {n_ctx}): {reason}")]
-    Create { n_ctx: u32, reason: String },
+    /// llama.cpp refused (usually memory).
+    Create {
+        /// Cells asked for.
+        n_ctx: u32,
+        /// llama.cpp's reason.
+        reason: String,
+    },
     #[error("{0} was loaded without weights (vocabulary only): load it in full to run it")]
+    /// The model was loaded without weights.
     VocabOnly(std::path::PathBuf),
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a decode failed.
 pub enum DecodeError {
     #[error("batch of {len} tokens exceeds the context's batch size {n_batch}: split it")]
-    BatchTooLarge { len: usize, n_batch: usize },
+    /// More tokens than the context's batch size.
+    BatchTooLarge {
+        /// Tokens in the batch.
+        len: usize,
+        /// The context's batch size.
+        n_batch: usize,
+    },
     #[error("batch starts at position {got} but the cache ends at {expected_minus_one}: the next position must be {}", expected_minus_one + 1)]
-    BadPosition { got: i32, expected_minus_one: i32 },
+    /// The batch does not continue the cache's positions.
+    BadPosition {
+        /// The batch's first position.
+        got: i32,
+        /// The cache's last position.
+        expected_minus_one: i32,
+    },
     #[error("the KV cache is full (no slot for {0} tokens): use a larger --ctx or fewer tokens")]
+    /// No room in the cache for this many tokens.
     NoSlot(usize),
     #[error("interrupted")]
+    /// Ctrl-C was pressed.
     Interrupted,
     #[error("llama_decode failed with code {code}: {reason}")]
-    Failed { code: i32, reason: String },
+    /// llama.cpp's own error.
+    Failed {
+        /// llama_decode's return code.
+        code: i32,
+        /// llama.cpp's reason.
+        reason: String,
+    },
     #[error("eval callback failed: {0}")]
+    /// An eval hook failed.
     Hook(HookError),
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a saved cache state could not be restored.
 pub enum StateError {
     #[error("llama.cpp could not restore a cache state of {0} bytes: it was saved from another model or cache type")]
+    /// llama.cpp rejected a state of this many bytes.
     Restore(usize),
 }
 
@@ -151,6 +196,7 @@ impl<'m> Context<'m> {
         Ok(Context { ptr, model, hook: hook_state, params: actual })
     }
 
+    /// The model.
     pub fn model(&self) -> &'m Model {
         self.model
     }
@@ -160,10 +206,12 @@ impl<'m> Context<'m> {
         &self.params
     }
 
+    /// Cache cells.
     pub fn n_ctx(&self) -> usize {
         self.params.n_ctx as usize
     }
 
+    /// Most tokens per decode.
     pub fn n_batch(&self) -> usize {
         self.params.n_batch as usize
     }
@@ -263,6 +311,7 @@ impl<'m> Context<'m> {
         unsafe { sys::llama_memory_seq_pos_max(self.mem(), 0) }
     }
 
+    /// The cache can shift positions (`llama_memory_can_shift`).
     pub fn can_shift(&self) -> bool {
         // SAFETY: valid memory handle.
         unsafe { sys::llama_memory_can_shift(self.mem()) }

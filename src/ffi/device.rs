@@ -32,22 +32,41 @@ use llama_cpp_sys_2 as sys;
 use super::tensor::TensorView;
 
 #[derive(Debug, Clone, thiserror::Error)]
+/// Why a device graph could not run (capture then falls back to the host).
 pub enum DeviceError {
     #[error("tensor {0} has no backend buffer")]
+    /// The tensor has no backend buffer.
     NoBuffer(String),
     #[error("no ggml device owns the buffer of tensor {0}")]
+    /// No ggml device owns the buffer.
     NoDevice(String),
     #[error("ggml could not start a backend on device {0}")]
+    /// The backend would not start.
     Init(String),
     #[error("device {dev} cannot run ggml op {op}: reductions fall back to copying to the host")]
-    Unsupported { dev: String, op: String },
+    /// The device cannot run an op.
+    Unsupported {
+        /// Device name.
+        dev: String,
+        /// Op name.
+        op: String,
+    },
     #[error("tensor {name} is not contiguous f32 (type {ty}): it cannot be reduced on the device")]
-    Layout { name: String, ty: String },
+    /// The tensor is not laid out as the graph needs.
+    Layout {
+        /// Tensor name.
+        name: String,
+        /// Its type.
+        ty: String,
+    },
     #[error("ggml could not allocate {0} bytes on device {1}")]
+    /// Device memory for a graph could not be allocated (bytes, device).
     Alloc(usize, String),
     #[error("graph compute failed on device {0}")]
+    /// The graph failed to run.
     Compute(String),
     #[error("reduction inputs do not match the tensor: {0}")]
+    /// The plan does not fit the tensor.
     Plan(String),
 }
 
@@ -59,7 +78,9 @@ pub struct AttnPlan<'a> {
     /// Flat element indices `c + n_kv * (i + n_tok * h)` to gather (the diagonal: each query's
     /// own cell), in the order `h * n_tok + i`.
     pub gather: &'a [i32],
+    /// Distance profile, when wanted.
     pub distance: Option<DistPlan<'a>>,
+    /// Information flow, when wanted.
     pub flow: Option<FlowPlan<'a>>,
 }
 
@@ -71,6 +92,7 @@ pub struct DistPlan<'a> {
     pub cells_desc: &'a [i32],
     /// `p_hi - q0`.
     pub offset: usize,
+    /// Distance buckets.
     pub n_buckets: usize,
     /// Bucket of a distance (`>= n_buckets`: not counted).
     pub bucket: &'a dyn Fn(usize) -> usize,
@@ -81,6 +103,7 @@ pub struct DistPlan<'a> {
 pub struct FlowPlan<'a> {
     /// `[h * n_kv + c]`.
     pub scale: &'a [f32],
+    /// First query whose full row comes back.
     pub pred_from: usize,
 }
 
@@ -101,8 +124,11 @@ pub struct AttnOut {
 
 /// One activation node's rows: `n_rows` rows of `width` floats, `row_stride` floats apart.
 pub struct ActPlan<'a> {
+    /// Row width (floats).
     pub width: usize,
+    /// Rows.
     pub n_rows: usize,
+    /// Floats from one row to the next.
     pub row_stride: usize,
     /// Dimensions whose values come back.
     pub dims: &'a [usize],
@@ -117,6 +143,7 @@ pub struct ActOut {
     pub sumsq: Vec<f32>,
     /// `[k_top * i + k]`: the `k`-th largest |x| and its dimension (ties in any order).
     pub top_abs: Vec<f32>,
+    /// Dimensions of `top_abs`.
     pub top_dim: Vec<i32>,
     /// `min(3, width)`.
     pub k_top: usize,
@@ -133,8 +160,11 @@ pub struct ActOut {
 /// empty cells are -1). The caller decides from [`MaskOut`] whether the mask is the usual
 /// pattern (each query's own cell new, seen by every later query).
 pub struct MaskPlan<'a> {
+    /// Per cell: its position (-1 when empty).
     pub cell_pos: &'a [f32],
+    /// Per query: the first position it may see.
     pub lo: &'a [f32],
+    /// Per query: its position.
     pub q: &'a [f32],
 }
 
@@ -147,16 +177,22 @@ pub struct MaskOut {
     pub hidden: Vec<f32>,
     /// Per cell: the queries that see it unexpectedly, and the sum of their indices.
     pub col_count: Vec<f32>,
+    /// Per cell: sum of those queries' indices.
     pub col_index_sum: Vec<f32>,
 }
 
 /// Which (cell, query, head group) entries of `kq` to hide: cell `c` of head group `g` is
 /// hidden from query `i` when `hidden[g * n_kv + c] == 1` and `0 < q_i - p_c < window`.
 pub struct HidePlan<'a> {
+    /// Per cell: its position.
     pub cell_pos: &'a [f32],
+    /// Per query: its position.
     pub query_pos: &'a [f32],
+    /// Per head group and cell: 1 when hidden.
     pub hidden: &'a [f32],
+    /// Head groups.
     pub n_groups: usize,
+    /// Sliding window (positions), or infinity.
     pub window: f32,
 }
 
@@ -181,13 +217,16 @@ pub struct DeviceCompute {
     clock: u64,
     /// Bytes copied device -> host and host -> device by this object.
     pub bytes_down: u64,
+    /// Bytes copied host -> device.
     pub bytes_up: u64,
     /// Copies made each way: one download per graph run that has outputs, one upload per run
     /// whose inputs differ from the ones its slot holds.
     pub copies_down: u64,
+    /// Copies host -> device.
     pub copies_up: u64,
     /// Graphs built, and graphs run (a run reuses a built graph when it can).
     pub builds: u64,
+    /// Graphs run.
     pub runs: u64,
     /// Wall time spent building and running graphs (uploads, compute, downloads).
     pub seconds: f64,
@@ -1102,10 +1141,13 @@ impl Drop for DeviceCompute {
 /// A compute device as ggml sees it.
 #[derive(Debug, Clone, serde::Serialize, PartialEq)]
 pub struct DeviceInfo {
+    /// ggml's device name.
     pub name: String,
+    /// Its description.
     pub description: String,
     /// `cpu`, `gpu`, `igpu` or `accel`.
     pub kind: String,
+    /// Total memory (MiB).
     pub memory_total_mb: u64,
 }
 

@@ -11,16 +11,32 @@ use serde::Serialize;
 use super::backend::{clear_last_error, init_backend, last_llama_error};
 
 #[derive(Debug, thiserror::Error)]
+/// Why a model could not be loaded.
 pub enum LoadError {
     #[error("model file {0} does not exist: pass --model with a GGUF file, or run models/fetch.sh for the default models")]
+    /// No such file.
     NotFound(PathBuf),
     #[error("model file {path} cannot be read ({source}): check its permissions")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The file cannot be read.
+    Io {
+        /// The model file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     #[error("{0} is not a GGUF model (no GGUF magic at its start): pass a .gguf file to --model")]
+    /// Not a GGUF file.
     NotGguf(PathBuf),
     #[error("llama.cpp could not load {path}: {reason}; {}", load_hint(reason))]
-    Llama { path: PathBuf, reason: String },
+    /// llama.cpp refused it.
+    Llama {
+        /// The model file.
+        path: PathBuf,
+        /// llama.cpp's reason.
+        reason: String,
+    },
     #[error("model path {0} contains a NUL byte")]
+    /// The path holds a NUL byte.
     BadPath(PathBuf),
 }
 
@@ -41,22 +57,30 @@ fn load_hint(reason: &str) -> &'static str {
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a chat template could not be applied.
 pub enum TemplateError {
     #[error("the model has no chat template: give the prompt as plain text")]
+    /// The model has none.
     Missing,
     #[error("llama.cpp does not know this model's chat template: give the prompt as plain text")]
+    /// llama.cpp does not know it.
     Unknown,
     #[error("chat message contains a NUL byte: remove it")]
+    /// A message holds a NUL byte.
     Nul,
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why text could not be tokenized.
 pub enum TokenizeError {
     #[error("text contains a NUL byte at offset {0}: remove it")]
+    /// A NUL byte at this offset.
     Nul(usize),
     #[error("text is too long to tokenize ({0} bytes)")]
+    /// Too many bytes.
     TooLong(usize),
     #[error("llama.cpp failed to tokenize the text")]
+    /// llama.cpp failed.
     Failed,
 }
 
@@ -93,22 +117,39 @@ unsafe impl Sync for Model {}
 /// What `attractors info` prints; also embedded in every `meta.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelMeta {
+    /// File path.
     pub file: String,
+    /// `general.architecture`.
     pub architecture: String,
+    /// `general.name`.
     pub name: String,
+    /// llama.cpp's description (type, size, weight type).
     pub description: String,
+    /// Parameters.
     pub n_params: u64,
+    /// Layers.
     pub n_layer: usize,
+    /// Query heads.
     pub n_head: usize,
+    /// KV heads.
     pub n_head_kv: usize,
+    /// Embedding width.
     pub n_embd: usize,
+    /// Head size.
     pub head_dim: usize,
+    /// Trained context (tokens).
     pub n_ctx_train: usize,
+    /// Sliding window (0: none).
     pub n_swa: usize,
+    /// Vocabulary size.
     pub n_vocab: usize,
+    /// Beginning-of-sequence token.
     pub bos: Option<i32>,
+    /// End-of-sequence token.
     pub eos: Option<i32>,
+    /// A BOS is added when tokenizing.
     pub add_bos: bool,
+    /// The chat template, if the model has one.
     pub chat_template: Option<String>,
     /// Where the model runs.
     pub device: RunDevice,
@@ -121,6 +162,7 @@ pub struct RunDevice {
     pub backend: String,
     /// Layers offloaded (llama.cpp counts the output layer too: at most `layers`).
     pub gpu_layers: usize,
+    /// Layers of the model.
     pub layers: usize,
     /// Every device ggml registered.
     pub devices: Vec<super::device::DeviceInfo>,
@@ -184,6 +226,7 @@ impl Model {
         unsafe { sys::llama_model_get_vocab(self.ptr.as_ptr()) }
     }
 
+    /// The GGUF file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -199,6 +242,7 @@ impl Model {
         self.meta_str(&format!("{arch}.{key}"))?.trim().parse().ok()
     }
 
+    /// Layers.
     pub fn n_layer(&self) -> usize {
         if self.vocab_only {
             return self.arch_usize("block_count").unwrap_or(0);
@@ -206,6 +250,7 @@ impl Model {
         // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_layer(self.ptr.as_ptr()) as usize }
     }
+    /// Query heads (of the first attention layer).
     pub fn n_head(&self) -> usize {
         if self.vocab_only {
             return self.arch_usize("attention.head_count").unwrap_or(0);
@@ -213,6 +258,7 @@ impl Model {
         // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_head(self.ptr.as_ptr()) as usize }
     }
+    /// KV heads (of the first attention layer).
     pub fn n_head_kv(&self) -> usize {
         if self.vocab_only {
             return self.arch_usize("attention.head_count_kv").unwrap_or_else(|| self.n_head());
@@ -228,6 +274,7 @@ impl Model {
         }
         n
     }
+    /// Embedding width.
     pub fn n_embd(&self) -> usize {
         if self.vocab_only {
             return self.arch_usize("embedding_length").unwrap_or(0);
@@ -235,6 +282,7 @@ impl Model {
         // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_embd(self.ptr.as_ptr()) as usize }
     }
+    /// Trained context (tokens).
     pub fn n_ctx_train(&self) -> usize {
         if self.vocab_only {
             return self.arch_usize("context_length").unwrap_or(0);
@@ -242,6 +290,7 @@ impl Model {
         // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_ctx_train(self.ptr.as_ptr()).max(0) as usize }
     }
+    /// Sliding window (0: none).
     pub fn n_swa(&self) -> usize {
         if self.vocab_only {
             return self.arch_usize("attention.sliding_window").unwrap_or(0);
@@ -249,19 +298,23 @@ impl Model {
         // SAFETY: valid model pointer with hyperparameters (not vocab-only).
         unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()).max(0) as usize }
     }
+    /// Vocabulary size.
     pub fn n_vocab(&self) -> usize {
         // SAFETY: valid vocab pointer owned by the model.
         unsafe { sys::llama_vocab_n_tokens(self.vocab()).max(0) as usize }
     }
+    /// Tokenizing adds a BOS token.
     pub fn add_bos(&self) -> bool {
         // SAFETY: valid vocab pointer owned by the model.
         unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
     }
+    /// Beginning-of-sequence token.
     pub fn bos(&self) -> Option<i32> {
         // SAFETY: valid vocab pointer owned by the model.
         let t = unsafe { sys::llama_vocab_bos(self.vocab()) };
         (t >= 0).then_some(t)
     }
+    /// End-of-sequence token.
     pub fn eos(&self) -> Option<i32> {
         // SAFETY: valid vocab pointer owned by the model.
         let t = unsafe { sys::llama_vocab_eos(self.vocab()) };
@@ -293,6 +346,7 @@ impl Model {
         }
     }
 
+    /// The model's chat template, if any.
     pub fn chat_template(&self) -> Option<String> {
         // SAFETY: valid model pointer; a null name asks for the default template.
         let p = unsafe { sys::llama_model_chat_template(self.ptr.as_ptr(), std::ptr::null()) };
@@ -335,6 +389,7 @@ impl Model {
         }
     }
 
+    /// llama.cpp's description (type, size, weight type).
     pub fn description(&self) -> String {
         let mut buf = vec![0u8; 256];
         // SAFETY: `buf` has 256 writable bytes.
@@ -343,11 +398,13 @@ impl Model {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
+    /// Parameters.
     pub fn n_params(&self) -> u64 {
         // SAFETY: valid model pointer.
         unsafe { sys::llama_model_n_params(self.ptr.as_ptr()) }
     }
 
+    /// Everything `info` prints.
     pub fn meta(&self) -> ModelMeta {
         let arch = self.meta_str("general.architecture").unwrap_or_default();
         let head_dim = self

@@ -29,13 +29,24 @@ pub const QUANT_TYPES: [(&str, sys::llama_ftype); 17] = [
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq)]
+/// Why a quantization failed.
 pub enum QuantizeError {
     #[error("unknown quantization type {0}: use one of f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l, q3_k_m, q3_k_s, q2_k")]
+    /// No such llama.cpp type.
     UnknownType(String),
     #[error("path {0} contains a NUL byte")]
+    /// A path holds a NUL byte.
     Nul(String),
     #[error("llama.cpp could not quantize {input} to {ty}: {reason}")]
-    Failed { input: String, ty: String, reason: String },
+    /// llama.cpp failed.
+    Failed {
+        /// The input file.
+        input: String,
+        /// The target type.
+        ty: String,
+        /// llama.cpp's reason.
+        reason: String,
+    },
 }
 
 /// The llama.cpp file type for a type name (case-insensitive).

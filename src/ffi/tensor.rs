@@ -7,13 +7,29 @@ use std::ptr::NonNull;
 use llama_cpp_sys_2 as sys;
 
 #[derive(Debug, thiserror::Error)]
+/// Why a tensor could not be read as floats.
 pub enum ViewError {
     #[error("tensor {name} has type {ty}, expected f32")]
-    NotF32 { name: String, ty: String },
+    /// Not f32.
+    NotF32 {
+        /// Tensor name.
+        name: String,
+        /// Its type.
+        ty: String,
+    },
     #[error("tensor {0} has no data buffer")]
+    /// No data on the host.
     NoData(String),
     #[error("cannot write {got} bytes into tensor {name} of {want} bytes")]
-    Size { name: String, got: usize, want: usize },
+    /// Fewer elements than the shape says.
+    Size {
+        /// Tensor name.
+        name: String,
+        /// Elements present.
+        got: usize,
+        /// Elements the shape needs.
+        want: usize,
+    },
 }
 
 /// A tensor as the scheduler computed it. Valid only inside the callback that received it:
@@ -35,12 +51,14 @@ impl<'a> TensorView<'a> {
         unsafe { self.ptr.as_ref() }
     }
 
+    /// Node name.
     pub fn name(&self) -> &str {
         // SAFETY: ggml names are NUL-terminated within the fixed 64-byte array.
         let c = unsafe { CStr::from_ptr(self.t().name.as_ptr()) };
         c.to_str().unwrap_or("")
     }
 
+    /// ggml op name.
     pub fn op_name(&self) -> &'static str {
         // SAFETY: ggml_op_name returns a static string for any op value.
         let p = unsafe { sys::ggml_op_name(self.t().op) };
@@ -51,10 +69,12 @@ impl<'a> TensorView<'a> {
         unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("")
     }
 
+    /// The op is a softmax.
     pub fn is_softmax(&self) -> bool {
         self.t().op == sys::GGML_OP_SOFT_MAX
     }
 
+    /// Shape, ggml order.
     pub fn ne(&self) -> [usize; 4] {
         self.t().ne.map(|x| x.max(0) as usize)
     }
@@ -64,6 +84,7 @@ impl<'a> TensorView<'a> {
         self.t().nb
     }
 
+    /// ggml type name.
     pub fn type_name(&self) -> &'static str {
         // SAFETY: ggml_type_name returns a static string for any type value.
         let p = unsafe { sys::ggml_type_name(self.t().type_) };
@@ -74,6 +95,7 @@ impl<'a> TensorView<'a> {
         unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("?")
     }
 
+    /// The tensor holds f32.
     pub fn is_f32(&self) -> bool {
         self.t().type_ == sys::GGML_TYPE_F32
     }

@@ -12,18 +12,56 @@ use crate::output::{write_atomic, OutDir};
 /// One curve.
 #[derive(Debug, Clone)]
 pub struct Series {
+    /// Legend name.
     pub name: String,
+    /// `(x, y)` points.
     pub points: Vec<(f64, f64)>,
 }
 
 /// What to draw.
 #[derive(Debug, Clone)]
 pub enum Figure {
-    Lines { title: String, x_label: String, y_label: String, series: Vec<Series>, log_x: bool, log_y: bool },
+    /// Line chart.
+    Lines {
+        /// Title.
+        title: String,
+        /// x axis label.
+        x_label: String,
+        /// y axis label.
+        y_label: String,
+        /// One line per series.
+        series: Vec<Series>,
+        /// Logarithmic x axis.
+        log_x: bool,
+        /// Logarithmic y axis.
+        log_y: bool,
+    },
     /// `matrix[row][col]`, drawn with row 0 at the bottom; NaN cells left grey.
-    Heatmap { title: String, x_label: String, y_label: String, x_ticks: Vec<String>, y_ticks: Vec<String>, matrix: Vec<Vec<f64>> },
+    /// Heatmap (rows of `matrix` are the y ticks).
+    Heatmap {
+        /// Title.
+        title: String,
+        /// x axis label.
+        x_label: String,
+        /// y axis label.
+        y_label: String,
+        /// Column labels.
+        x_ticks: Vec<String>,
+        /// Row labels.
+        y_ticks: Vec<String>,
+        /// Values `[row][column]` (NaN: blank).
+        matrix: Vec<Vec<f64>>,
+    },
     /// Horizontal bars, first bar on top.
-    Bars { title: String, x_label: String, bars: Vec<(String, f64)> },
+    /// Horizontal bars.
+    Bars {
+        /// Title.
+        title: String,
+        /// x axis label.
+        x_label: String,
+        /// `(label, value)` per bar.
+        bars: Vec<(String, f64)>,
+    },
     /// Panels side by side.
     Row(Vec<Figure>),
 }

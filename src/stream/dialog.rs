@@ -10,7 +10,9 @@ use crate::rng::SplitMix64;
 /// sender are joined into one turn).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dialogue {
+    /// Dataset id.
     pub id: String,
+    /// Utterances, speakers alternating.
     pub turns: Vec<String>,
 }
 
@@ -65,7 +67,9 @@ pub struct DialogSpec {
     pub max_turn_chars: usize,
     /// Ask at turns `first, first + every, ...`.
     pub first: usize,
+    /// Then every this many turns.
     pub every: usize,
+    /// Seed of the choices.
     pub seed: u64,
 }
 
@@ -78,9 +82,13 @@ impl Default for DialogSpec {
 /// One question: at `turn` of dialogue `dialogue`, candidates with the true one at `answer`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Question {
+    /// Dialogue index.
     pub dialogue: usize,
+    /// Turn asked at.
     pub turn: usize,
+    /// Candidate utterances.
     pub candidates: Vec<String>,
+    /// Index of the true one.
     pub answer: usize,
 }
 

@@ -35,6 +35,7 @@ pub struct BoundConfig {
     pub sinks: usize,
     /// Extra positions freed at each eviction, so the cache is not cut at every token.
     pub slack: usize,
+    /// Seed of the random policies.
     pub seed: u64,
 }
 
@@ -48,15 +49,19 @@ impl BoundConfig {
 /// Counters and timings of a stream.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct StreamStats {
+    /// Evictions.
     pub evictions: u64,
+    /// Tokens evicted.
     pub evicted_tokens: u64,
     /// Scoring, choosing and `seq_rm`/`seq_add` (seconds).
     pub evict_s: f64,
     /// All `llama_decode` calls of the stream (seconds), and how many.
     pub decode_s: f64,
+    /// Decodes.
     pub decodes: u64,
     /// Decodes right after an eviction (they also re-rotate the shifted keys) and their time.
     pub after_evict_decodes: u64,
+    /// Their time (seconds).
     pub after_evict_decode_s: f64,
     /// Tokens decoded into the cache (probes excluded).
     pub tokens: u64,
@@ -65,22 +70,43 @@ pub struct StreamStats {
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a stream step failed.
 pub enum StreamError {
     #[error(transparent)]
+    /// The decode failed.
     Decode(#[from] DecodeError),
     #[error("{0}")]
+    /// The policy failed.
     Policy(String),
     #[error("{len} tokens cannot enter a cache of {budget} with {sinks} sinks kept: use a larger --budget")]
-    TooLong { len: usize, budget: usize, sinks: usize },
+    /// More tokens at once than the budget leaves room for.
+    TooLong {
+        /// Tokens at once.
+        len: usize,
+        /// The budget.
+        budget: usize,
+        /// Sinks kept.
+        sinks: usize,
+    },
     #[error("the cache lost track of positions: llama.cpp holds up to {llama}, the stream {ours} (a bug)")]
-    Desync { llama: i32, ours: usize },
+    /// Bookkeeping and llama.cpp disagree (a bug).
+    Desync {
+        /// llama.cpp's last position.
+        llama: i32,
+        /// The stream's cells.
+        ours: usize,
+    },
 }
 
 /// The policy and what it needs to score.
 pub struct PolicyInputs<'a> {
+    /// The policy.
     pub policy: Box<dyn Policy>,
+    /// Its calibration (`activation`).
     pub calib: Option<&'a Calibration>,
+    /// Keys node (`l2norm`).
     pub keys_node: &'a str,
+    /// Sliding-window layers.
     pub swa: &'a [usize],
 }
 
@@ -108,6 +134,7 @@ pub struct Bounded<'m> {
     after_evict: bool,
     /// The model has recurrent layers: probes save and restore the sequence.
     recurrent: bool,
+    /// What the stream did so far.
     pub stats: StreamStats,
 }
 
@@ -119,6 +146,7 @@ fn capture_cfg(needs: Needs, keys_node: &str, calib: Option<&Calibration>) -> Op
 }
 
 impl<'m> Bounded<'m> {
+    /// A context of `params` whose cache `cfg` bounds with the policy.
     pub fn new(model: &'m Model, params: &ContextParams, p: PolicyInputs, cfg: BoundConfig) -> anyhow::Result<Bounded<'m>> {
         let needs = p.policy.needs();
         let profile = model.profile().map_err(|e| anyhow::anyhow!(e))?;
@@ -170,15 +198,19 @@ impl<'m> Bounded<'m> {
         })
     }
 
+    /// The model.
     pub fn model(&self) -> &'m Model {
         self.ctx.model()
     }
+    /// The policy's name.
     pub fn policy_name(&self) -> &'static str {
         self.policy.name()
     }
+    /// The budget (`None`: unbounded).
     pub fn budget(&self) -> Option<usize> {
         self.cfg.budget
     }
+    /// The bound.
     pub fn config(&self) -> &BoundConfig {
         &self.cfg
     }

@@ -4,18 +4,24 @@
 use crate::rng::SplitMix64;
 
 #[derive(Debug, Clone)]
+/// A seeded sampler: greedy at temperature 0, else top-k then top-p.
 pub struct Sampler {
+    /// Temperature (0: greedy).
     pub temp: f32,
+    /// Top-k (40).
     pub top_k: usize,
+    /// Top-p (0.95).
     pub top_p: f64,
     rng: SplitMix64,
 }
 
 impl Sampler {
+    /// A sampler at `temp`, seeded.
     pub fn new(temp: f32, seed: u64) -> Sampler {
         Sampler { temp, top_k: 40, top_p: 0.95, rng: SplitMix64(seed) }
     }
 
+    /// Draw a token from the logits.
     pub fn sample(&mut self, logits: &[f32]) -> i32 {
         if self.temp <= 0.0 || !self.temp.is_finite() {
             return crate::eval::pipeline::argmax(logits);

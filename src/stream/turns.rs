@@ -4,6 +4,7 @@
 
 use crate::ffi::Model;
 
+/// A conversation rendered turn by turn with the model's chat template.
 pub struct Transcript<'m> {
     model: &'m Model,
     msgs: Vec<(String, String)>,
@@ -18,11 +19,14 @@ pub struct Transcript<'m> {
 /// (content and end-of-turn markers).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TurnText {
+    /// Role markers.
     pub header: String,
+    /// Content and end-of-turn markers.
     pub rest: String,
 }
 
 impl<'m> Transcript<'m> {
+    /// An empty transcript (plain `Role: text` lines when the model has no template).
     pub fn new(model: &'m Model) -> Transcript<'m> {
         let templated = model.apply_chat_template(&[("user", "x")], true).is_ok();
         Transcript { model, msgs: vec![], rendered: String::new(), started: false, templated }
@@ -87,6 +91,7 @@ impl<'m> Transcript<'m> {
         self.started = false;
     }
 
+    /// Messages so far `(role, text)`.
     pub fn messages(&self) -> &[(String, String)] {
         &self.msgs
     }

@@ -2,6 +2,7 @@
 //! are held back until they complete a character.
 
 #[derive(Debug, Default)]
+/// Bytes held back until they complete a UTF-8 character.
 pub struct Utf8Stream {
     pending: Vec<u8>,
 }
