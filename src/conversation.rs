@@ -25,7 +25,7 @@ use crate::capture::sliding_window_layers;
 use crate::engine::{require_attention, EngineConfig};
 use crate::evict::setup::{policy_setup, PolicyConfig, PolicySetup};
 use crate::ffi::{ContextParams, Model};
-use crate::stream::sample::Sampler;
+pub use crate::stream::sample::Sampler;
 use crate::stream::setup::{check_streaming, open_stream, stream_params, Bound};
 use crate::stream::turns::Transcript;
 use crate::stream::utf8::Utf8Stream;
@@ -85,9 +85,14 @@ pub struct Reply {
     pub stopped: bool,
     /// Generation speed of this reply (tokens per second).
     pub tokens_per_s: f64,
+    /// Tokens fed for the user's turn (its text and the template around it).
+    pub prompt_tokens: usize,
+    /// Ended by the end-of-generation token (not by the length cap or the stop flag).
+    pub ended: bool,
 }
 
-/// A conversation over a bounded cache.
+/// A conversation over a bounded cache. It may move between threads (a server's workers),
+/// one at a time.
 pub struct Conversation<'m> {
     model: &'m Model,
     params: ContextParams,
@@ -105,6 +110,11 @@ pub struct Conversation<'m> {
     gen_s: f64,
     last_rate: f64,
 }
+
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<Conversation<'static>>()
+};
 
 impl<'m> Conversation<'m> {
     /// A new conversation (the system prompt, if any, is already in the cache).
@@ -180,9 +190,34 @@ impl<'m> Conversation<'m> {
         Ok(())
     }
 
+    /// Replace the sampler (per-request temperature, top-p, seed).
+    pub fn set_sampler(&mut self, sampler: Sampler) {
+        self.sampler = sampler;
+    }
+
+    /// Feed a whole message (`system`, `user` or `assistant`) into the cache without a
+    /// reply, as the chat template renders it; returns the tokens fed.
+    pub fn push(&mut self, role: &str, text: &str) -> anyhow::Result<usize> {
+        self.stream.next_turn();
+        let t = self.transcript.push(role, text);
+        let toks = self.transcript.tokenize(&format!("{}{}", t.header, t.rest))?;
+        self.stream.feed(&toks, false)?;
+        Ok(toks.len())
+    }
+
+    /// The messages so far `(role, text)`, as the cache saw them (evictions aside).
+    pub fn messages(&self) -> &[(String, String)] {
+        self.transcript.messages()
+    }
+
     /// One user turn and the reply, each piece of text handed to `on_text` as it is
     /// generated (whole UTF-8 characters only).
-    pub fn turn(&mut self, text: &str, mut on_text: impl FnMut(&str) -> anyhow::Result<()>) -> anyhow::Result<Reply> {
+    pub fn turn(&mut self, text: &str, on_text: impl FnMut(&str) -> anyhow::Result<()>) -> anyhow::Result<Reply> {
+        self.turn_with(text, self.max_reply, on_text)
+    }
+
+    /// [`Conversation::turn`] with a reply of at most `max_reply` tokens.
+    pub fn turn_with(&mut self, text: &str, max_reply: usize, mut on_text: impl FnMut(&str) -> anyhow::Result<()>) -> anyhow::Result<Reply> {
         self.stream.next_turn();
         let t = self.transcript.push("user", text);
         let open = self.transcript.open_assistant();
@@ -193,8 +228,9 @@ impl<'m> Conversation<'m> {
         let mut reply = vec![];
         let mut streamed = String::new();
         let mut stopped = false;
+        let mut ended = false;
         let t0 = Instant::now();
-        for _ in 0..self.max_reply {
+        for _ in 0..max_reply {
             if self.stop.load(Ordering::SeqCst) {
                 stopped = true;
                 break;
@@ -208,6 +244,7 @@ impl<'m> Conversation<'m> {
                 self.sampler.sample(&l)
             };
             if self.model.is_eog(tok) {
+                ended = true;
                 break;
             }
             let piece = utf8.push(&self.model.token_bytes(tok, false));
@@ -235,7 +272,7 @@ impl<'m> Conversation<'m> {
         };
         let footer = self.transcript.tokenize(&footer)?;
         self.stream.feed(&footer, false)?;
-        Ok(Reply { text: streamed, tokens: reply.len(), stopped, tokens_per_s: self.last_rate })
+        Ok(Reply { text: streamed, tokens: reply.len(), stopped, tokens_per_s: self.last_rate, prompt_tokens: toks.len(), ended })
     }
 
     /// Generation speed over every reply so far (tokens per second).

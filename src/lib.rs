@@ -68,7 +68,8 @@
 //! Where things live: [`engine`] (models, data folders resolved at run time, context
 //! parameters), [`corpus`], [`capture`] (the eval callback and its reductions), [`analysis`]
 //! (pure statistics), [`evict`] (policies, selection, the evictor), [`stream`] (the bounded
-//! cache), [`eval`] (long-context, stream and dialogue evaluations), [`compare`]
+//! cache), [`conversation`] (the bounded chat), [`serve`] (the OpenAI-compatible server),
+//! [`eval`] (long-context, stream and dialogue evaluations), [`compare`]
 //! (quantization comparison), [`ladder`] (quantization ladder), [`intervention`],
 //! [`bench`](mod@bench), [`ffi`] (the only module that calls C: one wrapper per llama.cpp object).
 #![warn(missing_docs)]
@@ -94,6 +95,7 @@ pub mod ladder;
 pub mod plot;
 pub mod prune;
 pub mod rng;
+pub mod serve;
 pub mod session;
 pub mod stream;
 /// Tiny seeded GGUF models and the plain f64 reference forward pass, for the tests (and the

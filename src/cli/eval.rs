@@ -1,7 +1,7 @@
 //! `attractors eval ...`, `compare`, `intervene` and the benchmarks: plan, check the output
 //! directory, run, write the files, print the table.
 
-use super::{common, CompareArgs, InterveneArgs, EvalDialogArgs, EvalLongArgs, EvalStreamArgs};
+use super::{common, CompareArgs, InterveneArgs, ServeArgs, EvalDialogArgs, EvalLongArgs, EvalStreamArgs};
 use crate::output::{OutDir, Staged};
 
 pub fn long(a: EvalLongArgs) -> anyhow::Result<()> {
@@ -71,5 +71,17 @@ pub fn print(r: crate::bench::BenchReport) -> anyhow::Result<()> {
     for line in r.lines {
         println!("{line}");
     }
+    Ok(())
+}
+
+/// The server runs until SIGTERM or Ctrl-C; the bound address goes to stderr first.
+pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    a.cfg.check()?;
+    // the model lives as long as the process: conversations on worker threads borrow it
+    let model: &'static crate::ffi::Model = Box::leak(Box::new(common::load_model(&a.model)?));
+    crate::serve::serve(model, &a.cfg, |addr| {
+        eprintln!("attractors serve: listening on http://{addr} · policy {} · budget {} cells · {} parallel{}", a.cfg.policy, a.cfg.budget, a.cfg.parallel, if a.cfg.api_key.is_some() { " · API key required" } else { "" });
+    })?;
+    eprintln!("attractors serve: stopped");
     Ok(())
 }

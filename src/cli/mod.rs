@@ -68,6 +68,9 @@ pub enum Command {
     Compare(CompareArgs),
     /// Chat with a bounded KV cache (the policy evicts before the cache would overflow).
     Chat(ChatArgs),
+    /// An OpenAI-compatible chat server whose conversations live in bounded KV caches, with
+    /// a page at / that shows what each cache keeps.
+    Serve(ServeArgs),
     /// Evaluations.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -199,6 +202,14 @@ pub struct BenchStreamArgs {
     pub model: ModelSource,
     #[command(flatten)]
     pub cfg: crate::eval::stream::BenchStreamConfig,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[command(flatten)]
+    pub cfg: crate::serve::ServeConfig,
 }
 
 #[derive(Subcommand, Debug)]
@@ -359,6 +370,17 @@ pub enum BenchCommand {
     /// `compare` of the given models against one plain `analyze` run per model over the
     /// same documents (each in a child process): wall time of compare / sum of the analyze runs.
     Compare(crate::bench::BenchCompareConfig),
+    /// Clients chatting with `serve` on loopback against one `chat` stream in the same run
+    /// (aggregate tokens/s, time to first token), and the server's memory over a soak.
+    Serve(BenchServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchServeArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
+    #[command(flatten)]
+    pub cfg: crate::serve::bench::BenchServeConfig,
 }
 
 /// llama.cpp's multi-letter short flags, as their long names here (`-ngl 99` works as in
@@ -391,8 +413,9 @@ fn llama_flags(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::f
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::ffi::set_verbose(cli.verbose);
     crate::capture::set_default_reduce(cli.attn_reduce);
-    // `chat` installs its own Ctrl-C handler (it stops a reply, not the program)
-    if !matches!(cli.command, Command::Chat(_)) {
+    // `chat` installs its own Ctrl-C handler (it stops a reply, not the program); `serve`
+    // handles SIGTERM and Ctrl-C itself (stop accepting, end the replies in flight)
+    if !matches!(cli.command, Command::Chat(_) | Command::Serve(_)) {
         common::install_ctrlc();
     }
     match cli.command {
@@ -409,10 +432,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(EvalCommand::Stream(a)) => eval::stream(a),
         Command::Eval(EvalCommand::Dialog(a)) => eval::dialog(a),
         Command::Chat(a) => chat::run(a),
+        Command::Serve(a) => eval::serve(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Compare(a) => eval::compare(a),
         Command::Bench(BenchCommand::Stream(a)) => eval::print(crate::eval::stream::bench(&common::load_model(&a.model)?, &a.cfg)?),
         Command::Bench(BenchCommand::Compare(a)) => eval::print(crate::bench::run_compare(&a)?),
+        Command::Bench(BenchCommand::Serve(a)) => eval::print(crate::serve::bench::run(&common::load_model(&a.model)?, &a.model, &a.cfg)?),
     }
 }
 

@@ -103,6 +103,27 @@ pub enum Scores {
     PerHead(Vec<Option<Vec<Vec<f64>>>>),
 }
 
+impl Scores {
+    /// One number per slot: the scores themselves, or their mean over the layers (and
+    /// heads) that have them (for display: cells mode votes per layer instead).
+    pub fn per_position(&self, n: usize) -> Vec<f64> {
+        let mut sum = vec![0.0; n];
+        let mut k = 0usize;
+        let mut add = |v: &[f64]| {
+            for (s, x) in sum.iter_mut().zip(v) {
+                *s += x;
+            }
+            k += 1;
+        };
+        match self {
+            Scores::Shared(v) => add(v),
+            Scores::PerLayer(ls) => ls.iter().flatten().for_each(|v| add(v)),
+            Scores::PerHead(ls) => ls.iter().flatten().flatten().for_each(|v| add(v)),
+        }
+        sum.iter().map(|s| s / k.max(1) as f64).collect()
+    }
+}
+
 /// Why a policy could not score.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {

@@ -85,6 +85,10 @@ impl Batch {
     }
 }
 
+// SAFETY: the batch exclusively owns its malloc'd buffers (nothing else points into them),
+// so moving it to another thread moves sole ownership; it is not `Sync`.
+unsafe impl Send for Batch {}
+
 impl Drop for Batch {
     fn drop(&mut self) {
         self.raw.n_tokens = self.capacity as i32;

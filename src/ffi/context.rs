@@ -351,6 +351,11 @@ impl<'m> Context<'m> {
     }
 }
 
+// SAFETY: a llama_context has no thread affinity (llama.cpp's server drives its contexts
+// from whichever thread runs a slot); `Context` is not `Sync`, so it is only ever used from
+// one thread at a time, and its hook state is `Send` (the `EvalHook` trait requires it).
+unsafe impl Send for Context<'_> {}
+
 impl Drop for Context<'_> {
     fn drop(&mut self) {
         // SAFETY: the pointer came from llama_init_from_model and is freed once, before the

@@ -110,6 +110,9 @@ pub struct PolicyInputs<'a> {
     pub swa: &'a [usize],
 }
 
+/// Tokens of history a stream keeps for the cache view.
+pub const HISTORY: usize = 1 << 16;
+
 /// A context whose cache is bounded by a policy.
 pub struct Bounded<'m> {
     ctx: Context<'m>,
@@ -134,6 +137,8 @@ pub struct Bounded<'m> {
     after_evict: bool,
     /// The model has recurrent layers: probes save and restore the sequence.
     recurrent: bool,
+    /// The last [`HISTORY`] tokens streamed, evicted or not (for the cache view).
+    history: std::collections::VecDeque<i32>,
     /// What the stream did so far.
     pub stats: StreamStats,
 }
@@ -177,6 +182,7 @@ impl<'m> Bounded<'m> {
         Ok(Bounded {
             ctx,
             recurrent,
+            history: std::collections::VecDeque::new(),
             capture,
             needs,
             calib: p.calib.cloned(),
@@ -254,6 +260,7 @@ impl<'m> Bounded<'m> {
         self.turns.clear();
         self.surprisal.clear();
         self.origin.clear();
+        self.history.clear();
         self.attn = self.needs.attention.then(AttentionStats::default);
         self.key_norms = self.needs.keys.then(Vec::new);
         self.activation = self.needs.activations.then(Vec::new);
@@ -276,11 +283,9 @@ impl<'m> Bounded<'m> {
         self.evict_to(target)
     }
 
-    fn evict_to(&mut self, target: usize) -> Result<(), StreamError> {
-        let t0 = Instant::now();
-        let n = self.tokens.len();
-        let obs = Observation {
-            n,
+    fn observation(&self, target: usize) -> Observation<'_> {
+        Observation {
+            n: self.tokens.len(),
             tokens: &self.tokens,
             budget: target,
             attention: self.attn.as_ref(),
@@ -290,8 +295,27 @@ impl<'m> Bounded<'m> {
             turn: Some(&self.turns),
             seed: self.cfg.seed.wrapping_add(self.stats.evictions),
             streaming: true,
-        };
-        let scores = self.policy.score(&obs).map_err(|e| StreamError::Policy(e.to_string()))?;
+        }
+    }
+
+    /// The policy's score of every cached slot now (higher: kept longer), as the next
+    /// eviction would see them; nothing is evicted. Sinks are kept whatever their score.
+    pub fn scores(&self) -> Result<Vec<f64>, StreamError> {
+        let n = self.tokens.len();
+        let s = self.policy.score(&self.observation(n)).map_err(|e| StreamError::Policy(e.to_string()))?;
+        Ok(s.per_position(n))
+    }
+
+    /// The last tokens streamed (at most 65,536), evicted or not, and the stream index of
+    /// the first of them; [`Bounded::cached_origin`] says which are still cached.
+    pub fn history(&self) -> (u64, Vec<i32>) {
+        (self.streamed - self.history.len() as u64, self.history.iter().copied().collect())
+    }
+
+    fn evict_to(&mut self, target: usize) -> Result<(), StreamError> {
+        let t0 = Instant::now();
+        let n = self.tokens.len();
+        let scores = self.policy.score(&self.observation(target)).map_err(|e| StreamError::Policy(e.to_string()))?;
         let profile = self.ctx.model().profile().map_err(StreamError::Policy)?;
         let keep = keep_cells_for(&scores, n, target, self.cfg.sinks, profile);
         let positions: Vec<i32> = (0..n as i32).collect();
@@ -420,6 +444,10 @@ impl<'m> Bounded<'m> {
             self.surprisal.push(nll.get(k).copied().filter(|x| x.is_finite()).unwrap_or(0.0));
             self.origin.push(self.streamed);
             self.streamed += 1;
+            if self.history.len() == HISTORY {
+                self.history.pop_front();
+            }
+            self.history.push_back(t);
         }
         self.stats.tokens += chunk.len() as u64;
         if let Some(c) = &self.capture {

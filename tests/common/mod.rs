@@ -97,3 +97,97 @@ pub fn read_csv(p: &Path) -> Vec<std::collections::HashMap<String, String>> {
 pub fn num(r: &std::collections::HashMap<String, String>, k: &str) -> f64 {
     r[k].parse().unwrap_or_else(|_| panic!("{k} = {:?}", r[k]))
 }
+
+/// `attractors serve` started on a free loopback port; SIGTERM and a wait when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub url: String,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    /// Start the server with `args` (add `-m MODEL`); waits until it listens.
+    pub fn start(args: &[&str]) -> Server {
+        use std::io::BufRead;
+        let mut child = bin()
+            .arg("serve")
+            .args(["--port", "0"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let keep = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("http://") {
+                    let url: String = line[i..].split_whitespace().next().unwrap().to_string();
+                    let _ = tx.send(url);
+                }
+                keep.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        let url = match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(u) => u,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the server did not start: {}", log.lock().unwrap());
+            }
+        };
+        Server { child, url, stderr: log }
+    }
+
+    /// What the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Resident memory of the server process (KiB).
+    pub fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|x| x.parse().ok()).unwrap_or(0)
+    }
+
+    /// SIGTERM, then wait up to `secs` for the exit; the exit status (None: still running, killed).
+    pub fn terminate(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed().as_secs() < secs {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate(15);
+        }
+    }
+}
+
+/// `curl` (a real client) with `args`; returns (HTTP status, body, headers).
+pub fn curl(args: &[&str]) -> (u16, String, String) {
+    let d = tempfile::tempdir().unwrap();
+    let h = d.path().join("headers");
+    let o = Command::new("curl").args(["-sS", "--max-time", "120", "-D"]).arg(&h).args(["-o", "-", "-w", "\n%{http_code}"]).args(args).output().expect("curl is installed (scripts/setup.sh)");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string(), std::fs::read_to_string(&h).unwrap_or_default())
+}
+
+/// POST a JSON body to `url` with curl; (status, body, headers).
+pub fn post(url: &str, body: &str, extra: &[&str]) -> (u16, String, String) {
+    let mut a = vec![url, "-H", "Content-Type: application/json", "--data-binary", body];
+    a.extend_from_slice(extra);
+    curl(&a)
+}

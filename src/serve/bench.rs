@@ -1,0 +1,287 @@
+//! `attractors bench serve`: clients chatting with a server on loopback against one `chat`
+//! stream in the same run (aggregate generated tokens per second, time to first token), and
+//! a soak of many requests for the server's memory late against early. The server is a
+//! child process of the `attractors` binary, so its memory is its own.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde_json::{json, Value};
+
+use crate::bench::BenchReport;
+use crate::conversation::{ChatConfig, Conversation};
+use crate::engine::{EngineConfig, ModelSource};
+use crate::evict::setup::PolicyConfig;
+use crate::ffi::Model;
+use crate::stream::setup::Bound;
+
+/// What `bench serve` runs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchServeConfig {
+    /// Clients chatting at once.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Turns of each client's conversation (and of the one `chat` stream).
+    #[arg(long, default_value_t = 20)]
+    pub turns: usize,
+    /// Tokens per reply at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Cells of each conversation's cache.
+    #[arg(long, default_value_t = 512)]
+    pub budget: usize,
+    /// Policy of the conversations.
+    #[arg(long, default_value = "frequency")]
+    pub policy: String,
+    /// The server's `--parallel`.
+    #[arg(long, default_value_t = 2)]
+    pub parallel: usize,
+    /// Requests of the memory soak (short replies; conversations continue and restart).
+    #[arg(long, default_value_t = 1000)]
+    pub soak: usize,
+    /// Sinks, frequency list, calibration, keys node, seed.
+    #[command(flatten)]
+    pub policy_args: PolicyConfig,
+}
+
+impl Default for BenchServeConfig {
+    /// The command line's defaults.
+    fn default() -> Self {
+        crate::engine::cli_defaults()
+    }
+}
+
+const QUESTIONS: [&str; 10] = [
+    "Tell me about whales.",
+    "What do they eat?",
+    "How big is the blue whale?",
+    "Where do they live?",
+    "Do they sing?",
+    "How long do they live?",
+    "What is krill?",
+    "How deep can they dive?",
+    "Tell me about Moby-Dick.",
+    "Who was Ahab?",
+];
+
+/// The server child, stopped with SIGTERM when dropped.
+struct ServerChild {
+    child: Child,
+    url: String,
+}
+
+impl ServerChild {
+    fn start(model: &std::path::Path, gpu_layers: Option<i32>, a: &BenchServeConfig) -> anyhow::Result<ServerChild> {
+        let exe = std::env::current_exe().context("locating the attractors binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["serve", "--port", "0", "--policy", &a.policy, "--budget", &a.budget.to_string(), "--parallel", &a.parallel.to_string()]);
+        cmd.args(["--max-conversations", &(a.clients * 2).max(a.parallel).to_string(), "--queue", &(a.clients * 2).to_string(), "--sinks", &a.policy_args.sinks.to_string(), "--keys-node", &a.policy_args.keys_node, "--seed", &a.policy_args.seed.to_string()]);
+        if let Some(f) = &a.policy_args.freq {
+            cmd.arg("--freq").arg(f);
+        }
+        if let Some(c) = &a.policy_args.calibration {
+            cmd.arg("--calibration").arg(c);
+        }
+        if let Some(g) = gpu_layers {
+            cmd.args(["--gpu-layers", &g.to_string()]);
+        }
+        cmd.arg("--model").arg(model).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("starting the server")?;
+        let err = child.stderr.take().context("the server's stderr")?;
+        let mut lines = BufReader::new(err).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(i) = l.find("http://") {
+                        break l[i..].split_whitespace().next().unwrap_or_default().to_string();
+                    }
+                }
+                _ => {
+                    let _ = child.wait();
+                    bail!("the server did not start");
+                }
+            }
+        };
+        // keep draining its stderr so it never blocks on a full pipe
+        std::thread::spawn(move || for _ in lines {});
+        Ok(ServerChild { child, url })
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        crate::bench::rss_of(self.child.id())
+    }
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(12) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One streamed turn: (reply text, completion tokens, seconds to the first piece).
+fn streamed_turn(url: &str, messages: &[Value], max_tokens: usize) -> anyhow::Result<(String, usize, f64)> {
+    let body = json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let t0 = Instant::now();
+    let r = ureq::post(&format!("{url}/v1/chat/completions")).set("Content-Type", "application/json").timeout(Duration::from_secs(600)).send_string(&body.to_string());
+    let r = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, r)) => bail!("the server answered {code}: {}", r.into_string().unwrap_or_default()),
+        Err(e) => bail!("request failed: {e}"),
+    };
+    let (mut text, mut tokens, mut ttft) = (String::new(), 0, f64::NAN);
+    for line in BufReader::new(r.into_reader()).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data)?;
+        if let Some(p) = v["choices"][0]["delta"]["content"].as_str().filter(|p| !p.is_empty()) {
+            if ttft.is_nan() {
+                ttft = t0.elapsed().as_secs_f64();
+            }
+            text.push_str(p);
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = n as usize;
+        }
+        if v["error"].is_object() {
+            bail!("the server failed mid-stream: {}", v["error"]["message"]);
+        }
+    }
+    Ok((text, tokens, ttft))
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Run the benchmark: one `chat` stream in this process, then `clients` clients against a
+/// server child, then the soak.
+pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow::Result<BenchReport> {
+    if a.clients == 0 || a.turns == 0 || a.max_tokens == 0 || a.parallel == 0 {
+        bail!("--clients, --turns, --max-tokens and --parallel must be at least 1");
+    }
+    let mut rep = BenchReport::default();
+    // 1. one chat stream, as `attractors chat` runs it (all cores)
+    let cfg = ChatConfig {
+        policy: a.policy.clone(),
+        bound: Bound { budget: a.budget, slack: None },
+        system: None,
+        temp: 0.0,
+        max_reply: a.max_tokens,
+        ignore_eos: false,
+        policy_cfg: a.policy_args.clone(),
+        engine: EngineConfig::default(),
+    };
+    eprintln!("bench serve: one chat stream, {} turns", a.turns);
+    let mut chat = Conversation::new(model, &cfg)?;
+    let (mut chat_tokens, t0) = (0usize, Instant::now());
+    for t in 0..a.turns {
+        chat_tokens += chat.turn(QUESTIONS[t % QUESTIONS.len()], |_| Ok(()))?.tokens;
+    }
+    let chat_s = t0.elapsed().as_secs_f64();
+    drop(chat);
+    let chat_rate = chat_tokens as f64 / chat_s;
+
+    // 2. clients against the server
+    let server = ServerChild::start(model.path(), source.gpu_layers, a)?;
+    eprintln!("bench serve: {} clients x {} turns against {} (--parallel {})", a.clients, a.turns, server.url, a.parallel);
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..a.clients)
+        .map(|c| {
+            let (url, turns, max_tokens) = (server.url.clone(), a.turns, a.max_tokens);
+            std::thread::spawn(move || -> anyhow::Result<(usize, Vec<f64>)> {
+                let mut messages = vec![json!({"role": "system", "content": format!("You are assistant number {c}.")})];
+                let (mut tokens, mut ttfts) = (0, vec![]);
+                for t in 0..turns {
+                    messages.push(json!({"role": "user", "content": QUESTIONS[(t + c) % QUESTIONS.len()]}));
+                    let (text, n, ttft) = streamed_turn(&url, &messages, max_tokens)?;
+                    tokens += n;
+                    ttfts.push(ttft);
+                    messages.push(json!({"role": "assistant", "content": text}));
+                }
+                Ok((tokens, ttfts))
+            })
+        })
+        .collect();
+    let (mut serve_tokens, mut ttfts) = (0, vec![]);
+    for h in handles {
+        let (n, t) = h.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+        serve_tokens += n;
+        ttfts.extend(t.into_iter().filter(|x| x.is_finite()));
+    }
+    let serve_s = t0.elapsed().as_secs_f64();
+    let serve_rate = serve_tokens as f64 / serve_s;
+
+    // 3. the soak: short replies, each client continuing its conversation and starting a
+    // new one every 10 turns
+    eprintln!("bench serve: soak of {} requests", a.soak);
+    let mut done = 0usize;
+    let per_client = a.soak.div_ceil(a.clients);
+    let early_at = (a.soak / 10).max(1);
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let early = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let pid = server.child.id();
+    let handles: Vec<_> = (0..a.clients)
+        .map(|c| {
+            let (url, counter, early) = (server.url.clone(), counter.clone(), early.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut messages: Vec<Value> = vec![];
+                for k in 0..per_client {
+                    if k % 10 == 0 {
+                        messages = vec![json!({"role": "system", "content": format!("Soak client {c}, round {k}.")})];
+                    }
+                    messages.push(json!({"role": "user", "content": QUESTIONS[(k + c) % QUESTIONS.len()]}));
+                    let (text, _, _) = streamed_turn(&url, &messages, 8)?;
+                    messages.push(json!({"role": "assistant", "content": text}));
+                    if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == early_at {
+                        early.store(crate::bench::rss_of(pid), std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("a soak client panicked"))??;
+        done += per_client;
+    }
+    let rss_early = early.load(std::sync::atomic::Ordering::SeqCst);
+    let rss_late = server.rss_bytes();
+    drop(server);
+
+    rep.line(format!(
+        "bench serve: {} · policy {} · budget {} · {} clients x {} turns of at most {} tokens · server --parallel {}",
+        model.meta_str("general.name").unwrap_or_default(),
+        a.policy,
+        a.budget,
+        a.clients,
+        a.turns,
+        a.max_tokens,
+        a.parallel
+    ));
+    rep.line(format!("  one chat stream: {chat_tokens} tokens in {chat_s:.1} s = {chat_rate:.1} tokens/s"));
+    rep.line(format!("  {} clients: {serve_tokens} tokens in {serve_s:.1} s = {serve_rate:.1} tokens/s in all", a.clients));
+    rep.line(format!("  soak: {done} requests; server memory after {early_at}: {:.1} MiB, after {done}: {:.1} MiB", rss_early as f64 / 1048576.0, rss_late as f64 / 1048576.0));
+    rep.line(format!("serve_tokens_per_s_over_chat {:.3}", serve_rate / chat_rate));
+    rep.line(format!("ttft_p50_ms {:.1}", percentile(&mut ttfts.clone(), 0.5) * 1e3));
+    rep.line(format!("ttft_p95_ms {:.1}", percentile(&mut ttfts, 0.95) * 1e3));
+    rep.line(format!("rss_late_over_early {:.4}", rss_late as f64 / rss_early.max(1) as f64));
+    Ok(rep)
+}
