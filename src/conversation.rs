@@ -172,6 +172,18 @@ impl<'m> Conversation<'m> {
         self.start()
     }
 
+    /// [`Conversation::reset`], and its counters too (evictions, speeds): the same as a new
+    /// conversation, on the same llama.cpp context (a server reuses contexts this way
+    /// instead of freeing and allocating them).
+    pub fn renew(&mut self) -> anyhow::Result<()> {
+        self.stream.stats = crate::stream::StreamStats::default();
+        self.gen_tokens = 0;
+        self.gen_s = 0.0;
+        self.last_rate = 0.0;
+        self.stop.store(false, Ordering::SeqCst);
+        self.reset()
+    }
+
     /// Switch to the streaming policy `name`: a new stream re-encodes what the cache holds
     /// now; the eviction counters carry over.
     pub fn switch(&mut self, name: &str) -> anyhow::Result<()> {

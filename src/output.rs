@@ -279,4 +279,22 @@ mod tests {
         drop(Staged::new(&fresh).unwrap());
         assert!(!fresh.exists());
     }
+
+    #[test]
+    fn files_replace_by_name_and_write_each_whole() {
+        let mut f = Files::default();
+        f.text("a.csv", "x\n");
+        f.json("meta.json", &serde_json::json!({"k": 1}));
+        f.text("a.csv", "y\n");
+        assert_eq!(f.names().collect::<Vec<_>>(), vec!["meta.json", "a.csv"], "a replaced file moves to the end, once");
+        assert_eq!(f.get_str("a.csv"), "y\n");
+        assert!(f.get("missing").is_none() && f.get_figure("a.csv").is_none());
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("sub");
+        assert_eq!(f.write(&out).unwrap().len(), 2);
+        assert_eq!(listing(&out), vec!["a.csv", "meta.json"], "no temporary file left");
+        assert_eq!(std::fs::read_to_string(out.join("a.csv")).unwrap(), "y\n");
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+        assert_eq!(meta["k"], 1);
+    }
 }

@@ -216,3 +216,18 @@ fn head_mean(per_head: &[Vec<f64>], n: usize) -> Vec<f64> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Scores;
+
+    #[test]
+    fn per_position_scores_are_the_mean_over_the_layers_and_heads_that_have_them() {
+        assert_eq!(Scores::Shared(vec![1.0, 2.0]).per_position(2), vec![1.0, 2.0]);
+        let l = Scores::PerLayer(vec![Some(vec![1.0, 3.0]), None, Some(vec![3.0, 5.0])]);
+        assert_eq!(l.per_position(2), vec![2.0, 4.0]);
+        let h = Scores::PerHead(vec![Some(vec![vec![0.0, 4.0], vec![2.0, 0.0]]), None, Some(vec![vec![4.0, 8.0]])]);
+        assert_eq!(h.per_position(2), vec![2.0, 4.0]);
+        assert_eq!(Scores::PerLayer(vec![None]).per_position(2), vec![0.0, 0.0]);
+    }
+}

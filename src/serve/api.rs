@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -54,6 +54,10 @@ impl ApiError {
     /// 503 with `Retry-After`: busy or shutting down.
     pub fn unavailable(message: String) -> ApiError {
         ApiError { retry_after: Some(1), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("overloaded"), message) }
+    }
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
     fn body(&self) -> Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
@@ -369,8 +373,7 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-async fn chat(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    let _ = headers;
+async fn chat(State(sh): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>) -> Response {
     sh.metrics.requests.fetch_add(1, Ordering::SeqCst);
     match start(&sh, body) {
         Ok((req, id, rx)) => {

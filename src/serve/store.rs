@@ -35,7 +35,14 @@ pub struct Store {
     entries: HashMap<u64, Entry>,
     next_id: u64,
     clock: u64,
+    /// Contexts of dropped conversations, by (policy, budget), for new ones to reuse: a
+    /// server that frees and allocates a context per conversation grows in memory (the
+    /// allocator keeps what llama.cpp freed), one that reuses them stays flat.
+    pool: Vec<(String, usize, Box<Conversation<'static>>)>,
 }
+
+/// Dropped conversations kept for reuse at most.
+const POOL: usize = 4;
 
 /// What a request asks a worker for.
 pub struct Job {
@@ -105,12 +112,25 @@ impl Store {
         Ok(Claim::New { id })
     }
 
-    /// Drop idle conversations, least recently used first, until at most `max` remain.
+    /// Drop idle conversations, least recently used first, until at most `max` remain; their
+    /// contexts go to the pool while it has room.
     fn drop_lru(&mut self, max: usize) {
         while self.entries.len() > max {
             let Some(id) = self.entries.iter().filter(|(_, e)| e.conv.is_some()).min_by_key(|(_, e)| e.last_used).map(|(&id, _)| id) else { break };
-            self.entries.remove(&id);
+            if let Some(conv) = self.entries.remove(&id).and_then(|e| e.conv) {
+                if self.pool.len() < POOL {
+                    let s = conv.stream();
+                    let key = (s.policy_name().to_string(), s.budget().unwrap_or(0));
+                    self.pool.push((key.0, key.1, conv));
+                }
+            }
         }
+    }
+
+    /// A pooled context of `policy` (its name as the policy reports it) and `budget`.
+    fn pooled(&mut self, policy: &str, budget: usize) -> Option<Box<Conversation<'static>>> {
+        let i = self.pool.iter().position(|(p, b, _)| p == policy && *b == budget)?;
+        Some(self.pool.swap_remove(i).2)
     }
 
     /// A request that claimed `id` gave it back unused (it was refused before any work).
@@ -230,7 +250,18 @@ fn run(sh: &Shared, job: Job) -> Result<(Box<Conversation<'static>>, Vec<Msg>, D
     let internal = |e: anyhow::Error| ApiError::internal(format!("{e:#}"));
     let mut conv = match job.conv {
         Some(c) => c,
-        None => Box::new(new_conversation(sh.model, &sh.cfg, &job.policy, job.budget).map_err(internal)?),
+        None => {
+            // a pooled context when one of the same policy and budget is free (a policy
+            // spec such as `sirllm:recent=0.5` reports its base name: only plain names reuse)
+            let pooled = if job.policy.contains(':') { None } else { sh.store.lock().unwrap_or_else(|e| e.into_inner()).pooled(&job.policy, job.budget) };
+            match pooled {
+                Some(mut c) => {
+                    c.renew().map_err(internal)?;
+                    c
+                }
+                None => Box::new(new_conversation(sh.model, &sh.cfg, &job.policy, job.budget).map_err(internal)?),
+            }
+        }
     };
     let stop = conv.stop_flag();
     sh.store.lock().unwrap_or_else(|e| e.into_inner()).set_stop(job.id, stop.clone());
@@ -291,4 +322,53 @@ fn run(sh: &Shared, job: Job) -> Result<(Box<Conversation<'static>>, Vec<Msg>, D
     let mut log = job.messages;
     log.push(("assistant".to_string(), sent.clone()));
     Ok((conv, log, Done { text: sent, finish_reason, prompt_tokens: prompt_tokens + reply.prompt_tokens, completion_tokens: reply.tokens, kv }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(role: &str, text: &str) -> Msg {
+        (role.to_string(), text.to_string())
+    }
+
+    /// A conversation being answered (no model needed: it is out with a worker).
+    fn busy(log: Vec<Msg>, last_used: u64) -> Entry {
+        Entry { conv: None, log, last_used, cells: 0, stop: None }
+    }
+
+    #[test]
+    fn a_request_extending_a_busy_conversation_waits_and_others_start_anew() {
+        let mut s = Store::default();
+        s.entries.insert(7, busy(vec![m("user", "hi"), m("assistant", "hello")], 1));
+        s.next_id = 7;
+        // extends conversation 7's log: it is answering, so 409
+        let e = s.claim(&[m("user", "hi"), m("assistant", "hello"), m("user", "more")], 10).err().expect("busy");
+        assert_eq!(e.status(), axum::http::StatusCode::CONFLICT);
+        // the same log (nothing new), an edited history, or a shorter one: new conversations
+        for msgs in [vec![m("user", "hi"), m("assistant", "hello")], vec![m("user", "hi!"), m("assistant", "hello"), m("user", "more")], vec![m("user", "hi")]] {
+            match s.claim(&msgs, 10).unwrap() {
+                Claim::New { id } => assert!(id > 7),
+                Claim::Continue { .. } => panic!("{msgs:?} continued"),
+            }
+        }
+        assert_eq!(s.len(), 4);
+        // a request refused before any work gives its new id back
+        let Claim::New { id } = s.claim(&[m("user", "x")], 10).unwrap() else { panic!() };
+        s.release(id, None);
+        assert_eq!(s.len(), 4);
+    }
+
+    #[test]
+    fn conversations_being_answered_are_never_dropped_for_room() {
+        let mut s = Store::default();
+        for i in 0..3 {
+            s.entries.insert(i, busy(vec![m("user", &i.to_string())], i));
+        }
+        s.drop_lru(1);
+        assert_eq!(s.len(), 3, "every one is busy");
+        s.entries.get_mut(&1).unwrap().cells = 9;
+        assert_eq!(s.max_cells(), 9);
+        assert!(matches!(s.get(1), Some(None)) && s.get(5).is_none());
+    }
 }
