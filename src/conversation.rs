@@ -217,11 +217,6 @@ impl<'m> Conversation<'m> {
         Ok(toks.len())
     }
 
-    /// The messages so far `(role, text)`, as the cache saw them (evictions aside).
-    pub fn messages(&self) -> &[(String, String)] {
-        self.transcript.messages()
-    }
-
     /// One user turn and the reply, each piece of text handed to `on_text` as it is
     /// generated (whole UTF-8 characters only).
     pub fn turn(&mut self, text: &str, on_text: impl FnMut(&str) -> anyhow::Result<()>) -> anyhow::Result<Reply> {

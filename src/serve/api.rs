@@ -311,7 +311,7 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
         let s = sh.store.lock().unwrap_or_else(|e| e.into_inner());
         (s.len(), s.max_cells())
     };
-    let rows: [(&str, &str, &str, String); 10] = [
+    let rows: [(&str, &str, &str, String); 11] = [
         ("attractors_requests_total", "counter", "Chat completion requests received.", m.requests.load(Ordering::SeqCst).to_string()),
         ("attractors_request_errors_total", "counter", "Requests that failed after they were accepted.", m.errors.load(Ordering::SeqCst).to_string()),
         ("attractors_rejected_total", "counter", "Requests answered 503 because the queue was full.", m.rejected.load(Ordering::SeqCst).to_string()),
@@ -322,12 +322,12 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
         ("attractors_generated_tokens_total", "counter", "Reply tokens generated.", m.generated.load(Ordering::SeqCst).to_string()),
         ("attractors_prompt_tokens_total", "counter", "Message tokens fed into caches.", m.prompt.load(Ordering::SeqCst).to_string()),
         ("attractors_requests_running", "gauge", "Requests a worker is answering now.", m.running.load(Ordering::SeqCst).to_string()),
+        ("attractors_requests_queued", "gauge", "Requests waiting for a worker.", m.queued.load(Ordering::SeqCst).to_string()),
     ];
     let mut s = String::new();
     for (name, kind, help, v) in rows {
         s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
     }
-    s.push_str(&format!("# HELP attractors_requests_queued Requests waiting for a worker.\n# TYPE attractors_requests_queued gauge\nattractors_requests_queued {}\n", m.queued.load(Ordering::SeqCst)));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s)
 }
 
@@ -376,9 +376,9 @@ fn now() -> u64 {
 async fn chat(State(sh): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>) -> Response {
     sh.metrics.requests.fetch_add(1, Ordering::SeqCst);
     match start(&sh, body) {
-        Ok((req, id, rx)) => {
-            if req.stream {
-                stream_answer(sh, req, id, rx).into_response()
+        Ok((answer, id, rx)) => {
+            if answer.stream {
+                stream_answer(sh, answer.include_usage, id, rx).into_response()
             } else {
                 whole_answer(sh, id, rx).await
             }
@@ -390,7 +390,7 @@ async fn chat(State(sh): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>
 type Events = tokio::sync::mpsc::UnboundedReceiver<Event>;
 
 /// Check the request, claim its conversation, queue the job.
-fn start(sh: &Arc<Shared>, body: Result<Bytes, BytesRejection>) -> Result<(Request, u64, Events), ApiError> {
+fn start(sh: &Arc<Shared>, body: Result<Bytes, BytesRejection>) -> Result<(Answer, u64, Events), ApiError> {
     if sh.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("the server is shutting down".into()));
     }
@@ -408,18 +408,19 @@ fn start(sh: &Arc<Shared>, body: Result<Bytes, BytesRejection>) -> Result<(Reque
         Claim::New { id } => (id, None, 0),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let answer = Answer { stream: req.stream, include_usage: req.include_usage };
     let job = Job {
         id,
         conv,
-        policy: req.policy.clone(),
+        policy: req.policy,
         budget: req.budget,
-        messages: req.messages.clone(),
+        messages: req.messages,
         seen,
         max_tokens: req.max_tokens,
         temperature: req.temperature,
         top_p: req.top_p,
         seed: req.seed,
-        stop: req.stop.clone(),
+        stop: req.stop,
         events: tx,
     };
     sh.metrics.queued.fetch_add(1, Ordering::SeqCst);
@@ -432,7 +433,13 @@ fn start(sh: &Arc<Shared>, body: Result<Bytes, BytesRejection>) -> Result<(Reque
         sh.metrics.rejected.fetch_add(1, Ordering::SeqCst);
         return Err(ApiError::unavailable(format!("all {} workers are busy and {} requests wait: retry after a second", sh.cfg.parallel, sh.cfg.queue)));
     }
-    Ok((req, id, rx))
+    Ok((answer, id, rx))
+}
+
+/// How the answer goes out.
+struct Answer {
+    stream: bool,
+    include_usage: bool,
 }
 
 fn completion_id(id: u64) -> String {
@@ -462,13 +469,12 @@ async fn whole_answer(sh: Arc<Shared>, id: u64, mut rx: Events) -> Response {
     ApiError::internal("the worker ended without an answer".into()).into_response()
 }
 
-fn stream_answer(sh: Arc<Shared>, req: Request, id: u64, rx: Events) -> impl IntoResponse {
+fn stream_answer(sh: Arc<Shared>, include_usage: bool, id: u64, rx: Events) -> impl IntoResponse {
     let cid = completion_id(id);
     let created = now();
     let model = sh.model_name.clone();
     let chunk = move |delta: Value, finish: Option<&str>| json!({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]});
     let first = chunk(json!({"role": "assistant", "content": ""}), None);
-    let include_usage = req.include_usage;
     let convert = move |ev: Event| -> Vec<SseEvent> {
         match ev {
             Event::Piece(p) => vec![SseEvent::default().data(chunk(json!({"content": p}), None).to_string())],

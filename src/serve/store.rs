@@ -151,8 +151,7 @@ impl Store {
     fn put_back(&mut self, id: u64, conv: Box<Conversation<'static>>, log: Vec<Msg>) {
         self.clock += 1;
         let cells = conv.stream().cached();
-        let e = self.entries.entry(id).or_insert(Entry { conv: None, log: vec![], last_used: 0, cells: 0, stop: None });
-        *e = Entry { conv: Some(conv), log, last_used: self.clock, cells, stop: None };
+        self.entries.insert(id, Entry { conv: Some(conv), log, last_used: self.clock, cells, stop: None });
     }
 
     fn set_stop(&mut self, id: u64, stop: Arc<AtomicBool>) {
