@@ -26,7 +26,8 @@ use crate::engine::{require_attention, EngineConfig};
 use crate::evict::setup::{policy_setup, PolicyConfig, PolicySetup};
 use crate::ffi::{ContextParams, Model};
 pub use crate::stream::sample::Sampler;
-use crate::stream::setup::{check_streaming, open_stream, stream_params, Bound};
+use crate::stream::lanes::Lane;
+use crate::stream::setup::{check_streaming, open_stream, open_stream_on, stream_params, Bound};
 use crate::stream::turns::Transcript;
 use crate::stream::utf8::Utf8Stream;
 use crate::stream::Bounded;
@@ -119,12 +120,20 @@ const _: () = {
 impl<'m> Conversation<'m> {
     /// A new conversation (the system prompt, if any, is already in the cache).
     pub fn new(model: &'m Model, cfg: &ChatConfig) -> anyhow::Result<Conversation<'m>> {
+        Self::new_on(None, model, cfg)
+    }
+
+    /// [`Conversation::new`] on `lane` of a shared context (decoded in one batch with the
+    /// other lanes' conversations) when the policy can share one
+    /// ([`crate::stream::setup::shares_context`]); else, or without a lane, on a context of
+    /// its own. [`Bounded::on_shared_context`] says which.
+    pub fn new_on(lane: Option<Lane<'m>>, model: &'m Model, cfg: &ChatConfig) -> anyhow::Result<Conversation<'m>> {
         cfg.check()?;
         require_attention(model)?;
         let params = stream_params(model, &cfg.engine, cfg.bound.budget)?;
         let setup = policy_setup(model, &cfg.policy_cfg, std::slice::from_ref(&cfg.policy))?;
         let swa = sliding_window_layers(model).map_err(|e| anyhow::anyhow!(e))?;
-        let stream = open_stream(model, &params, &setup, &swa, &cfg.policy, cfg.bound.config(&cfg.policy_cfg, true))?;
+        let stream = open_stream_on(lane, model, &params, &setup, &swa, &cfg.policy, cfg.bound.config(&cfg.policy_cfg, true))?;
         let mut c = Conversation {
             model,
             params,
@@ -184,8 +193,8 @@ impl<'m> Conversation<'m> {
         self.reset()
     }
 
-    /// Switch to the streaming policy `name`: a new stream re-encodes what the cache holds
-    /// now; the eviction counters carry over.
+    /// Switch to the streaming policy `name`: a new stream, on a context of its own,
+    /// re-encodes what the cache holds now; the eviction counters carry over.
     pub fn switch(&mut self, name: &str) -> anyhow::Result<()> {
         check_streaming(name)?;
         let cfg = self.stream.config().clone();

@@ -68,7 +68,7 @@
 //! Where things live: [`engine`] (models, data folders resolved at run time, context
 //! parameters), [`corpus`], [`capture`] (the eval callback and its reductions), [`analysis`]
 //! (pure statistics), [`evict`] (policies, selection, the evictor), [`stream`] (the bounded
-//! cache), [`conversation`] (the bounded chat), [`serve`] (the OpenAI-compatible server),
+//! cache; [`stream::lanes`]: several bounded streams decoded in one batch), [`conversation`] (the bounded chat), [`serve`] (the OpenAI-compatible server),
 //! [`eval`] (long-context, stream and dialogue evaluations), [`compare`]
 //! (quantization comparison), [`ladder`] (quantization ladder), [`intervention`],
 //! [`bench`](mod@bench), [`ffi`] (the only module that calls C: one wrapper per llama.cpp object).

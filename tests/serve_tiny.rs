@@ -143,6 +143,68 @@ fn serve_answers_in_openai_shapes_and_continues_conversations_in_a_bounded_cache
     assert!(code == 200 && page.contains("/v1/kv/") && !page.contains("http://") && !page.contains("https://"), "the page is one file that fetches nothing from elsewhere");
 }
 
+/// Conversations on lanes of the shared context (`--lanes`), answered at once by three
+/// workers, so their decodes meet in one batch: each answers as the same conversation does
+/// alone on a context of its own (`--lanes 0`), turn after turn; a policy that reads the
+/// capture (h2o) gets a context of its own.
+#[test]
+fn conversations_sharing_a_context_answer_as_they_do_alone() {
+    let _one = common::one_at_a_time();
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny(d.path());
+    let run = |lanes: &str| -> (Vec<Vec<String>>, Vec<bool>) {
+        let s = Server::start(&["-m", m.to_str().unwrap(), "--budget", "48", "--policy", "streaming", "--parallel", "3", "--lanes", lanes]);
+        let url = format!("{}/v1/chat/completions", s.url);
+        let hs: Vec<_> = (0..3)
+            .map(|i| {
+                let url = url.clone();
+                std::thread::spawn(move || {
+                    let mut messages = vec![user(&format!("client {i}: the hen and the den of the red sheds"))];
+                    let (mut replies, mut shared, mut conv) = (vec![], vec![], None);
+                    for turn in 0..5 {
+                        let (code, out, _) = post(&url, &json!({"messages": messages, "max_tokens": 10, "temperature": 0}).to_string(), &[]);
+                        assert_eq!(code, 200, "{out}");
+                        let r: Value = serde_json::from_str(&out).unwrap();
+                        let kv = &r["kv"];
+                        assert_eq!(*conv.get_or_insert(kv["conversation"].clone()), kv["conversation"], "turn {turn} continues: {r}");
+                        assert!(kv["max_cells"].as_u64().unwrap() <= 48, "{kv}");
+                        shared.push(kv["shared_context"].as_bool().unwrap());
+                        let text = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+                        messages.push(json!({"role": "assistant", "content": text}));
+                        messages.push(user(&format!("and the old rose of the north, turn {turn} of {i}")));
+                        replies.push(text);
+                    }
+                    (replies, shared, r_evicted(&url, &messages))
+                })
+            })
+            .collect();
+        let out: Vec<(Vec<String>, Vec<bool>, u64)> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(out.iter().all(|o| o.2 > 0), "the conversations evicted");
+        let (decodes, batches) = (metric(&s, "attractors_shared_decodes_total"), metric(&s, "attractors_shared_batches_total"));
+        if lanes != "0" {
+            assert!(batches < decodes, "the lanes' decodes never met in one batch: {decodes} decodes in {batches} batches");
+        } else {
+            assert_eq!(decodes, 0.0);
+        }
+        let h2o = chat(&s, &json!({"messages": [user("a shoe")], "max_tokens": 2, "kv": {"policy": "h2o"}}));
+        assert_eq!(h2o["kv"]["shared_context"], false, "{h2o}");
+        (out.iter().map(|o| o.0.clone()).collect(), out.iter().flat_map(|o| o.1.clone()).collect())
+    };
+    let (together, shared) = run("3");
+    assert!(shared.iter().all(|&s| s), "every streaming conversation was on a lane: {shared:?}");
+    let (alone, own) = run("0");
+    assert!(own.iter().all(|&s| !s));
+    assert_eq!(together, alone, "replies on a shared context differ from the same conversations alone");
+}
+
+/// One more turn of a conversation: its evicted tokens so far.
+fn r_evicted(url: &str, messages: &[Value]) -> u64 {
+    let (code, out, _) = post(url, &json!({"messages": messages, "max_tokens": 1, "temperature": 0}).to_string(), &[]);
+    assert_eq!(code, 200, "{out}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    r["kv"]["evicted_tokens"].as_u64().unwrap()
+}
+
 #[test]
 fn serve_refuses_bad_requests_with_openai_errors_and_keeps_answering() {
     let _one = common::one_at_a_time();

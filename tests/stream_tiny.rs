@@ -6,6 +6,7 @@
 use attractors::evict::by_name;
 use attractors::ffi::Model;
 use attractors::session::nll_of;
+use attractors::stream::lanes::Lanes;
 use attractors::stream::{BoundConfig, Bounded, PolicyInputs};
 
 fn toks(n: usize) -> Vec<i32> {
@@ -28,20 +29,34 @@ fn check(policy: &str, budget: usize, slack: usize, n: usize, chunk: usize) {
     let (_d, tiny, model) = tiny_model();
     let mut s = open(&model, policy, Some(budget), slack, 11).unwrap();
     let t = toks(n);
+    let (nll, snapshot) = stream_with_snapshots(&mut s, &t, chunk, budget);
+    assert!(s.stats.evictions > 0, "{policy}: the stream never evicted");
+    assert_eq!(s.stats.max_cached, budget.min(s.stats.max_cached));
+    let worst = compare_with_reference(&tiny, policy, &t, &nll, &snapshot);
+    eprintln!("{policy} chunk {chunk}: {} evictions, worst |dNLL| {worst:.2e}", s.stats.evictions);
+}
+
+/// Feed `t` in chunks; the NLLs, and per token the stream indices cached while it was
+/// decoded (slot = position).
+fn stream_with_snapshots(s: &mut Bounded, t: &[i32], chunk: usize, budget: usize) -> (Vec<f64>, Vec<Vec<u64>>) {
     let mut nll = vec![];
-    // snapshot[i]: stream indices cached while token i was decoded (slot = position)
     let mut snapshot: Vec<Vec<u64>> = vec![];
     for c in t.chunks(chunk) {
         nll.extend(s.feed(c, true).unwrap());
-        assert!(s.cached() <= budget, "{policy}: cache {} over budget {budget}", s.cached());
+        assert!(s.cached() <= budget, "{}: cache {} over budget {budget}", s.policy_name(), s.cached());
         for _ in c {
             snapshot.push(s.cached_origin().to_vec());
         }
     }
-    assert!(s.stats.evictions > 0, "{policy}: the stream never evicted");
-    assert_eq!(s.stats.max_cached, budget.min(s.stats.max_cached));
+    (nll, snapshot)
+}
+
+/// Every NLL against the reference forward pass over the snapshots (1e-4); the evictions
+/// must have mattered. Returns the worst difference.
+fn compare_with_reference(tiny: &attractors::test_support::TinyModel, policy: &str, t: &[i32], nll: &[f64], snapshot: &[Vec<u64>]) -> f64 {
+    let n = t.len();
     let pos = |i: usize, j: usize| snapshot[i].iter().position(|&o| o == j as u64);
-    let r = tiny.forward_stream(&t, &pos);
+    let r = tiny.forward_stream(t, &pos);
     assert!(nll[0].is_nan(), "the first token has no NLL");
     let mut worst = 0f64;
     for i in 1..n {
@@ -51,13 +66,69 @@ fn check(policy: &str, budget: usize, slack: usize, n: usize, chunk: usize) {
         assert!((nll[i] - want).abs() < 1e-4, "{policy} token {i}: stream NLL {} vs reference {want}", nll[i]);
     }
     // and the evictions mattered: the unbounded reference differs somewhere
-    let full = tiny.forward(&t);
+    let full = tiny.forward(t);
     let differs = (1..n).any(|i| {
         let l: Vec<f32> = full.logits[i - 1].iter().map(|&x| x as f32).collect();
         (nll_of(&l, t[i]) - nll[i]).abs() > 1e-3
     });
     assert!(differs, "{policy}: evictions changed nothing");
-    eprintln!("{policy} chunk {chunk}: {} evictions, worst |dNLL| {worst:.2e}", s.stats.evictions);
+    worst
+}
+
+/// Streams on lanes of one shared context, fed at once from their own threads (so their
+/// decodes meet in one batch), each equal to the reference over its own snapshots: a lane's
+/// evictions and shifts touch its sequence only, its logits are its own, and moving it to
+/// another sequence id (with shifts pending) loses nothing.
+#[test]
+fn streams_sharing_a_context_each_equal_the_reference() {
+    let (_d, tiny, model) = tiny_model();
+    let lanes = Lanes::new(&model, &common::tiny_params(), 3).unwrap();
+    let frequent: Vec<i32> = (3..280).step_by(3).collect();
+    let runs = [("frequency", 24, 1, 0usize), ("streaming", 20, 3, 7), ("sirllm", 28, 1, 13)];
+    let results: Vec<(Vec<i32>, Vec<f64>, Vec<Vec<u64>>, u64)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = runs
+            .iter()
+            .map(|&(policy, budget, chunk, shift)| {
+                let lane = lanes.take().expect("a free lane");
+                let p = by_name(policy, &frequent).unwrap();
+                let mut s = Bounded::on_lane(lane, PolicyInputs { policy: p, calib: None, keys_node: "Kcur", swa: &[] }, BoundConfig { budget: Some(budget), sinks: 4, slack: 2, seed: 5 }).unwrap();
+                assert!(s.on_shared_context());
+                sc.spawn(move || {
+                    let t: Vec<i32> = toks(90 + shift).split_off(shift);
+                    let (nll, snap) = stream_with_snapshots(&mut s, &t, chunk, budget);
+                    (t, nll, snap, s.stats.evictions)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((policy, ..), (t, nll, snap, evictions)) in runs.iter().zip(&results) {
+        assert!(*evictions > 0, "{policy}: the stream never evicted");
+        let worst = compare_with_reference(&tiny, policy, t, nll, snap);
+        eprintln!("{policy} on a lane: {evictions} evictions, worst |dNLL| {worst:.2e}");
+    }
+    let st = lanes.stats();
+    assert!(st.rounds < st.decodes, "the lanes never decoded together: {st:?}");
+    // the streaming lane (the middle one) ends first: the last lane moves down beside the
+    // first so that their ids run consecutively
+    assert!(st.moves > 0, "no lane moved: {st:?}");
+    assert_eq!(lanes.free(), 3, "dropped streams give their lanes back");
+}
+
+/// A policy that reads the capture cannot run on a lane (the capture follows one sequence);
+/// all lanes taken: no more.
+#[test]
+fn capture_policies_and_full_lanes_are_refused() {
+    let (_d, _tiny, model) = tiny_model();
+    let lanes = Lanes::new(&model, &common::tiny_params(), 1).unwrap();
+    let p = by_name("h2o", &[]).unwrap();
+    let e = Bounded::on_lane(lanes.take().unwrap(), PolicyInputs { policy: p, calib: None, keys_node: "Kcur", swa: &[] }, BoundConfig { budget: Some(24), sinks: 4, slack: 2, seed: 0 }).err().expect("h2o refused");
+    assert!(e.to_string().contains("context of its own"), "{e}");
+    assert_eq!(lanes.free(), 1, "the refused stream's lane is free again");
+    let held = lanes.take().unwrap();
+    assert!(lanes.take().is_none());
+    drop(held);
+    assert!(lanes.take().is_some());
 }
 
 #[test]

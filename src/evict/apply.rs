@@ -4,6 +4,29 @@
 
 use crate::ffi::Context;
 
+/// What the evictor edits: one sequence's positions in a cache (a context's sequence 0, or a
+/// lane of a shared context, [`crate::stream::lanes::Lane`]).
+pub trait SeqEdit {
+    /// Remove positions `[p0, p1)`; false when llama.cpp refuses.
+    fn seq_rm(&mut self, p0: i32, p1: i32) -> bool;
+    /// Shift positions `[p0, p1)` by `delta`.
+    fn seq_add(&mut self, p0: i32, p1: i32, delta: i32);
+    /// The cache can shift positions.
+    fn can_shift(&self) -> bool;
+}
+
+impl SeqEdit for Context<'_> {
+    fn seq_rm(&mut self, p0: i32, p1: i32) -> bool {
+        Context::seq_rm(self, p0, p1)
+    }
+    fn seq_add(&mut self, p0: i32, p1: i32, delta: i32) {
+        Context::seq_add(self, p0, p1, delta)
+    }
+    fn can_shift(&self) -> bool {
+        Context::can_shift(self)
+    }
+}
+
 /// Why a choice could not be applied.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EvictError {
@@ -62,7 +85,7 @@ pub fn gap_shifts(kept: &[i32]) -> Vec<(i32, i32, i32)> {
 
 /// Apply a `cells` choice. `positions` are the cached positions (ascending), `keep` one flag
 /// each. Returns the positions cached afterwards; the next decode goes at `ctx.pos_max() + 1`.
-pub fn apply_cells(ctx: &mut Context, positions: &[i32], keep: &[bool], close_gaps: bool) -> Result<Vec<i32>, EvictError> {
+pub fn apply_cells<C: SeqEdit + ?Sized>(ctx: &mut C, positions: &[i32], keep: &[bool], close_gaps: bool) -> Result<Vec<i32>, EvictError> {
     if keep.len() != positions.len() {
         return Err(EvictError::Length { keep: keep.len(), positions: positions.len() });
     }

@@ -1,4 +1,4 @@
-//! `llama_batch`: tokens with positions, one sequence, owned buffers.
+//! `llama_batch`: tokens with positions and a sequence each, owned buffers.
 
 use llama_cpp_sys_2 as sys;
 use std::ptr::NonNull;
@@ -11,7 +11,8 @@ pub enum BatchError {
     Full(usize),
 }
 
-/// A batch of tokens for one sequence. Capacity is fixed at creation.
+/// A batch of tokens, each of one sequence (0 unless [`Batch::push_seq`] says otherwise).
+/// Capacity is fixed at creation.
 pub struct Batch {
     raw: sys::llama_batch,
     // Non-null marker that `raw`'s buffers are owned and freed in Drop.
@@ -51,6 +52,11 @@ impl Batch {
 
     /// Add `token` at position `pos` of sequence 0; `logits` asks for its output row.
     pub fn push(&mut self, token: i32, pos: i32, logits: bool) -> Result<(), BatchError> {
+        self.push_seq(token, pos, 0, logits)
+    }
+
+    /// Add `token` at position `pos` of sequence `seq`; `logits` asks for its output row.
+    pub fn push_seq(&mut self, token: i32, pos: i32, seq: i32, logits: bool) -> Result<(), BatchError> {
         let i = self.raw.n_tokens as usize;
         if i >= self.capacity {
             return Err(BatchError::Full(self.capacity));
@@ -61,7 +67,7 @@ impl Batch {
             *self.raw.token.add(i) = token;
             *self.raw.pos.add(i) = pos;
             *self.raw.n_seq_id.add(i) = 1;
-            *(*self.raw.seq_id.add(i)) = 0;
+            *(*self.raw.seq_id.add(i)) = seq;
             *self.raw.logits.add(i) = logits as i8;
         }
         self.raw.n_tokens += 1;
@@ -72,6 +78,12 @@ impl Batch {
     pub fn positions(&self) -> Vec<i32> {
         // SAFETY: the first `n_tokens` entries were written by `push`.
         (0..self.len()).map(|i| unsafe { *self.raw.pos.add(i) }).collect()
+    }
+
+    /// The sequence of each token, in order.
+    pub fn sequences(&self) -> Vec<i32> {
+        // SAFETY: the first `n_tokens` entries, each with one seq_id slot, were written by `push_seq`.
+        (0..self.len()).map(|i| unsafe { *(*self.raw.seq_id.add(i)) }).collect()
     }
 
     /// Which tokens asked for logits, in order.

@@ -143,12 +143,28 @@ pub struct Context<'m> {
     // Declared after `ptr` and dropped after the context is freed (see Drop).
     hook: Option<Box<HookState>>,
     params: ContextParams,
+    /// Sequences (`n_seq_max`); ids outside `0..n_seq` abort inside llama.cpp, so every
+    /// call taking one checks it first.
+    n_seq: i32,
 }
 
 impl<'m> Context<'m> {
     /// Create a context. With a hook, llama.cpp's eval callback is installed and routed
     /// to it; without one, no callback is installed at all.
     pub fn new(model: &'m Model, params: &ContextParams, hook: Option<Box<dyn EvalHook>>) -> Result<Context<'m>, ContextError> {
+        Self::create(model, params, hook, 1)
+    }
+
+    /// A context of `n_seq` sequences, each with its own `params.n_ctx` cells (llama.cpp's
+    /// non-unified cache: a sequence attends over its own cells only), decoded together in
+    /// batches of several sequences ([`Batch::push_seq`]). No hook: captures follow one sequence.
+    pub fn with_sequences(model: &'m Model, params: &ContextParams, n_seq: u32) -> Result<Context<'m>, ContextError> {
+        let mut p = params.clone();
+        p.n_ctx = params.n_ctx.saturating_mul(n_seq.max(1));
+        Self::create(model, &p, None, n_seq.max(1))
+    }
+
+    fn create(model: &'m Model, params: &ContextParams, hook: Option<Box<dyn EvalHook>>, n_seq: u32) -> Result<Context<'m>, ContextError> {
         if model.is_vocab_only() {
             return Err(ContextError::VocabOnly(model.path().to_path_buf()));
         }
@@ -158,7 +174,7 @@ impl<'m> Context<'m> {
         cp.n_ctx = params.n_ctx;
         cp.n_batch = params.n_batch.min(params.n_ctx);
         cp.n_ubatch = params.n_ubatch.min(cp.n_batch);
-        cp.n_seq_max = 1;
+        cp.n_seq_max = n_seq;
         cp.n_threads = params.n_threads;
         cp.n_threads_batch = params.n_threads;
         cp.flash_attn_type = match params.flash_attn {
@@ -193,7 +209,7 @@ impl<'m> Context<'m> {
             actual.n_batch = sys::llama_n_batch(ptr.as_ptr());
             actual.n_ubatch = sys::llama_n_ubatch(ptr.as_ptr());
         }
-        Ok(Context { ptr, model, hook: hook_state, params: actual })
+        Ok(Context { ptr, model, hook: hook_state, params: actual, n_seq: n_seq as i32 })
     }
 
     /// The model.
@@ -231,9 +247,18 @@ impl<'m> Context<'m> {
             return Err(DecodeError::BatchTooLarge { len: batch.len(), n_batch: self.n_batch() });
         }
         let positions = batch.positions();
-        let max = self.pos_max();
-        if positions[0] != max + 1 {
-            return Err(DecodeError::BadPosition { got: positions[0], expected_minus_one: max });
+        let seqs = batch.sequences();
+        if let Some(&s) = seqs.iter().find(|&&s| !self.has_seq(s)) {
+            return Err(DecodeError::Failed { code: -1, reason: format!("sequence {s} is not one of this context's {}", self.n_seq) });
+        }
+        // each sequence's first token continues that sequence
+        for (i, &s) in seqs.iter().enumerate() {
+            if !seqs[..i].contains(&s) {
+                let max = self.pos_max_of(s);
+                if positions[i] != max + 1 {
+                    return Err(DecodeError::BadPosition { got: positions[i], expected_minus_one: max });
+                }
+            }
         }
         if let Some(s) = self.hook.as_mut() {
             s.error = None;
@@ -280,8 +305,7 @@ impl<'m> Context<'m> {
 
     /// Remove positions [p0, p1) of sequence 0 (p1 < 0: to the end).
     pub fn seq_rm(&mut self, p0: i32, p1: i32) -> bool {
-        // SAFETY: valid memory handle.
-        let ok = unsafe { sys::llama_memory_seq_rm(self.mem(), 0, p0, p1) };
+        let ok = self.seq_rm_of(0, p0, p1);
         if ok {
             if let Some(s) = self.hook.as_mut() {
                 s.hook.on_seq_rm(p0, p1);
@@ -292,8 +316,7 @@ impl<'m> Context<'m> {
 
     /// Shift positions [p0, p1) of sequence 0 by `delta` (keys are re-rotated lazily).
     pub fn seq_add(&mut self, p0: i32, p1: i32, delta: i32) {
-        // SAFETY: valid memory handle.
-        unsafe { sys::llama_memory_seq_add(self.mem(), 0, p0, p1, delta) };
+        self.seq_add_of(0, p0, p1, delta);
         if let Some(s) = self.hook.as_mut() {
             s.hook.on_seq_add(p0, p1, delta);
         }
@@ -307,8 +330,58 @@ impl<'m> Context<'m> {
 
     /// Largest cached position of sequence 0, -1 if empty.
     pub fn pos_max(&self) -> i32 {
-        // SAFETY: valid memory handle.
-        unsafe { sys::llama_memory_seq_pos_max(self.mem(), 0) }
+        self.pos_max_of(0)
+    }
+
+    /// Remove positions [p0, p1) of sequence `seq` (p1 < 0: to the end; p0 < 0: from the
+    /// start). Hooks are not told: use [`Context::seq_rm`] in a context with a hook.
+    pub fn seq_rm_of(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
+        if !self.has_seq(seq) {
+            return false;
+        }
+        // SAFETY: valid memory handle; `seq` is one of the context's sequences (checked above).
+        unsafe { sys::llama_memory_seq_rm(self.mem(), seq, p0, p1) }
+    }
+
+    /// Shift positions [p0, p1) of sequence `seq` by `delta`. Hooks are not told.
+    pub fn seq_add_of(&mut self, seq: i32, p0: i32, p1: i32, delta: i32) {
+        if !self.has_seq(seq) {
+            return;
+        }
+        // SAFETY: valid memory handle; `seq` is one of the context's sequences (checked above).
+        unsafe { sys::llama_memory_seq_add(self.mem(), seq, p0, p1, delta) };
+    }
+
+    /// Copy every cell of sequence `src` to sequence `dst` (whose cells are dropped first).
+    /// Across the streams of a non-unified cache ([`Context::with_sequences`]) llama.cpp
+    /// copies the whole stream's buffers at the next decode, before any pending shift, so a
+    /// sequence can move: copy it, then remove the source. False for an id out of range.
+    pub fn seq_cp_of(&mut self, src: i32, dst: i32) -> bool {
+        if !self.has_seq(src) || !self.has_seq(dst) || src == dst {
+            return false;
+        }
+        // SAFETY: valid memory handle; both ids are sequences of this context (checked above),
+        // and the whole range (-1, -1) is what a cross-stream copy requires.
+        unsafe { sys::llama_memory_seq_cp(self.mem(), src, dst, -1, -1) };
+        true
+    }
+
+    /// Largest cached position of sequence `seq`, -1 if empty.
+    pub fn pos_max_of(&self, seq: i32) -> i32 {
+        if !self.has_seq(seq) {
+            return -1;
+        }
+        // SAFETY: valid memory handle; `seq` is one of the context's sequences (checked above).
+        unsafe { sys::llama_memory_seq_pos_max(self.mem(), seq) }
+    }
+
+    /// Sequences of this context.
+    pub fn n_seq(&self) -> usize {
+        self.n_seq as usize
+    }
+
+    fn has_seq(&self, seq: i32) -> bool {
+        (0..self.n_seq).contains(&seq)
     }
 
     /// The cache can shift positions (`llama_memory_can_shift`).

@@ -311,7 +311,8 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
         let s = sh.store.lock().unwrap_or_else(|e| e.into_inner());
         (s.len(), s.max_cells())
     };
-    let rows: [(&str, &str, &str, String); 11] = [
+    let lanes = sh.lanes.as_ref().map(|l| l.stats()).unwrap_or_default();
+    let rows: [(&str, &str, &str, String); 14] = [
         ("attractors_requests_total", "counter", "Chat completion requests received.", m.requests.load(Ordering::SeqCst).to_string()),
         ("attractors_request_errors_total", "counter", "Requests that failed after they were accepted.", m.errors.load(Ordering::SeqCst).to_string()),
         ("attractors_rejected_total", "counter", "Requests answered 503 because the queue was full.", m.rejected.load(Ordering::SeqCst).to_string()),
@@ -323,6 +324,9 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
         ("attractors_prompt_tokens_total", "counter", "Message tokens fed into caches.", m.prompt.load(Ordering::SeqCst).to_string()),
         ("attractors_requests_running", "gauge", "Requests a worker is answering now.", m.running.load(Ordering::SeqCst).to_string()),
         ("attractors_requests_queued", "gauge", "Requests waiting for a worker.", m.queued.load(Ordering::SeqCst).to_string()),
+        ("attractors_shared_decodes_total", "counter", "Decodes of conversations on the shared context (--lanes).", lanes.decodes.to_string()),
+        ("attractors_shared_batches_total", "counter", "llama_decode calls that served them (fewer: decodes met in one batch).", lanes.rounds.to_string()),
+        ("attractors_shared_decode_seconds_total", "counter", "Time in those llama_decode calls.", format!("{:.6}", lanes.decode_s)),
     ];
     let mut s = String::new();
     for (name, kind, help, v) in rows {

@@ -36,8 +36,11 @@ pub struct BenchServeConfig {
     #[arg(long, default_value = "frequency")]
     pub policy: String,
     /// The server's `--parallel`.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     pub parallel: usize,
+    /// The server's `--lanes` (0: a context per conversation).
+    #[arg(long, default_value_t = 0)]
+    pub lanes: usize,
     /// Requests of the memory soak (short replies; conversations continue and restart).
     #[arg(long, default_value_t = 1000)]
     pub soak: usize,
@@ -87,6 +90,7 @@ impl ServerChild {
         if let Some(g) = gpu_layers {
             cmd.args(["--gpu-layers", &g.to_string()]);
         }
+        cmd.args(["--lanes", &a.lanes.to_string()]);
         cmd.arg("--model").arg(model).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().context("starting the server")?;
         let err = child.stderr.take().context("the server's stderr")?;
@@ -171,6 +175,48 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// What batching can give at most here: tokens/s of `n` sequences decoded one token each in
+/// one `llama_decode` (one context of `n` sequences, as `serve`'s shared context) over one
+/// sequence's, after a prompt of half the budget each; no sampling, prefill or HTTP.
+fn batch_ceiling(model: &Model, n: usize, budget: usize) -> anyhow::Result<f64> {
+    let text = QUESTIONS.join(" ").repeat(64);
+    let toks = model.tokenize(&text, false, false)?;
+    if toks.len() < 128 {
+        bail!("the model makes only {} tokens of the benchmark's text: it cannot measure the batch ceiling", toks.len());
+    }
+    let params = crate::stream::setup::stream_params(model, &EngineConfig::default(), budget)?;
+    let rate = |k: usize| -> anyhow::Result<f64> {
+        let mut ctx = crate::ffi::Context::with_sequences(model, &params, k as u32)?;
+        let mut b = crate::ffi::Batch::new(ctx.n_batch());
+        let prompt = (budget / 2).min(ctx.n_batch()).min(toks.len() - 64).max(1);
+        for s in 0..k {
+            b.clear();
+            for p in 0..prompt {
+                b.push_seq(toks[p], p as i32, s as i32, p + 1 == prompt)?;
+            }
+            ctx.decode(&b)?;
+        }
+        let steps = 48;
+        let t0 = Instant::now();
+        for r in 0..steps {
+            b.clear();
+            for s in 0..k {
+                b.push_seq(toks[prompt + r], (prompt + r) as i32, s as i32, true)?;
+            }
+            ctx.decode(&b)?;
+        }
+        Ok((k * steps) as f64 / t0.elapsed().as_secs_f64())
+    };
+    let one = rate(1)?;
+    Ok(rate(n)? / one)
+}
+
+/// One value of the server's `/metrics`.
+fn metric(url: &str, name: &str) -> anyhow::Result<f64> {
+    let text = ureq::get(&format!("{url}/metrics")).timeout(Duration::from_secs(30)).call().context("reading /metrics")?.into_string()?;
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())).with_context(|| format!("no {name} in /metrics"))
+}
+
 /// Run the benchmark: one `chat` stream in this process, then `clients` clients against a
 /// server child, then the soak.
 pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow::Result<BenchReport> {
@@ -198,6 +244,9 @@ pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow:
     let chat_s = t0.elapsed().as_secs_f64();
     drop(chat);
     let chat_rate = chat_tokens as f64 / chat_s;
+    // what one batch of the clients' sequences gives at most (measured whatever --lanes is)
+    let lanes = a.clients.min(a.parallel);
+    let ceiling = if lanes > 1 { Some(batch_ceiling(model, lanes, a.budget)?) } else { None };
 
     // 2. clients against the server
     let server = ServerChild::start(model.path(), source.gpu_layers, a)?;
@@ -228,6 +277,8 @@ pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow:
     }
     let serve_s = t0.elapsed().as_secs_f64();
     let serve_rate = serve_tokens as f64 / serve_s;
+    let (decodes, batches) = (metric(&server.url, "attractors_shared_decodes_total")?, metric(&server.url, "attractors_shared_batches_total")?);
+    let shared_decode_s = metric(&server.url, "attractors_shared_decode_seconds_total")?;
 
     // 3. the soak: short replies, each client continuing its conversation and starting a
     // new one every 10 turns
@@ -267,18 +318,30 @@ pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow:
     drop(server);
 
     rep.line(format!(
-        "bench serve: {} · policy {} · budget {} · {} clients x {} turns of at most {} tokens · server --parallel {}",
+        "bench serve: {} · policy {} · budget {} · {} clients x {} turns of at most {} tokens · server --parallel {} --lanes {}",
         model.meta_str("general.name").unwrap_or_default(),
         a.policy,
         a.budget,
         a.clients,
         a.turns,
         a.max_tokens,
-        a.parallel
+        a.parallel,
+        a.lanes
     ));
     rep.line(format!("  one chat stream: {chat_tokens} tokens in {chat_s:.1} s = {chat_rate:.1} tokens/s"));
     rep.line(format!("  {} clients: {serve_tokens} tokens in {serve_s:.1} s = {serve_rate:.1} tokens/s in all", a.clients));
+    if a.lanes > 0 {
+        rep.line(format!(
+            "  shared context (--lanes {}): {decodes:.0} decodes in {batches:.0} batches ({:.2} per batch), {shared_decode_s:.1} s in llama_decode ({:.1} ms per batch)",
+            a.lanes,
+            decodes / batches.max(1.0),
+            shared_decode_s * 1e3 / batches.max(1.0)
+        ));
+    }
     rep.line(format!("  soak: {done} requests; server memory after {early_at}: {:.1} MiB, after {done}: {:.1} MiB", rss_early as f64 / 1048576.0, rss_late as f64 / 1048576.0));
+    if let Some(c) = ceiling {
+        rep.line(format!("  the ceiling: {lanes} sequences decoded in one batch give {c:.2}x one sequence's tokens/s (raw llama_decode, same run)"));
+    }
     rep.line(format!("serve_tokens_per_s_over_chat {:.3}", serve_rate / chat_rate));
     rep.line(format!("ttft_p50_ms {:.1}", percentile(&mut ttfts.clone(), 0.5) * 1e3));
     rep.line(format!("ttft_p95_ms {:.1}", percentile(&mut ttfts, 0.95) * 1e3));

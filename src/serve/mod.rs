@@ -51,9 +51,15 @@ pub struct ServeConfig {
     /// Cells of each conversation's cache (a request may choose another with `"kv": {"budget": ...}`).
     #[arg(long, default_value_t = 512)]
     pub budget: usize,
-    /// Conversations generating at once (one worker thread and one llama.cpp context each).
-    #[arg(long, default_value_t = 2)]
+    /// Conversations generating at once (one worker thread each).
+    #[arg(long, default_value_t = 4)]
     pub parallel: usize,
+    /// Conversations whose caches are sequences of one shared llama.cpp context, decoded
+    /// together in one batch (0, the default: every conversation gets a context of its own,
+    /// which measured faster on a 2-core CPU). Those whose policy reads a capture or whose
+    /// budget exceeds --budget get a context of their own anyway.
+    #[arg(long, default_value_t = 0)]
+    pub lanes: usize,
     /// Requests waiting for a worker; more are answered 503 with Retry-After.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
@@ -83,7 +89,8 @@ pub struct ServeConfig {
     /// Sinks, frequency list, calibration, keys node, seed.
     #[command(flatten)]
     pub policy_args: PolicyConfig,
-    /// Each conversation's llama.cpp context (threads default to the cores / --parallel).
+    /// Each conversation's llama.cpp context (threads default to the cores / --parallel; the
+    /// shared context's to all cores).
     #[command(flatten)]
     pub engine: EngineConfig,
 }
@@ -113,6 +120,9 @@ impl ServeConfig {
         }
         if self.parallel == 0 || self.queue == 0 || self.max_conversations == 0 {
             bail!("--parallel, --queue and --max-conversations must be at least 1");
+        }
+        if self.lanes > 255 {
+            bail!("--lanes {} is over the 255 lanes one context holds (llama.cpp's 256 sequences, one spare): lower it", self.lanes);
         }
         if self.max_conversations < self.parallel {
             bail!("--max-conversations {} is below --parallel {}: raise it", self.max_conversations, self.parallel);
@@ -144,6 +154,8 @@ pub struct Metrics {
 /// What the handlers and the workers share.
 pub(crate) struct Shared {
     model: &'static Model,
+    /// The shared context's lanes (`None`: --lanes 0).
+    lanes: Option<crate::stream::lanes::Lanes<'static>>,
     model_name: String,
     cfg: ServeConfig,
     store: Mutex<store::Store>,
@@ -162,16 +174,26 @@ pub fn serve(model: &'static Model, cfg: &ServeConfig, ready: impl FnOnce(Socket
         bail!("--budget {} is larger than the model's trained context of {}: lower --budget", cfg.budget, model.n_ctx_train());
     }
     let mut cfg = cfg.clone();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let mut lane_engine = cfg.engine.clone();
     if cfg.engine.threads.is_none() {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         cfg.engine.threads = Some((cores / cfg.parallel).max(1) as i32);
+        lane_engine.threads = Some(cores as i32);
     }
+    let lanes = match cfg.lanes {
+        0 => None,
+        n => {
+            let params = crate::stream::setup::stream_params(model, &lane_engine, cfg.budget)?;
+            Some(crate::stream::lanes::Lanes::new(model, &params, n).map_err(|e| anyhow::anyhow!("{e}: lower --lanes or --budget"))?)
+        }
+    };
     // one conversation up front: the policy's input files load and a context fits, or the
     // server does not start
-    drop(store::new_conversation(model, &cfg, &cfg.policy, cfg.budget)?);
+    drop(store::new_conversation(model, &cfg, &cfg.policy, cfg.budget, None)?);
     let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue);
     let shared = Arc::new(Shared {
         model,
+        lanes,
         model_name: model.meta_str("general.name").filter(|s| !s.is_empty()).unwrap_or_else(|| model.path().file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
         store: Mutex::new(store::Store::default()),
         metrics: Metrics::default(),

@@ -12,6 +12,7 @@ use super::api::{ApiError, StopMatcher};
 use super::{ServeConfig, Shared};
 use crate::conversation::{ChatConfig, Conversation, Sampler};
 use crate::ffi::Model;
+use crate::stream::lanes::Lane;
 use crate::stream::setup::Bound;
 
 /// A chat message: `(role, content)`.
@@ -127,9 +128,11 @@ impl Store {
         }
     }
 
-    /// A pooled context of `policy` (its name as the policy reports it) and `budget`.
-    fn pooled(&mut self, policy: &str, budget: usize) -> Option<Box<Conversation<'static>>> {
-        let i = self.pool.iter().position(|(p, b, _)| p == policy && *b == budget)?;
+    /// A pooled context of `policy` (its name as the policy reports it) and `budget`; one on
+    /// a lane of the shared context first, and one of its own only when `own` allows.
+    fn pooled(&mut self, policy: &str, budget: usize, own: bool) -> Option<Box<Conversation<'static>>> {
+        let fits = |(p, b, _): &(String, usize, Box<Conversation<'static>>)| p == policy && *b == budget;
+        let i = self.pool.iter().position(|e| fits(e) && e.2.stream().on_shared_context()).or_else(|| if own { self.pool.iter().position(fits) } else { None })?;
         Some(self.pool.swap_remove(i).2)
     }
 
@@ -191,7 +194,8 @@ impl Store {
 }
 
 /// A conversation of `policy` under `budget` cells, with the server's other settings.
-pub fn new_conversation(model: &'static Model, cfg: &ServeConfig, policy: &str, budget: usize) -> anyhow::Result<Conversation<'static>> {
+/// On `lane` of the shared context when one is given and the policy can share it.
+pub fn new_conversation(model: &'static Model, cfg: &ServeConfig, policy: &str, budget: usize, lane: Option<Lane<'static>>) -> anyhow::Result<Conversation<'static>> {
     let chat = ChatConfig {
         policy: policy.to_string(),
         bound: Bound { budget, slack: None },
@@ -202,7 +206,7 @@ pub fn new_conversation(model: &'static Model, cfg: &ServeConfig, policy: &str, 
         policy_cfg: cfg.policy_args.clone(),
         engine: cfg.engine.clone(),
     };
-    Conversation::new(model, &chat)
+    Conversation::new_on(lane, model, &chat)
 }
 
 /// A worker: take jobs until the queue closes. A job that fails or panics answers with an
@@ -252,13 +256,16 @@ fn run(sh: &Shared, job: Job) -> Result<(Box<Conversation<'static>>, Vec<Msg>, D
         None => {
             // a pooled context when one of the same policy and budget is free (a policy
             // spec such as `sirllm:recent=0.5` reports its base name: only plain names reuse)
-            let pooled = if job.policy.contains(':') { None } else { sh.store.lock().unwrap_or_else(|e| e.into_inner()).pooled(&job.policy, job.budget) };
+            // (a free lane of the shared context is taken before a pooled context of its own)
+            let shares = crate::evict::by_name(&job.policy, &[]).is_ok_and(|p| crate::stream::setup::shares_context(p.as_ref()));
+            let lane = sh.lanes.as_ref().filter(|l| shares && job.budget <= l.n_ctx()).and_then(|l| l.take());
+            let pooled = if job.policy.contains(':') { None } else { sh.store.lock().unwrap_or_else(|e| e.into_inner()).pooled(&job.policy, job.budget, lane.is_none()) };
             match pooled {
                 Some(mut c) => {
                     c.renew().map_err(internal)?;
                     c
                 }
-                None => Box::new(new_conversation(sh.model, &sh.cfg, &job.policy, job.budget).map_err(internal)?),
+                None => Box::new(new_conversation(sh.model, &sh.cfg, &job.policy, job.budget, lane).map_err(internal)?),
             }
         }
     };
@@ -317,6 +324,7 @@ fn run(sh: &Shared, job: Job) -> Result<(Box<Conversation<'static>>, Vec<Msg>, D
         "budget": conv.stream().budget(),
         "evicted_tokens": s.evicted_tokens,
         "max_cells": s.max_cached,
+        "shared_context": conv.stream().on_shared_context(),
     });
     let mut log = job.messages;
     log.push(("assistant".to_string(), sent.clone()));

@@ -10,6 +10,7 @@
 //! key norms and the calibrated activation (taken once, when the token arrives).
 
 pub mod dialog;
+pub mod lanes;
 pub mod setup;
 pub mod turns;
 pub mod sample;
@@ -18,13 +19,14 @@ pub mod utf8;
 use std::time::Instant;
 
 use crate::capture::{new_capture, CaptureConfig, CaptureHandle};
-use crate::evict::apply::apply_cells;
+use crate::evict::apply::{apply_cells, SeqEdit};
 use crate::evict::calibration::Calibration;
 use crate::evict::inputs::capture_config;
 use crate::evict::select::keep_cells_for;
 use crate::evict::{AttentionStats, Needs, Observation, Policy};
 use crate::ffi::{Batch, Context, ContextParams, DecodeError, EvalHook, Model};
 use crate::session::nll_of;
+use lanes::{Cache, Lane};
 
 /// How the cache is bounded.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -115,7 +117,7 @@ pub const HISTORY: usize = 1 << 16;
 
 /// A context whose cache is bounded by a policy.
 pub struct Bounded<'m> {
-    ctx: Context<'m>,
+    ctx: Cache<'m>,
     capture: Option<CaptureHandle>,
     policy: Box<dyn Policy>,
     needs: Needs,
@@ -154,22 +156,7 @@ impl<'m> Bounded<'m> {
     /// A context of `params` whose cache `cfg` bounds with the policy.
     pub fn new(model: &'m Model, params: &ContextParams, p: PolicyInputs, cfg: BoundConfig) -> anyhow::Result<Bounded<'m>> {
         let needs = p.policy.needs();
-        let profile = model.profile().map_err(|e| anyhow::anyhow!(e))?;
-        if cfg.budget.is_some() {
-            profile.require_attention().map_err(|e| anyhow::anyhow!(e))?;
-        }
-        let recurrent = profile.has_recurrent_layers();
-        if let Some(b) = cfg.budget {
-            if !p.policy.streaming() {
-                anyhow::bail!("policy {} cannot run in a bounded stream (it scores once after a prefill): use one of {}", p.policy.name(), streaming_policies().join(", "));
-            }
-            if b <= cfg.sinks + 1 {
-                anyhow::bail!("budget {b} leaves no room after {} sinks: use --budget of at least {}", cfg.sinks, cfg.sinks + 2);
-            }
-            if b > params.n_ctx as usize {
-                anyhow::bail!("budget {b} is larger than the context of {}: lower --budget", params.n_ctx);
-            }
-        }
+        let recurrent = Self::admit(model, &p, &cfg, params.n_ctx as usize)?;
         let (hook, capture): (Option<Box<dyn EvalHook>>, _) = match capture_cfg(needs, p.keys_node, p.calib) {
             Some(c) => {
                 let (h, handle) = new_capture(model, &c, p.swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
@@ -178,8 +165,49 @@ impl<'m> Bounded<'m> {
             None => (None, None),
         };
         let ctx = Context::new(model, params, hook)?;
+        Ok(Self::build(Cache::Own(ctx), capture, recurrent, p, cfg))
+    }
+
+    /// A stream on `lane` of a shared context ([`lanes`]), decoded together with the other
+    /// lanes' streams. Its policy may not read a capture, and the model may have no recurrent
+    /// layers (probes would save and restore the whole sequence).
+    pub fn on_lane(lane: Lane<'m>, p: PolicyInputs, cfg: BoundConfig) -> anyhow::Result<Bounded<'m>> {
+        let model = lane.model();
+        let needs = p.policy.needs();
+        if capture_cfg(needs, p.keys_node, p.calib).is_some() {
+            anyhow::bail!("policy {} reads a capture of its own sequence and cannot share a context: give it a context of its own", p.policy.name());
+        }
+        if Self::admit(model, &p, &cfg, lane.n_ctx())? {
+            anyhow::bail!("this model has recurrent layers: its streams cannot share a context");
+        }
+        Ok(Self::build(Cache::Lane(lane), None, false, p, cfg))
+    }
+
+    /// Can `p` bound a stream of `n_ctx` cells under `cfg`? Returns whether the model has
+    /// recurrent layers.
+    fn admit(model: &Model, p: &PolicyInputs, cfg: &BoundConfig, n_ctx: usize) -> anyhow::Result<bool> {
+        let profile = model.profile().map_err(|e| anyhow::anyhow!(e))?;
+        if cfg.budget.is_some() {
+            profile.require_attention().map_err(|e| anyhow::anyhow!(e))?;
+        }
+        if let Some(b) = cfg.budget {
+            if !p.policy.streaming() {
+                anyhow::bail!("policy {} cannot run in a bounded stream (it scores once after a prefill): use one of {}", p.policy.name(), streaming_policies().join(", "));
+            }
+            if b <= cfg.sinks + 1 {
+                anyhow::bail!("budget {b} leaves no room after {} sinks: use --budget of at least {}", cfg.sinks, cfg.sinks + 2);
+            }
+            if b > n_ctx {
+                anyhow::bail!("budget {b} is larger than the context of {n_ctx}: lower --budget");
+            }
+        }
+        Ok(profile.has_recurrent_layers())
+    }
+
+    fn build(ctx: Cache<'m>, capture: Option<CaptureHandle>, recurrent: bool, p: PolicyInputs, cfg: BoundConfig) -> Bounded<'m> {
+        let needs = p.policy.needs();
         let n_batch = ctx.n_batch();
-        Ok(Bounded {
+        Bounded {
             ctx,
             recurrent,
             history: std::collections::VecDeque::new(),
@@ -201,7 +229,12 @@ impl<'m> Bounded<'m> {
             batch: Batch::new(n_batch),
             after_evict: false,
             stats: StreamStats::default(),
-        })
+        }
+    }
+
+    /// This stream decodes on a lane of a shared context.
+    pub fn on_shared_context(&self) -> bool {
+        matches!(self.ctx, Cache::Lane(_))
     }
 
     /// The model.
@@ -379,17 +412,23 @@ impl<'m> Bounded<'m> {
         let start = self.tokens.len() as i32;
         // A recurrent state cannot drop the probe's positions (llama.cpp refuses): save the
         // sequence before and restore it after, with the cell maps the restore implies.
-        let state = self.recurrent.then(|| (self.ctx.save_seq(), self.capture.as_ref().map(|c| c.cells_for_restore())));
+        // (A stream on a lane has no recurrent layers: `on_lane` refuses them.)
+        let state = match &self.ctx {
+            Cache::Own(c) if self.recurrent => Some((c.save_seq(), self.capture.as_ref().map(|c| c.cells_for_restore()))),
+            _ => None,
+        };
         let r = self.decode(tokens, true, true);
         match state {
             Some((bytes, layout)) => {
-                self.ctx.restore_seq(&bytes).map_err(|e| StreamError::Policy(e.to_string()))?;
+                if let Cache::Own(c) = &mut self.ctx {
+                    c.restore_seq(&bytes).map_err(|e| StreamError::Policy(e.to_string()))?;
+                }
                 if let (Some(c), Some(l)) = (&self.capture, layout) {
                     c.restore_cells(l).map_err(StreamError::Policy)?;
                 }
             }
             None => {
-                if !self.ctx.seq_rm(start, -1) {
+                if !SeqEdit::seq_rm(&mut self.ctx, start, -1) {
                     return Err(StreamError::Policy(format!("llama.cpp refused to remove the probe's positions {start}..")));
                 }
             }
@@ -408,33 +447,44 @@ impl<'m> Bounded<'m> {
             return Ok(vec![]);
         }
         let start = self.tokens.len();
-        self.batch.clear();
-        for (k, &t) in chunk.iter().enumerate() {
-            let last = k + 1 == chunk.len();
-            self.batch.push(t, (start + k) as i32, logits_all || last).expect("chunk fits the batch");
-        }
         if let Some(c) = &self.capture {
             let last = start + chunk.len() - 1;
             c.set_observation_window(last, last);
         }
         let t0 = Instant::now();
-        self.ctx.decode(&self.batch)?;
-        let dt = t0.elapsed().as_secs_f64();
-        self.stats.decode_s += dt;
-        self.stats.decodes += 1;
-        if self.after_evict && !probe {
-            self.stats.after_evict_decodes += 1;
-            self.stats.after_evict_decode_s += dt;
-            self.after_evict = false;
-        }
         let mut nll = Vec::with_capacity(chunk.len());
-        if logits_all {
-            for (k, &t) in chunk.iter().enumerate() {
-                let prev = if k == 0 { self.last_logits.as_deref() } else { self.ctx.logits(k as i32 - 1) };
-                nll.push(prev.map_or(f64::NAN, |l| nll_of(l, t)));
+        let prev_of = |prev: Option<&[f32]>, t: i32| prev.map_or(f64::NAN, |l| nll_of(l, t));
+        let dt;
+        match &mut self.ctx {
+            Cache::Own(ctx) => {
+                self.batch.clear();
+                for (k, &t) in chunk.iter().enumerate() {
+                    let last = k + 1 == chunk.len();
+                    self.batch.push(t, (start + k) as i32, logits_all || last).expect("chunk fits the batch");
+                }
+                ctx.decode(&self.batch)?;
+                dt = t0.elapsed().as_secs_f64();
+                if logits_all {
+                    for (k, &t) in chunk.iter().enumerate() {
+                        let prev = if k == 0 { self.last_logits.as_deref() } else { ctx.logits(k as i32 - 1) };
+                        nll.push(prev_of(prev, t));
+                    }
+                }
+                self.last_logits = ctx.logits(-1).map(|l| l.to_vec());
+            }
+            Cache::Lane(lane) => {
+                let mut rows = lane.decode(chunk, start as i32, logits_all)?;
+                dt = t0.elapsed().as_secs_f64();
+                if logits_all {
+                    for (k, &t) in chunk.iter().enumerate() {
+                        let prev = if k == 0 { self.last_logits.as_deref() } else { Some(&rows[k - 1][..]) };
+                        nll.push(prev_of(prev, t));
+                    }
+                }
+                self.last_logits = rows.pop();
             }
         }
-        self.last_logits = self.ctx.logits(-1).map(|l| l.to_vec());
+        self.count_decode(dt, probe);
         if probe {
             return Ok(nll);
         }
@@ -457,6 +507,16 @@ impl<'m> Bounded<'m> {
         self.stats.max_cached = self.stats.max_cached.max(self.tokens.len());
         self.check()?;
         Ok(nll)
+    }
+
+    fn count_decode(&mut self, dt: f64, probe: bool) {
+        self.stats.decode_s += dt;
+        self.stats.decodes += 1;
+        if self.after_evict && !probe {
+            self.stats.after_evict_decodes += 1;
+            self.stats.after_evict_decode_s += dt;
+            self.after_evict = false;
+        }
     }
 
     /// Fold one decode's capture into the per-slot records; new slots start at `start`.

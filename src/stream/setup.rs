@@ -45,6 +45,23 @@ pub fn open_stream<'m>(model: &'m Model, params: &ContextParams, setup: &PolicyS
     Bounded::new(model, params, PolicyInputs { policy, calib: setup.calib.as_ref(), keys_node: &setup.keys_node, swa }, cfg)
 }
 
+/// [`open_stream`] on `lane` of a shared context ([`super::lanes`]) when one is given and the
+/// policy can share one ([`shares_context`]), else on a context of its own.
+pub fn open_stream_on<'m>(lane: Option<super::lanes::Lane<'m>>, model: &'m Model, params: &ContextParams, setup: &PolicySetup, swa: &[usize], name: &str, cfg: BoundConfig) -> anyhow::Result<Bounded<'m>> {
+    let policy = by_name(name, &setup.frequent).map_err(|e| anyhow::anyhow!(e))?;
+    match lane {
+        Some(lane) if shares_context(policy.as_ref()) => Bounded::on_lane(lane, PolicyInputs { policy, calib: setup.calib.as_ref(), keys_node: &setup.keys_node, swa }, cfg),
+        _ => Bounded::new(model, params, PolicyInputs { policy, calib: setup.calib.as_ref(), keys_node: &setup.keys_node, swa }, cfg),
+    }
+}
+
+/// The policy reads no capture (attention, keys, activations), so its stream can run on a
+/// lane of a shared context: a capture follows one sequence of one context.
+pub fn shares_context(policy: &dyn crate::evict::Policy) -> bool {
+    let n = policy.needs();
+    !(n.attention || n.keys || n.activations)
+}
+
 /// Check a streaming policy name before anything is loaded.
 pub fn check_streaming(name: &str) -> anyhow::Result<()> {
     let p = by_name(name, &[]).map_err(|e| anyhow::anyhow!(e))?;
