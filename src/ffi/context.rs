@@ -251,9 +251,11 @@ impl<'m> Context<'m> {
         if let Some(&s) = seqs.iter().find(|&&s| !self.has_seq(s)) {
             return Err(DecodeError::Failed { code: -1, reason: format!("sequence {s} is not one of this context's {}", self.n_seq) });
         }
-        // each sequence's first token continues that sequence
+        // each sequence's first token continues that sequence (a batch holds few distinct ids)
+        let mut seen: Vec<i32> = Vec::with_capacity(4);
         for (i, &s) in seqs.iter().enumerate() {
-            if !seqs[..i].contains(&s) {
+            if !seen.contains(&s) {
+                seen.push(s);
                 let max = self.pos_max_of(s);
                 if positions[i] != max + 1 {
                     return Err(DecodeError::BadPosition { got: positions[i], expected_minus_one: max });

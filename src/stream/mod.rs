@@ -173,8 +173,7 @@ impl<'m> Bounded<'m> {
     /// layers (probes would save and restore the whole sequence).
     pub fn on_lane(lane: Lane<'m>, p: PolicyInputs, cfg: BoundConfig) -> anyhow::Result<Bounded<'m>> {
         let model = lane.model();
-        let needs = p.policy.needs();
-        if capture_cfg(needs, p.keys_node, p.calib).is_some() {
+        if !setup::shares_context(p.policy.as_ref()) {
             anyhow::bail!("policy {} reads a capture of its own sequence and cannot share a context: give it a context of its own", p.policy.name());
         }
         if Self::admit(model, &p, &cfg, lane.n_ctx())? {

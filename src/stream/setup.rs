@@ -41,17 +41,18 @@ impl Bound {
 
 /// A bounded stream for policy `name` (resolved through `setup`); `budget` None = full cache.
 pub fn open_stream<'m>(model: &'m Model, params: &ContextParams, setup: &PolicySetup, swa: &[usize], name: &str, cfg: BoundConfig) -> anyhow::Result<Bounded<'m>> {
-    let policy = by_name(name, &setup.frequent).map_err(|e| anyhow::anyhow!(e))?;
-    Bounded::new(model, params, PolicyInputs { policy, calib: setup.calib.as_ref(), keys_node: &setup.keys_node, swa }, cfg)
+    open_stream_on(None, model, params, setup, swa, name, cfg)
 }
 
 /// [`open_stream`] on `lane` of a shared context ([`super::lanes`]) when one is given and the
 /// policy can share one ([`shares_context`]), else on a context of its own.
 pub fn open_stream_on<'m>(lane: Option<super::lanes::Lane<'m>>, model: &'m Model, params: &ContextParams, setup: &PolicySetup, swa: &[usize], name: &str, cfg: BoundConfig) -> anyhow::Result<Bounded<'m>> {
     let policy = by_name(name, &setup.frequent).map_err(|e| anyhow::anyhow!(e))?;
+    let shares = shares_context(policy.as_ref());
+    let inputs = PolicyInputs { policy, calib: setup.calib.as_ref(), keys_node: &setup.keys_node, swa };
     match lane {
-        Some(lane) if shares_context(policy.as_ref()) => Bounded::on_lane(lane, PolicyInputs { policy, calib: setup.calib.as_ref(), keys_node: &setup.keys_node, swa }, cfg),
-        _ => Bounded::new(model, params, PolicyInputs { policy, calib: setup.calib.as_ref(), keys_node: &setup.keys_node, swa }, cfg),
+        Some(lane) if shares => Bounded::on_lane(lane, inputs, cfg),
+        _ => Bounded::new(model, params, inputs, cfg),
     }
 }
 
