@@ -88,7 +88,7 @@ fn child(a: &BenchCaptureConfig, mode: &str) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"mode": mode, "seconds": best, "peak_mb": peak_rss_mb(), "accumulator_mb": acc_mb, "tokens": toks.len(),
             "bytes_down_per_layer": per_layer, "bytes_down_per_node": transfers.bytes_per_node(), "transfers": transfers, "layers": model.n_layer(), "device": model.meta().device,
-            "callback_seconds": transfers.callback_seconds, "device_seconds": transfers.device_seconds, "merge_seconds": transfers.merge_seconds})
+            "callback_seconds": transfers.callback_seconds, "threads": params.n_threads, "device_seconds": transfers.device_seconds, "merge_seconds": transfers.merge_seconds})
     );
     Ok(())
 }
@@ -166,6 +166,17 @@ pub fn run_capture(a: &BenchCaptureConfig) -> anyhow::Result<BenchReport> {
             secs(v) - cb - secs(p),
             merge
         ));
+        let layers = v["layers"].as_f64().unwrap_or(f64::NAN);
+        let bytes = v["transfers"]["tensor_bytes"].as_f64().unwrap_or(f64::NAN);
+        rep.line(format!(
+            "{mode} callback per layer {:.1} ms (all micro-batches of the prefill); attention tensors {:.2} GB read at {:.2} GB/s",
+            cb * 1e3 / layers,
+            bytes / 1e9,
+            bytes / 1e9 / cb
+        ));
+    }
+    if let Some(t) = results.iter().find_map(|(m, v)| (*m != "plain").then(|| v["threads"].as_u64()).flatten()) {
+        rep.line(format!("memory read bandwidth here: {:.2} GB/s ({t} threads summing a 512 MB buffer; the callback's limit)", read_bandwidth_gbs(t as usize)));
     }
     if let Some(c) = get("capture") {
         rep.line(format!("capture accumulators {:.1} MB", c["accumulator_mb"].as_f64().unwrap_or(0.0)));
@@ -177,6 +188,31 @@ pub fn run_capture(a: &BenchCaptureConfig) -> anyhow::Result<BenchReport> {
         }
     }
     Ok(rep)
+}
+
+/// Read bandwidth (GB/s) of `threads` threads summing disjoint parts of a 512 MB buffer of
+/// f32 (best of three passes): the ceiling of a reduction that reads each byte once.
+pub fn read_bandwidth_gbs(threads: usize) -> f64 {
+    let buf = vec![1.0f32; 128 << 20];
+    let chunk = buf.len().div_ceil(threads.max(1));
+    let mut best = f64::INFINITY;
+    let mut total = 0.0f32;
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        total = std::thread::scope(|s| {
+            let hs: Vec<_> = buf.chunks(chunk).map(|c| s.spawn(move || c.chunks(16).fold([0.0f32; 16], |mut acc, x| {
+                for (a, v) in acc.iter_mut().zip(x) {
+                    *a += v;
+                }
+                acc
+            }).iter().sum::<f32>())).collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(f32::NAN)).sum()
+        });
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    // The sum keeps the reads from being optimised away.
+    std::hint::black_box(total);
+    (buf.len() * 4) as f64 / 1e9 / best
 }
 
 /// A scratch folder under the system temp dir, removed when dropped.

@@ -285,7 +285,7 @@ impl ComparePlan {
                 let att = s.attention.as_ref().ok_or_else(|| anyhow::anyhow!("no attention was captured"))?;
                 let mut kept = vec![];
                 for p in &setup.policies {
-                    match choose(p.as_ref(), &inputs, &d.tokens, budget, setup.sinks, setup.seed, Mode::Cells { close_gaps: false }, model.profile().map_err(|e| anyhow::anyhow!(e))?).map_err(|e| anyhow::anyhow!(e))? {
+                    match choose(p.as_ref(), &inputs, &d.tokens, budget, setup.sinks, setup.seed, Mode::Cells { close_gaps: false, compact: false }, model.profile().map_err(|e| anyhow::anyhow!(e))?).map_err(|e| anyhow::anyhow!(e))? {
                         Choice::Cells(k) => kept.push(k),
                         Choice::Mask(_) => unreachable!("cells mode gives one choice"),
                     }

@@ -23,7 +23,7 @@ use anyhow::bail;
 use crate::capture::mask::{new_mask, MaskHandle};
 use crate::capture::sliding_window_layers;
 use crate::engine::{context_params, require_attention, EngineConfig};
-use crate::eval::pipeline::{apply, argmax, build_prompt, capture_for, choose, generate, prefill, Choice, Mode, Prompt};
+use crate::eval::pipeline::{apply, argmax, build_prompt, capture_for, choose, decode_steps, generate, prefill, Choice, Mode, Prompt};
 use crate::evict::select::Budget;
 use crate::evict::setup::{matched_budget, policy_setup, PolicyConfig, PolicySetup};
 use crate::evict::{by_name, layers_note, Policy};
@@ -56,11 +56,14 @@ pub struct PruneConfig {
     pub policy_cfg: PolicyConfig,
     /// The llama.cpp context (its size defaults to what the prompt needs).
     pub engine: EngineConfig,
+    /// After `cells` eviction, move the kept cache into a context sized to it (the kept
+    /// cells, the question and the answer) and free the large one.
+    pub resize: bool,
 }
 
 impl Default for PruneConfig {
     fn default() -> Self {
-        PruneConfig { policy: "frequency".into(), keep: Keep::Matched, mode: Mode::Cells { close_gaps: false }, max_new: 48, policy_cfg: PolicyConfig::default(), engine: EngineConfig::default() }
+        PruneConfig { policy: "frequency".into(), keep: Keep::Matched, mode: Mode::Cells { close_gaps: false, compact: true }, max_new: 48, policy_cfg: PolicyConfig::default(), engine: EngineConfig::default(), resize: false }
     }
 }
 
@@ -89,6 +92,24 @@ pub struct Pruned {
     pub to_first_token_s: f64,
     /// The context's size in cells.
     pub n_ctx: u32,
+    /// The compaction after `cells` eviction (seconds; 0 without one).
+    pub compact_s: f64,
+    /// With [`PruneConfig::resize`]: what the move did.
+    pub resized: Option<Resized>,
+}
+
+/// The kept cache moved into a context sized to it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resized {
+    /// Cells of the new context.
+    pub n_ctx: u32,
+    /// Seconds the move took (state saved, new context made, state restored).
+    pub move_s: f64,
+    /// Resident memory of the process before the move and after the large context was
+    /// freed (MB, `/proc/self/statm`).
+    pub rss_before_mb: f64,
+    /// After.
+    pub rss_after_mb: f64,
 }
 
 /// A context, question and policy ready to run.
@@ -129,7 +150,8 @@ fn prepare(model: &Model, context: &str, question: &str, cfg: &PruneConfig) -> a
 pub fn prune(model: &Model, context: &str, question: &str, cfg: &PruneConfig) -> anyhow::Result<Pruned> {
     let p = prepare(model, context, question, cfg)?;
     let policy = p.setup.policies[0].as_ref();
-    let r = run_once(model, &p.params, &p.swa, &p.setup, policy, &p.prompt, p.budget, cfg.mode, cfg.max_new)?;
+    let opts = AnswerOpts { max_new: cfg.max_new, timed_steps: 0, resize: cfg.resize };
+    let r = run_once(model, &p.params, &p.swa, &p.setup, policy, &p.prompt, p.budget, cfg.mode, opts)?;
     let kept_fraction = r.choice.kept_fraction(model.profile().map_err(|e| anyhow::anyhow!(e))?);
     Ok(Pruned {
         context: p.prompt.context,
@@ -143,6 +165,8 @@ pub fn prune(model: &Model, context: &str, question: &str, cfg: &PruneConfig) ->
         evict_s: r.evict_s,
         to_first_token_s: r.to_first_token_s,
         n_ctx: p.params.n_ctx,
+        compact_s: r.compact_s,
+        resized: r.resized,
     })
 }
 
@@ -175,16 +199,38 @@ pub struct RunResult {
     pub choice: Choice,
     /// Prefill time (seconds).
     pub prefill_s: f64,
-    /// Scoring and applying the choice.
+    /// Scoring and applying the choice (the compaction included).
     pub evict_s: f64,
+    /// The compaction after `cells` eviction (seconds; 0 without one).
+    pub compact_s: f64,
     /// End of prefill to the first answer token (scoring, eviction, question decode).
     pub to_first_token_s: f64,
+    /// [`AnswerOpts::timed_steps`] greedy decode steps after the question (seconds).
+    pub steps_s: f64,
+    /// The move into a context sized to the kept cache, when asked.
+    pub resized: Option<Resized>,
+}
+
+/// How [`run_once`] answers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnswerOpts {
+    /// Most answer tokens (greedy, stops at end of generation).
+    pub max_new: usize,
+    /// Instead of answering, time exactly this many greedy decode steps (0: answer).
+    pub timed_steps: usize,
+    /// After `cells` eviction, move the kept cache into a context sized to it.
+    pub resize: bool,
+}
+
+/// Resident memory of this process (MB), 0 where `/proc` is missing.
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/statm").ok().and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok())).map_or(0.0, |pages| pages * 4096.0 / 1e6)
 }
 
 /// Prefill `prompt.context` on a fresh context with the capture `policy` needs, keep
-/// `budget` positions, decode the question and answer greedily (at most `max_new` tokens).
+/// `budget` positions, decode the question and answer greedily (see [`AnswerOpts`]).
 #[allow(clippy::too_many_arguments)]
-pub fn run_once(model: &Model, params: &ContextParams, swa: &[usize], setup: &PolicySetup, policy: &dyn Policy, prompt: &Prompt, budget: usize, mode: Mode, max_new: usize) -> anyhow::Result<RunResult> {
+pub fn run_once(model: &Model, params: &ContextParams, swa: &[usize], setup: &PolicySetup, policy: &dyn Policy, prompt: &Prompt, budget: usize, mode: Mode, opts: AnswerOpts) -> anyhow::Result<RunResult> {
     let n = prompt.context.len();
     let needs = policy.needs();
     let pre = capture_for(model, needs, n, &setup.keys_node, setup.calib.as_ref(), swa, params.n_ctx as usize).map_err(|e| anyhow::anyhow!(e))?;
@@ -205,13 +251,23 @@ pub fn run_once(model: &Model, params: &ContextParams, swa: &[usize], setup: &Po
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let choice = choose(policy, &inputs, &prompt.context, budget, setup.sinks, setup.seed, mode, model.profile().map_err(|e| anyhow::anyhow!(e))?).map_err(|e| anyhow::anyhow!(e))?;
-    apply(&mut ctx, &choice, mode, mask.as_ref())?;
+    let compact_s = apply(&mut ctx, &choice, mode, mask.as_ref())?;
+    let mut resized = None;
+    if let (true, Choice::Cells(keep)) = (opts.resize, &choice) {
+        let need = keep.iter().filter(|&&k| k).count() + prompt.question.len() + opts.max_new.max(opts.timed_steps);
+        let small = ContextParams { n_ctx: (need.div_ceil(256) * 256) as u32, ..params.clone() };
+        let (rss_before_mb, tm) = (rss_mb(), Instant::now());
+        let moved = ctx.moved_into(&small)?;
+        ctx = moved;
+        let move_s = tm.elapsed().as_secs_f64();
+        resized = Some(Resized { n_ctx: ctx.n_ctx() as u32, move_s, rss_before_mb, rss_after_mb: rss_mb() });
+    }
     let evict_s = t1.elapsed().as_secs_f64();
     feed(&mut ctx, &prompt.question, false, |_| {})?;
     argmax(ctx.logits(-1).ok_or_else(|| anyhow::anyhow!("the question's last token has no logits"))?);
     let to_first_token_s = t1.elapsed().as_secs_f64();
-    let answer = generate(&mut ctx, max_new)?;
-    Ok(RunResult { answer, choice, prefill_s, evict_s, to_first_token_s })
+    let (answer, steps_s) = if opts.timed_steps > 0 { (vec![], decode_steps(&mut ctx, opts.timed_steps)?) } else { (generate(&mut ctx, opts.max_new)?, 0.0) };
+    Ok(RunResult { answer, choice, prefill_s, evict_s, compact_s, to_first_token_s, steps_s, resized })
 }
 
 /// The budget `keep` gives on `tokens`, and how it was set; `Matched` needs the frequency
@@ -226,40 +282,58 @@ pub fn resolve_budget(keep: Keep, tokens: &[i32], setup: &PolicySetup) -> anyhow
     })
 }
 
-/// Time from the end of prefill to the first answer token, best of interleaved rounds.
+/// Time from the end of prefill to the first answer token, and decoding speed after it,
+/// best of interleaved rounds.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PruneBench {
     /// Full cache (seconds).
     pub full_s: f64,
-    /// `cells` at the budget, and its scoring + eviction.
+    /// `cells` at the budget, compacted, and its scoring + eviction.
     pub cells_s: f64,
     /// Scoring and eviction of the `cells` run.
     pub cells_evict_s: f64,
+    /// The compaction of the `cells` run (seconds).
+    pub compact_s: f64,
     /// `mask` at the budget, and its choice.
     pub mask_s: f64,
     /// Scoring and choice of the `mask` run.
     pub mask_choice_s: f64,
     /// Cells of the context.
     pub n_ctx: u32,
+    /// Greedy decode steps timed after the question.
+    pub steps: usize,
+    /// Tokens/s of those steps: full cache, `cells` compacted, `cells` not compacted.
+    pub full_tps: f64,
+    /// After `cells` eviction and compaction.
+    pub cells_tps: f64,
+    /// After `cells` eviction without compaction (holes masked).
+    pub uncompacted_tps: f64,
 }
 
-/// [`prune`]'s policy at its budget in `cells` and `mask` mode against the full cache, each
-/// on a fresh context, three interleaved rounds (full, cells, mask, full, ...), best of
-/// each: this machine's speed drifts over minutes, which sequential blocks would bias.
-pub fn bench(model: &Model, context: &str, question: &str, cfg: &PruneConfig) -> anyhow::Result<PruneBench> {
-    let p = prepare(model, context, question, cfg)?;
+/// [`prune`]'s policy at its budget in `cells` mode (compacted and not) and `mask` mode
+/// against the full cache, each on a fresh context, three interleaved rounds (full, cells,
+/// uncompacted, mask, full, ...), best of each: this machine's speed drifts over minutes,
+/// which sequential blocks would bias. Each run times end of prefill to first answer token,
+/// then `steps` greedy decode steps.
+pub fn bench(model: &Model, context: &str, question: &str, cfg: &PruneConfig, steps: usize) -> anyhow::Result<PruneBench> {
+    let p = prepare(model, context, question, &PruneConfig { max_new: cfg.max_new.max(steps), ..cfg.clone() })?;
     let policy = p.setup.policies[0].as_ref();
     let full = by_name("full", &[]).map_err(|e| anyhow::anyhow!(e))?;
-    let variants: [(&dyn Policy, Mode); 3] = [(full.as_ref(), Mode::Cells { close_gaps: false }), (policy, Mode::Cells { close_gaps: false }), (policy, Mode::Mask)];
-    let mut best = [(f64::INFINITY, 0.0f64); 3];
+    let cells = |compact| Mode::Cells { close_gaps: false, compact };
+    let variants: [(&dyn Policy, Mode); 4] = [(full.as_ref(), cells(false)), (policy, cells(true)), (policy, cells(false)), (policy, Mode::Mask)];
+    // (to first token, eviction, compaction, decode steps)
+    let mut best = [(f64::INFINITY, 0.0f64, 0.0f64, f64::INFINITY); 4];
+    let opts = AnswerOpts { max_new: 1, timed_steps: steps, resize: false };
     for _ in 0..3 {
         for (k, (pol, mode)) in variants.iter().enumerate() {
-            let r = run_once(model, &p.params, &p.swa, &p.setup, *pol, &p.prompt, p.budget, *mode, 1)?;
+            let r = run_once(model, &p.params, &p.swa, &p.setup, *pol, &p.prompt, p.budget, *mode, opts)?;
             if r.to_first_token_s < best[k].0 {
-                best[k] = (r.to_first_token_s, r.evict_s);
+                best[k] = (r.to_first_token_s, r.evict_s, r.compact_s, best[k].3);
             }
+            best[k].3 = best[k].3.min(r.steps_s);
         }
     }
-    let [(full_s, _), (cells_s, cells_evict_s), (mask_s, mask_choice_s)] = best;
-    Ok(PruneBench { full_s, cells_s, cells_evict_s, mask_s, mask_choice_s, n_ctx: p.params.n_ctx })
+    let [(full_s, _, _, full_d), (cells_s, cells_evict_s, compact_s, cells_d), (_, _, _, unc_d), (mask_s, mask_choice_s, _, _)] = best;
+    let tps = |secs: f64| steps as f64 / secs;
+    Ok(PruneBench { full_s, cells_s, cells_evict_s, compact_s, mask_s, mask_choice_s, n_ctx: p.params.n_ctx, steps, full_tps: tps(full_d), cells_tps: tps(cells_d), uncompacted_tps: tps(unc_d) })
 }

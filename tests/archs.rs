@@ -387,3 +387,35 @@ fn bounded_chat_past_the_window_keeps_cell_maps_in_sync() {
         }
     }
 }
+
+/// A hybrid's probe (scoring a continuation without keeping it) after an eviction that
+/// shifted positions leaves the stream exactly as it was: the recurrent state is put back,
+/// the probe's cells removed, and the shift still reaches the keys (a saved and restored
+/// attention cache would have lost it). The next tokens score as if no probe had run.
+#[test]
+fn a_hybrids_probe_after_a_shift_leaves_no_trace() {
+    use attractors::evict::by_name;
+    use attractors::stream::{BoundConfig, Bounded, PolicyInputs};
+    let _one = common::one_at_a_time();
+    let d = tempfile::tempdir().unwrap();
+    for arch in ["lfm2"] {
+        let model = load(&write(d.path(), arch));
+        let params = ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, flash_attn: FlashAttn::Off, kv_type: KvType::F32 };
+        let open = || Bounded::new(&model, &params, PolicyInputs { policy: by_name("streaming", &[]).unwrap(), calib: None, keys_node: AUTO, swa: &[] }, BoundConfig { budget: Some(24), sinks: 4, slack: 0, seed: 0 }).unwrap();
+        let t = tokens(40);
+        let run = |probe: bool| {
+            let mut s = open();
+            s.feed(&t[..20], false).unwrap();
+            s.make_room(8).unwrap();
+            if probe {
+                s.probe(&t[30..36]).unwrap();
+            }
+            s.feed(&t[20..28], true).unwrap()
+        };
+        let (plain, probed) = (run(false), run(true));
+        assert_eq!(plain.len(), probed.len());
+        for (k, (a, b)) in plain.iter().zip(&probed).enumerate() {
+            assert!((a - b).abs() < 1e-4, "{arch} token {k}: NLL {b} after a probe, {a} without");
+        }
+    }
+}

@@ -102,6 +102,98 @@ fn gap_closing_keeps_positions_and_cell_map_consistent() {
     }
 }
 
+/// `cells` eviction leaves holes that llama.cpp still attends over; compaction moves the
+/// kept cells to the lowest cells in their order. The compacted cache (in place, or moved
+/// into a smaller context) gives the same logits as the uncompacted one, and the capture's
+/// cell map follows the move: it names the packed layout, and the next decode's mask check
+/// (which fails on any cell the map gets wrong) confirms where llama.cpp put the new tokens.
+#[test]
+fn compacted_cache_gives_the_same_logits_and_the_capture_follows() {
+    let (_d, _tiny, model) = tiny_model();
+    let t = toks();
+    let keep = choice();
+    let positions: Vec<i32> = (0..N as i32).collect();
+    let kept: Vec<i32> = positions.iter().zip(&keep).filter(|(_, &k)| k).map(|(&p, _)| p).collect();
+    // How: 0 uncompacted, 1 compacted in place, 2 moved into a context of 128 cells, 3 from
+    // the state saved before the removal.
+    let run = |how: usize| {
+        let cfg = CaptureConfig { activation: None, include_self: true, ..CaptureConfig::default() };
+        let (hook, handle) = new_capture(&model, &cfg, &[], 256).unwrap();
+        let mut ctx = Context::new(&model, &params(), Some(Box::new(hook))).unwrap();
+        feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
+        let saved = ctx.save_seq().unwrap();
+        apply_cells(&mut ctx, &positions, &keep, false).unwrap();
+        match how {
+            1 => assert!(ctx.compact().unwrap() > 0),
+            3 => assert!(ctx.compact_from(&saved, |p| kept.contains(&p)).unwrap(), "a plain cache's state is edited, not saved again"),
+            2 => ctx = ctx.moved_into(&attractors::ffi::ContextParams { n_ctx: 128, ..params() }).unwrap(),
+            _ => {}
+        }
+        let before = handle.cell_positions()[0].clone();
+        handle.reset();
+        let logits = decode_rest(&mut ctx, &t[N..]);
+        let after = handle.cell_positions()[0].clone();
+        let received = handle.summary().attention.unwrap().received;
+        (logits, before, after, received, ctx.n_ctx())
+    };
+    let (plain, holes, _, plain_rec, _) = run(0);
+    // Before compaction the kept positions sit in their old cells, the evicted ones empty.
+    assert_eq!(holes[..N].iter().filter(|&&p| p < 0).count(), N - kept.len());
+    let (packed, map, map_after, packed_rec, _) = run(1);
+    assert_eq!(&map[..kept.len()], &kept[..], "kept positions fill the lowest cells in order");
+    assert!(map[kept.len()..].iter().all(|&p| p < 0));
+    let new: Vec<i32> = (N as i32..(N + M) as i32).collect();
+    assert_eq!(&map_after[kept.len()..kept.len() + M], &new[..], "new tokens follow the packed cells");
+    // The moved context has no hook (its capture stayed with the large one, now freed).
+    let (moved, _, _, _, moved_ctx) = run(2);
+    assert_eq!(moved_ctx, 256, "llama.cpp rounds a context up to 256 cells");
+    let (edited, edited_map, _, edited_rec, _) = run(3);
+    assert_eq!(edited_map, map, "the edited state restores the same layout");
+    assert_eq!(edited_rec, packed_rec);
+    for (name, got) in [("compacted", &packed), ("moved", &moved), ("edited", &edited)] {
+        for k in 0..M {
+            for (v, (&g, &w)) in got[k].iter().zip(&plain[k]).enumerate() {
+                assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{name} logit [{k},{v}]: {g} vs uncompacted {w}");
+            }
+        }
+    }
+    // The new queries' attention lands on the same positions through either cell layout.
+    for (l, (a, b)) in plain_rec.iter().zip(&packed_rec).enumerate() {
+        assert_eq!(a.len(), b.len());
+        for (j, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-5, "layer {l} position {j}: received {x} uncompacted, {y} compacted");
+        }
+    }
+}
+
+/// A position shift waits for the next decode to rotate the keys: saving or compacting
+/// before it is refused; `cells` mode with both compacts between removal and shift.
+#[test]
+fn compaction_waits_for_a_pending_shift_and_cells_mode_orders_them() {
+    use attractors::eval::pipeline::{apply, Choice, Mode};
+    let (_d, _tiny, model) = tiny_model();
+    let t = toks();
+    let keep = choice();
+    let positions: Vec<i32> = (0..N as i32).collect();
+    let mut ctx = Context::new(&model, &params(), None).unwrap();
+    feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
+    apply_cells(&mut ctx, &positions, &keep, true).unwrap();
+    assert!(matches!(ctx.compact(), Err(attractors::ffi::StateError::ShiftPending)));
+    assert!(ctx.save_seq().is_err());
+    let shifted = decode_rest(&mut ctx, &t[N..]);
+    assert!(ctx.compact().is_ok(), "the decode applied the shift");
+    let mut both = Context::new(&model, &params(), None).unwrap();
+    feed(&mut both, &t[..N], false, |_| {}).unwrap();
+    apply(&mut both, &Choice::Cells(keep.clone()), Mode::Cells { close_gaps: true, compact: true }, None).unwrap();
+    assert_eq!(both.pos_max(), (N / 2) as i32 - 1);
+    let got = decode_rest(&mut both, &t[N..]);
+    for k in 0..M {
+        for (v, (&g, &w)) in got[k].iter().zip(&shifted[k]).enumerate() {
+            assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "logit [{k},{v}]: compacted then shifted {g} vs shifted {w}");
+        }
+    }
+}
+
 /// The mask hook wrote every `kq` node the way it was told: by a device graph (here on the
 /// CPU backend, the path a GPU takes), or in host memory.
 fn check_mask_path(handle: &MaskHandle, reduce: Reduce) {
@@ -332,7 +424,7 @@ fn restored_cache_equals_a_fresh_prefill() {
     let (hook, _handle) = new_capture(&model, &cfg, &[], 256).unwrap();
     let mut pre = Context::new(&model, &params(), Some(Box::new(hook))).unwrap();
     feed(&mut pre, &t[..N], false, |_| {}).unwrap();
-    let state = pre.save_seq();
+    let state = pre.save_seq().unwrap();
     drop(pre);
     let fresh = |evict: bool| {
         let mut ctx = Context::new(&model, &params(), None).unwrap();

@@ -558,7 +558,7 @@ fn gemma3_windowed_layers_do_not_vote_in_cells_mode() {
     feed(&mut ctx, &toks, false, |_| {}).unwrap();
     let inputs = Inputs::from_summary(Some(&handle.summary()), n, None, None).unwrap();
     let (budget, sinks) = (n / 4, 4);
-    let Choice::Cells(chosen) = choose(policy.as_ref(), &inputs, &toks, budget, sinks, 0, Mode::Cells { close_gaps: false }, profile).unwrap() else { panic!("cells mode gives a cells choice") };
+    let Choice::Cells(chosen) = choose(policy.as_ref(), &inputs, &toks, budget, sinks, 0, Mode::Cells { close_gaps: false, compact: false }, profile).unwrap() else { panic!("cells mode gives a cells choice") };
     let Scores::PerHead(all) = policy.score(&inputs.observation(&toks, budget, 0)).unwrap() else { panic!("h2o scores per head") };
     let only = |keep: &dyn Fn(usize) -> bool| Scores::PerHead(all.iter().enumerate().map(|(l, v)| v.clone().filter(|_| keep(l))).collect());
     let global = keep_cells_newest(&only(&|l| [5, 11, 17].contains(&l)), n, budget, sinks);

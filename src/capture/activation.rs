@@ -99,48 +99,43 @@ impl ActivationAcc {
     /// Add the rows of one micro-batch: `data` row `i` (stride `row_stride` floats, width
     /// `width`) belongs to position `queries[i]`.
     pub fn add(&mut self, layer: usize, data: &[f32], width: usize, row_stride: usize, queries: &[i32]) -> Result<(), String> {
+        self.add_split(layer, data, width, row_stride, queries, 1)
+    }
+
+    /// [`ActivationAcc::add`] with the rows' summaries computed on up to `threads` threads
+    /// (each row on its own: the result does not depend on the thread count).
+    pub fn add_split(&mut self, layer: usize, data: &[f32], width: usize, row_stride: usize, queries: &[i32], threads: usize) -> Result<(), String> {
         let (hd, n_heads) = self.adopt_width(layer, width)?;
         let (dims, all) = (self.dims.clone(), self.all_dims);
         let nd = dims.len();
+        let n = queries.len();
+        let threads = super::par::threads_for(threads, n * width * 4);
+        let chunk = n.div_ceil(threads.max(1) * 4).max(1);
         let mut scratch = std::mem::take(&mut self.scratch);
-        for (i, &p) in queries.iter().enumerate() {
+        let row = |i: usize| &data[i * row_stride..i * row_stride + width];
+        let summarise = |r: std::ops::Range<usize>, scratch: &mut Vec<f32>| -> Vec<RowSummary> { r.map(|i| RowSummary::of(row(i), hd, n_heads, scratch)).collect() };
+        let sums: Vec<RowSummary> = if threads <= 1 {
+            summarise(0..n, &mut scratch)
+        } else {
+            let ranges: Vec<_> = (0..n).step_by(chunk).map(|i| i..(i + chunk).min(n)).collect();
+            super::par::map_tasks(threads, ranges, |r| summarise(r, &mut Vec::new())).into_iter().flatten().collect()
+        };
+        self.scratch = scratch;
+        for ((i, &p), sum) in queries.iter().enumerate().zip(sums) {
             let p = p as usize;
-            let row = &data[i * row_stride..i * row_stride + width];
-            let mut ss = 0.0f64;
-            let mut top = [(0u32, -1.0f32); 3];
-            for (d, &x) in row.iter().enumerate() {
-                ss += (x as f64) * (x as f64);
-                let a = x.abs();
-                if a > top[2].1 {
-                    top[2] = (d as u32, a);
-                    if top[2].1 > top[1].1 {
-                        top.swap(1, 2);
-                        if top[1].1 > top[0].1 {
-                            top.swap(0, 1);
-                        }
-                    }
-                }
-            }
-            scratch.clear();
-            scratch.extend(row.iter().map(|x| x.abs()));
-            let median = median_in_place(&mut scratch);
             let la = self.row_of(layer, p, n_heads);
-            la.norm[p] = ss.sqrt() as f32;
-            la.top3[p] = top;
-            la.median_abs[p] = median;
+            la.norm[p] = sum.norm;
+            la.top3[p] = sum.top3;
+            la.median_abs[p] = sum.median_abs;
             if all {
-                la.values[p * nd..(p + 1) * nd].copy_from_slice(row);
+                la.values[p * nd..(p + 1) * nd].copy_from_slice(row(i));
             } else {
                 for (k, &d) in dims.iter().enumerate() {
-                    la.values[p * nd + k] = row[d];
+                    la.values[p * nd + k] = row(i)[d];
                 }
             }
-            for g in 0..n_heads {
-                let ss: f64 = row[g * hd..(g + 1) * hd].iter().map(|&x| (x as f64) * (x as f64)).sum();
-                la.head_norm[p * n_heads + g] = ss.sqrt() as f32;
-            }
+            la.head_norm[p * n_heads..(p + 1) * n_heads].copy_from_slice(&sum.head_norm);
         }
-        self.scratch = scratch;
         Ok(())
     }
 
@@ -170,6 +165,40 @@ impl ActivationAcc {
             }
         }
         Ok(())
+    }
+}
+
+/// One row's summary (what [`ActivationAcc::add`] records per position).
+struct RowSummary {
+    norm: f32,
+    top3: [(u32, f32); 3],
+    median_abs: f32,
+    head_norm: Vec<f32>,
+}
+
+impl RowSummary {
+    /// Norm, three largest magnitudes, median magnitude and `n_heads` norms of `hd`-wide blocks.
+    fn of(row: &[f32], hd: usize, n_heads: usize, scratch: &mut Vec<f32>) -> RowSummary {
+        let mut ss = 0.0f64;
+        let mut top = [(0u32, -1.0f32); 3];
+        for (d, &x) in row.iter().enumerate() {
+            ss += (x as f64) * (x as f64);
+            let a = x.abs();
+            if a > top[2].1 {
+                top[2] = (d as u32, a);
+                if top[2].1 > top[1].1 {
+                    top.swap(1, 2);
+                    if top[1].1 > top[0].1 {
+                        top.swap(0, 1);
+                    }
+                }
+            }
+        }
+        scratch.clear();
+        scratch.extend(row.iter().map(|x| x.abs()));
+        let median_abs = median_in_place(scratch);
+        let head_norm = (0..n_heads).map(|g| row[g * hd..(g + 1) * hd].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32).collect();
+        RowSummary { norm: ss.sqrt() as f32, top3: top, median_abs, head_norm }
     }
 }
 
@@ -227,6 +256,32 @@ mod tests {
         assert_eq!(la.median_abs[1], 3.0);
         assert_eq!(la.max_abs(), 4.0);
         assert!(acc.add(0, &data, 1, 4, &[0]).is_err());
+    }
+
+    #[test]
+    fn rows_split_over_threads_equal_one_thread() {
+        let mut rng = crate::rng::SplitMix64(3);
+        let (width, stride, n) = (24, 26, 50);
+        let data: Vec<f32> = (0..n * stride).map(|_| rng.gauss() as f32).collect();
+        let queries: Vec<i32> = (0..n as i32).rev().collect();
+        let make = || {
+            let mut a = ActivationAcc::new("Kcur", 1, vec![2, 5]);
+            a.heads = Some(3);
+            a
+        };
+        let mut one = make();
+        one.add(0, &data, width, stride, &queries).unwrap();
+        for threads in [2, 3, 7] {
+            let mut split = make();
+            split.add_split(0, &data, width, stride, &queries, threads).unwrap();
+            let (a, b) = (one.layers[0].as_ref().unwrap(), split.layers[0].as_ref().unwrap());
+            assert_eq!((&a.norm, &a.median_abs, &a.top3, &a.values, &a.head_norm), (&b.norm, &b.median_abs, &b.top3, &b.values, &b.head_norm), "threads {threads}");
+        }
+        let a = one.layers[0].as_ref().unwrap();
+        // Row 0 of the data is position n - 1.
+        let ss: f64 = data[..width].iter().map(|&x| (x as f64) * (x as f64)).sum();
+        assert_eq!(a.norm[n - 1], ss.sqrt() as f32);
+        assert_eq!(a.values[(n - 1) * 2 + 1], data[5]);
     }
 
     #[test]

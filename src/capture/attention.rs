@@ -63,6 +63,9 @@ pub struct AttentionAcc {
     first_cap: usize,
     /// Per layer (`None` until its first micro-batch).
     pub layers: Vec<Option<LayerAttention>>,
+    /// Threads [`AttentionAcc::add`] may use (the capture sets the context's); results do
+    /// not depend on it.
+    pub threads: usize,
     /// `(first prediction position, KV heads)` when information flow is on.
     flow: Option<(usize, usize)>,
     /// `(first window query, last query)` when the observation window is on.
@@ -83,11 +86,223 @@ pub fn cell_at(cells: &[CellPos], pos: usize) -> Option<usize> {
     cells.binary_search_by_key(&pos, |c| c.pos).ok().map(|k| cells[k].cell)
 }
 
+/// Queries whose distance sums advance together (independent chains in flight).
+const GROUP: usize = 8;
+
+/// The information flow's inputs for one micro-batch.
+struct Flow<'a> {
+    start: usize,
+    n_kv_head: usize,
+    group: usize,
+    vnorm: &'a [f32],
+}
+
+/// One head's accumulators (empty slices for sums that are off).
+struct HeadSums<'a> {
+    h: usize,
+    rec: &'a mut [f64],
+    own: &'a mut [f64],
+    win: &'a mut [f64],
+    last: &'a mut [f64],
+}
+
+/// A unit of [`AttentionAcc::add`]'s work.
+enum Task<'a> {
+    /// The per-head sums of one head over every query.
+    Head(HeadSums<'a>),
+    /// The per-query sums of these query rows.
+    Queries(std::ops::Range<usize>),
+}
+
+/// What a query's per-query sums came to: its distance row and `(flow row sum, prediction row)`.
+struct QuerySums {
+    q: usize,
+    distance: Option<Vec<f32>>,
+    flow: Option<(f64, Option<Vec<f32>>)>,
+}
+
+/// One micro-batch of one layer, indexed for the reductions.
+struct MicroBatch<'a> {
+    probs: &'a [f32],
+    n_kv: usize,
+    n_tok: usize,
+    n_head: usize,
+    queries: &'a [i32],
+    /// Maximal runs `(first cell, first position, length)` of consecutive positions in
+    /// consecutive cells, by position.
+    runs: Vec<(usize, usize, usize)>,
+    /// Positions of the cells, sorted, and their cells.
+    pos: Vec<usize>,
+    cell: Vec<u32>,
+    /// Per query row, the cell holding the query's own position.
+    own_cell: Vec<Option<usize>>,
+}
+
+impl<'a> MicroBatch<'a> {
+    fn new(probs: &'a [f32], n_kv: usize, queries: &'a [i32], cells: &[CellPos], n_head: usize) -> MicroBatch<'a> {
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for cp in cells {
+            match runs.last_mut() {
+                Some((c, p, n)) if *c + *n == cp.cell && *p + *n == cp.pos => *n += 1,
+                _ => runs.push((cp.cell, cp.pos, 1)),
+            }
+        }
+        let own_cell = queries.iter().map(|&q| cell_at(cells, q.max(0) as usize).filter(|_| q >= 0)).collect();
+        MicroBatch {
+            probs,
+            n_kv,
+            n_tok: queries.len(),
+            n_head,
+            queries,
+            runs,
+            pos: cells.iter().map(|c| c.pos).collect(),
+            cell: cells.iter().map(|c| c.cell as u32).collect(),
+            own_cell,
+        }
+    }
+
+    fn row(&self, i: usize, h: usize) -> &'a [f32] {
+        &self.probs[self.n_kv * (i + self.n_tok * h)..][..self.n_kv]
+    }
+
+    /// `acc[p] += row[cell(p)]` for the cells at positions below `limit`.
+    fn add_below(&self, acc: &mut [f64], row: &[f32], limit: usize) {
+        for &(c, p, n) in &self.runs {
+            if p >= limit {
+                break;
+            }
+            let n = n.min(limit - p);
+            for (a, &x) in acc[p..p + n].iter_mut().zip(&row[c..c + n]) {
+                *a += x as f64;
+            }
+        }
+    }
+
+    /// Received, self, window and last-row sums of one head, queries in order.
+    fn head_sums(&self, s: HeadSums, obs: Option<(usize, usize)>) {
+        let HeadSums { h, rec, own, win, last } = s;
+        for (i, &q) in self.queries.iter().enumerate() {
+            let q = q.max(0) as usize;
+            let row = self.row(i, h);
+            self.add_below(rec, row, q);
+            if let Some(c) = self.own_cell[i] {
+                let a = row[c];
+                if a != 0.0 {
+                    own[q] += a as f64;
+                }
+            }
+            if let Some((w0, last_q)) = obs {
+                if q >= w0 {
+                    self.add_below(win, row, q + 1);
+                }
+                if q == last_q {
+                    for &(c, p, n) in self.runs.iter().take_while(|r| r.1 <= q) {
+                        for (k, &a) in row[c..c + n.min(q + 1 - p)].iter().enumerate() {
+                            if a != 0.0 {
+                                last[p + k] = a as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Number of cells at positions `<= x` (`x < 0`: none).
+    fn rank_le(&self, x: isize) -> usize {
+        if x < 0 {
+            0
+        } else {
+            self.pos.partition_point(|&p| p <= x as usize)
+        }
+    }
+
+    /// Distance rows (starting from `dist`'s) and flow sums of the query rows `r`.
+    fn query_sums(&self, r: std::ops::Range<usize>, dist: Option<(&[f32], usize)>, fl: Option<&Flow>, inv_h: f32) -> Vec<QuerySums> {
+        let qs: Vec<usize> = r.clone().map(|i| self.queries[i].max(0) as usize).collect();
+        let distance: Vec<Option<Vec<f32>>> = match dist {
+            Some((d, nb)) => {
+                let mut rows: Vec<Vec<f32>> = qs.iter().map(|&q| d[q * nb..(q + 1) * nb].to_vec()).collect();
+                if rows.len() == GROUP {
+                    self.distance_chains::<GROUP>(std::array::from_fn(|j| r.start + j), std::array::from_fn(|j| qs[j]), &mut rows, nb, inv_h);
+                } else {
+                    for (j, row) in rows.chunks_mut(1).enumerate() {
+                        self.distance_chains::<1>([r.start + j], [qs[j]], row, nb, inv_h);
+                    }
+                }
+                rows.into_iter().map(Some).collect()
+            }
+            None => vec![None; qs.len()],
+        };
+        r.zip(qs).zip(distance)
+            .map(|((i, q), distance)| QuerySums { q, distance, flow: fl.map(|f| self.flow_sums(i, q, f, inv_h)) })
+            .collect()
+    }
+
+    /// Distance sums of `G` queries at once: for each bucket, each query's chain of
+    /// `a * inv_h` over heads, then cells by position (the plain loop's order), the queries'
+    /// chains interleaved so that their additions overlap.
+    fn distance_chains<const G: usize>(&self, idx: [usize; G], q: [usize; G], out: &mut [Vec<f32>], nb: usize, inv_h: f32) {
+        for b in 0..nb {
+            let (lo, hi) = bucket_range(b);
+            let s: [usize; G] = std::array::from_fn(|j| self.rank_le(q[j] as isize - hi as isize - 1));
+            let e: [usize; G] = std::array::from_fn(|j| self.rank_le(q[j] as isize - lo as isize));
+            if (0..G).all(|j| e[j] <= s[j]) {
+                continue;
+            }
+            let m = (0..G).map(|j| e[j].saturating_sub(s[j])).min().unwrap_or(0);
+            let mut acc: [f32; G] = std::array::from_fn(|j| out[j][b]);
+            for h in 0..self.n_head {
+                let rows: [&[f32]; G] = std::array::from_fn(|j| self.row(idx[j], h));
+                for t in 0..m {
+                    for j in 0..G {
+                        acc[j] += rows[j][self.cell[s[j] + t] as usize] * inv_h;
+                    }
+                }
+                for j in 0..G {
+                    for k in s[j] + m..e[j] {
+                        acc[j] += rows[j][self.cell[k] as usize] * inv_h;
+                    }
+                }
+            }
+            for j in 0..G {
+                out[j][b] = acc[j];
+            }
+        }
+    }
+
+    /// The flow of query row `i` at position `q`: its row sum over heads and earlier cells,
+    /// and its full row when it is a prediction query.
+    fn flow_sums(&self, i: usize, q: usize, f: &Flow, inv_h: f32) -> (f64, Option<Vec<f32>>) {
+        let pred = q >= f.start;
+        let before = self.pos.partition_point(|&p| p < q);
+        let mut row_sum = 0.0f64;
+        let mut pred_row = if pred { vec![0.0f32; q] } else { Vec::new() };
+        for h in 0..self.n_head {
+            let g = h / f.group;
+            let row = self.row(i, h);
+            for (&p, &c) in self.pos[..before].iter().zip(&self.cell[..before]) {
+                let a = row[c as usize];
+                if a == 0.0 {
+                    continue;
+                }
+                // I(q, j) = mean_h A[h,q,j] ||v[g(h),j]||
+                let v = a * f.vnorm.get(p * f.n_kv_head + g).copied().unwrap_or(f32::NAN) * inv_h;
+                row_sum += v as f64;
+                if pred {
+                    pred_row[p] += v;
+                }
+            }
+        }
+        (row_sum, pred.then_some(pred_row))
+    }
+}
+
 impl AttentionAcc {
     /// Empty accumulators; `max_positions` sizes the first allocation and the distance buckets.
     pub fn new(n_layer: usize, n_head: usize, max_positions: usize, distance: bool) -> AttentionAcc {
         let n_buckets = distance_bucket(max_positions.max(2) - 1) + 1;
-        AttentionAcc { n_head, n_head_kv: n_head, n_buckets, distance, cap: 0, first_cap: max_positions.clamp(64, 1 << 20), layers: vec![None; n_layer], flow: None, obs: None }
+        AttentionAcc { n_head, n_head_kv: n_head, n_buckets, distance, cap: 0, first_cap: max_positions.clamp(64, 1 << 20), layers: vec![None; n_layer], threads: 1, flow: None, obs: None }
     }
 
     /// Accumulate the gradient-free information flow (needs value norms in `add`).
@@ -171,80 +386,86 @@ impl AttentionAcc {
     /// `queries` the positions of its rows, `cells` the occupied cells with their positions
     /// (sorted by position),
     /// `vnorm` the value norms `[pos * n_head_kv + g]` of this layer (information flow).
+    ///
+    /// Split over [`AttentionAcc::threads`] threads: the per-head sums (received, self,
+    /// window, last row) by head, the per-query sums (distance, flow) by query, each sum
+    /// taken in the order of the plain loop (queries, then heads, then cells by position),
+    /// so the result is the same bit for bit for any thread count. Cells holding consecutive
+    /// positions in consecutive cells are summed as slices (vectorised).
     pub fn add(&mut self, layer: usize, probs: &[f32], n_kv: usize, queries: &[i32], cells: &[CellPos], vnorm: Option<&[f32]>) {
         let n_tok = queries.len();
+        if n_tok == 0 {
+            return;
+        }
         let max_q = queries.iter().copied().max().unwrap_or(0).max(0) as usize;
         self.prepare(layer, max_q);
-        let cap = self.cap;
-        let nb = self.n_buckets;
-        let n_head = self.n_head;
+        let (cap, nb, n_head, distance, obs) = (self.cap, self.n_buckets, self.n_head, self.distance, self.obs);
         let inv_h = 1.0 / n_head as f32;
-        let distance = self.distance;
-        let la = self.layers[layer].as_mut().expect("layer allocated by prepare");
-        let obs = self.obs;
         let fl = match (self.flow, vnorm) {
-            (Some((start, n_kv_head)), Some(vn)) => Some((start, n_kv_head, (n_head / n_kv_head).max(1), vn)),
+            (Some((start, n_kv_head)), Some(vn)) => Some(Flow { start, n_kv_head, group: (n_head / n_kv_head).max(1), vnorm: vn }),
             _ => None,
         };
+        let threads = super::par::threads_for(self.threads, n_tok * n_kv * n_head);
+        let la = self.layers[layer].as_mut().expect("layer allocated by prepare");
         if fl.is_some() && la.flow_row.len() < max_q + 1 {
             la.flow_row.resize(max_q + 1, 0.0);
         }
-        for (i, &q) in queries.iter().enumerate() {
-            let q = q as usize;
-            let pred = fl.is_some_and(|f| q >= f.0);
-            let mut row_sum = 0.0f64;
-            let mut pred_row = if pred { vec![0.0f32; q] } else { Vec::new() };
-            for h in 0..n_head {
-                let row = &probs[n_kv * (i + n_tok * h)..n_kv * (i + n_tok * h) + n_kv];
-                let rec = &mut la.received[h * cap..(h + 1) * cap];
-                let vg = fl.map(|(_, nkvh, group, vn)| (h / group, nkvh, vn));
-                for cp in cells {
-                    if cp.pos > q {
-                        break;
+        let cells = &cells[..cells.partition_point(|cp| cp.pos <= max_q)];
+        let mb = MicroBatch::new(probs, n_kv, queries, cells, n_head);
+        let LayerAttention { received, self_attn, first_sum, distance: dist, flow_row, flow_pred, window, last, .. } = la;
+        fn per_head(v: &mut [f64], n_head: usize, cap: usize) -> Vec<&mut [f64]> {
+            if v.is_empty() {
+                (0..n_head).map(|_| <&mut [f64]>::default()).collect()
+            } else {
+                v.chunks_mut(cap).collect()
+            }
+        }
+        let per_head = |v| per_head(v, n_head, cap);
+        let mut tasks: Vec<Task> = per_head(received)
+            .into_iter()
+            .zip(per_head(self_attn))
+            .zip(per_head(window).into_iter().zip(per_head(last)))
+            .enumerate()
+            .map(|(h, ((rec, own), (win, lst)))| Task::Head(HeadSums { h, rec, own, win, last: lst }))
+            .collect();
+        if distance || fl.is_some() {
+            tasks.extend((0..n_tok).step_by(GROUP).map(|i| Task::Queries(i..(i + GROUP).min(n_tok))));
+        }
+        let done = {
+            let dist: &[f32] = dist;
+            super::par::map_tasks(threads, tasks, |t| match t {
+                Task::Head(s) => {
+                    mb.head_sums(s, obs);
+                    Vec::new()
+                }
+                Task::Queries(r) => mb.query_sums(r, distance.then_some((dist, nb)), fl.as_ref(), inv_h),
+            })
+        };
+        for QuerySums { q, distance: d, flow } in done.into_iter().flatten() {
+            if let Some(d) = d {
+                dist[q * nb..(q + 1) * nb].copy_from_slice(&d);
+            }
+            if let (Some((row_sum, pred_row)), Some(f)) = (flow, fl.as_ref()) {
+                flow_row[q] = row_sum;
+                if let Some(pred_row) = pred_row {
+                    if flow_pred.len() < q - f.start + 1 {
+                        flow_pred.resize(q - f.start + 1, Vec::new());
                     }
-                    let a = row[cp.cell];
-                    if a == 0.0 {
-                        continue;
-                    }
-                    if let Some((w0, last)) = obs {
-                        if q >= w0 {
-                            la.window[h * cap + cp.pos] += a as f64;
-                        }
-                        if q == last {
-                            la.last[h * cap + cp.pos] = a as f64;
-                        }
-                    }
-                    if cp.pos == q {
-                        la.self_attn[h * cap + q] += a as f64;
-                    } else {
-                        rec[cp.pos] += a as f64;
-                        if cp.pos == 0 {
-                            la.first_sum += a as f64;
-                        }
-                        if let Some((g, nkvh, vn)) = vg {
-                            // I(q, j) = mean_h A[h,q,j] ||v[g(h),j]||
-                            let f = a * vn.get(cp.pos * nkvh + g).copied().unwrap_or(f32::NAN) * inv_h;
-                            row_sum += f as f64;
-                            if pred {
-                                pred_row[cp.pos] += f;
-                            }
-                        }
-                    }
-                    if distance {
-                        let b = distance_bucket(q - cp.pos);
-                        if b < nb {
-                            la.distance[q * nb + b] += a * inv_h;
-                        }
-                    }
+                    flow_pred[q - f.start] = pred_row;
                 }
             }
-            if let Some((start, ..)) = fl {
-                la.flow_row[q] = row_sum;
-                if pred {
-                    if la.flow_pred.len() < q - start + 1 {
-                        la.flow_pred.resize(q - start + 1, Vec::new());
+        }
+        // The first cell's attention from later queries: one sum over queries, then heads.
+        if let Some(c0) = cells.first().filter(|cp| cp.pos == 0) {
+            for (i, &q) in queries.iter().enumerate() {
+                if q <= 0 {
+                    continue;
+                }
+                for h in 0..n_head {
+                    let a = probs[n_kv * (i + n_tok * h) + c0.cell];
+                    if a != 0.0 {
+                        *first_sum += a as f64;
                     }
-                    la.flow_pred[q - start] = pred_row;
                 }
             }
         }
@@ -496,6 +717,180 @@ impl AttentionSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reduction as one plain loop (queries, heads, cells by position): what the split,
+    /// vectorised [`AttentionAcc::add`] must equal bit for bit.
+    fn add_plain(acc: &mut AttentionAcc, layer: usize, probs: &[f32], n_kv: usize, queries: &[i32], cells: &[CellPos], vnorm: Option<&[f32]>) {
+        let n_tok = queries.len();
+        let max_q = queries.iter().copied().max().unwrap_or(0).max(0) as usize;
+        acc.prepare(layer, max_q);
+        let cap = acc.cap;
+        let nb = acc.n_buckets;
+        let n_head = acc.n_head;
+        let inv_h = 1.0 / n_head as f32;
+        let distance = acc.distance;
+        let la = acc.layers[layer].as_mut().expect("layer allocated by prepare");
+        let obs = acc.obs;
+        let fl = match (acc.flow, vnorm) {
+            (Some((start, n_kv_head)), Some(vn)) => Some((start, n_kv_head, (n_head / n_kv_head).max(1), vn)),
+            _ => None,
+        };
+        if fl.is_some() && la.flow_row.len() < max_q + 1 {
+            la.flow_row.resize(max_q + 1, 0.0);
+        }
+        for (i, &q) in queries.iter().enumerate() {
+            let q = q as usize;
+            let pred = fl.is_some_and(|f| q >= f.0);
+            let mut row_sum = 0.0f64;
+            let mut pred_row = if pred { vec![0.0f32; q] } else { Vec::new() };
+            for h in 0..n_head {
+                let row = &probs[n_kv * (i + n_tok * h)..n_kv * (i + n_tok * h) + n_kv];
+                let rec = &mut la.received[h * cap..(h + 1) * cap];
+                let vg = fl.map(|(_, nkvh, group, vn)| (h / group, nkvh, vn));
+                for cp in cells {
+                    if cp.pos > q {
+                        break;
+                    }
+                    let a = row[cp.cell];
+                    if a == 0.0 {
+                        continue;
+                    }
+                    if let Some((w0, last)) = obs {
+                        if q >= w0 {
+                            la.window[h * cap + cp.pos] += a as f64;
+                        }
+                        if q == last {
+                            la.last[h * cap + cp.pos] = a as f64;
+                        }
+                    }
+                    if cp.pos == q {
+                        la.self_attn[h * cap + q] += a as f64;
+                    } else {
+                        rec[cp.pos] += a as f64;
+                        if cp.pos == 0 {
+                            la.first_sum += a as f64;
+                        }
+                        if let Some((g, nkvh, vn)) = vg {
+                            // I(q, j) = mean_h A[h,q,j] ||v[g(h),j]||
+                            let f = a * vn.get(cp.pos * nkvh + g).copied().unwrap_or(f32::NAN) * inv_h;
+                            row_sum += f as f64;
+                            if pred {
+                                pred_row[cp.pos] += f;
+                            }
+                        }
+                    }
+                    if distance {
+                        let b = distance_bucket(q - cp.pos);
+                        if b < nb {
+                            la.distance[q * nb + b] += a * inv_h;
+                        }
+                    }
+                }
+            }
+            if let Some((start, ..)) = fl {
+                la.flow_row[q] = row_sum;
+                if pred {
+                    if la.flow_pred.len() < q - start + 1 {
+                        la.flow_pred.resize(q - start + 1, Vec::new());
+                    }
+                    la.flow_pred[q - start] = pred_row;
+                }
+            }
+        }
+    }
+
+    /// Rows of a softmax over the visible cells (causal, some exact zeros), `[n_kv, n_tok, n_head]`.
+    fn softmax_rows(rng: &mut crate::rng::SplitMix64, n_kv: usize, queries: &[i32], cells: &[CellPos], n_head: usize) -> Vec<f32> {
+        let n_tok = queries.len();
+        let mut probs = vec![0.0f32; n_kv * n_tok * n_head];
+        for h in 0..n_head {
+            for (i, &q) in queries.iter().enumerate() {
+                let row = &mut probs[n_kv * (i + n_tok * h)..][..n_kv];
+                for cp in cells.iter().filter(|c| c.pos <= q as usize) {
+                    // A few cells get exactly nothing (as under a sliding window).
+                    row[cp.cell] = if rng.unit() < 0.1 { 0.0 } else { (0.5 * rng.gauss()).exp() as f32 };
+                }
+                let sum: f32 = row.iter().sum();
+                row.iter_mut().for_each(|x| *x /= sum.max(f32::MIN_POSITIVE));
+            }
+        }
+        probs
+    }
+
+    fn bits(v: &[f64]) -> Vec<u64> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn assert_same(a: &AttentionAcc, b: &AttentionAcc, what: &str) {
+        for (la, lb) in a.layers.iter().zip(&b.layers) {
+            let (Some(la), Some(lb)) = (la, lb) else {
+                assert!(la.is_none() && lb.is_none(), "{what}: layer allocated in one only");
+                continue;
+            };
+            assert_eq!(bits(&la.received), bits(&lb.received), "{what}: received");
+            assert_eq!(bits(&la.self_attn), bits(&lb.self_attn), "{what}: self");
+            assert_eq!(la.first_sum.to_bits(), lb.first_sum.to_bits(), "{what}: first");
+            let fb = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(fb(&la.distance), fb(&lb.distance), "{what}: distance");
+            assert_eq!(bits(&la.flow_row), bits(&lb.flow_row), "{what}: flow rows");
+            assert_eq!(la.flow_pred.iter().map(|r| fb(r)).collect::<Vec<_>>(), lb.flow_pred.iter().map(|r| fb(r)).collect::<Vec<_>>(), "{what}: flow prediction rows");
+            assert_eq!(bits(&la.window), bits(&lb.window), "{what}: window");
+            assert_eq!(bits(&la.last), bits(&lb.last), "{what}: last");
+            assert_eq!(la.n_pos, lb.n_pos, "{what}: n_pos");
+        }
+    }
+
+    #[test]
+    fn split_reduction_equals_the_plain_loop_bit_for_bit_for_any_thread_count() {
+        let mut rng = crate::rng::SplitMix64(7);
+        let (n_head, n_kv_head) = (4, 2);
+        // Layouts: cells in position order; a pruned cache (holes, kept cells at their old
+        // places, new tokens in the lowest free cells); cells in reverse order.
+        let contiguous: Vec<CellPos> = (0..300).map(|p| CellPos { cell: p, pos: p }).collect();
+        let mut pruned: Vec<CellPos> = (0..200).filter(|p| p % 3 != 1 || *p < 8).map(|p| CellPos { cell: p, pos: p }).collect();
+        let holes: Vec<usize> = (8..200).filter(|p| p % 3 == 1).collect();
+        pruned.extend(holes.iter().take(100).enumerate().map(|(k, &c)| CellPos { cell: c, pos: 200 + k }));
+        let reversed: Vec<CellPos> = (0..300).map(|p| CellPos { cell: 299 - p, pos: p }).collect();
+        for (name, cells) in [("contiguous", contiguous), ("pruned", pruned), ("reversed", reversed)] {
+            let n_kv = 320;
+            let max_pos = cells.iter().map(|c| c.pos).max().unwrap();
+            // Three micro-batches: a long one, one of a single query, the rest.
+            let split = [0, max_pos / 2, max_pos / 2 + 1, max_pos + 1];
+            for (obs, flow) in [(None, false), (Some((max_pos - 20, max_pos)), false), (None, true)] {
+                let make = |threads: usize| {
+                    let mut a = AttentionAcc::new(2, n_head, 512, true);
+                    a.threads = threads;
+                    if let Some((w0, last)) = obs {
+                        a.set_observation_window(w0, last);
+                    }
+                    if flow {
+                        a.enable_flow(max_pos - 30, n_kv_head);
+                    }
+                    a
+                };
+                let mut plain = make(1);
+                let mut split_accs: Vec<AttentionAcc> = [1, 2, 3].into_iter().map(make).collect();
+                let vnorm: Vec<f32> = (0..(max_pos + 1) * n_kv_head).map(|k| 0.5 + (k % 7) as f32).collect();
+                for layer in 0..2 {
+                    for w in split.windows(2) {
+                        let queries: Vec<i32> = (w[0] as i32..w[1] as i32).collect();
+                        let visible: Vec<CellPos> = cells.iter().copied().filter(|c| c.pos < w[1]).collect();
+                        let probs = softmax_rows(&mut rng, n_kv, &queries, &visible, n_head);
+                        let vn = flow.then_some(&vnorm[..]);
+                        add_plain(&mut plain, layer, &probs, n_kv, &queries, &visible, vn);
+                        for a in &mut split_accs {
+                            // Big enough batches go through the threads (see par::threads_for).
+                            a.add(layer, &probs, n_kv, &queries, &visible, vn);
+                        }
+                    }
+                }
+                for a in &split_accs {
+                    assert_same(&plain, a, &format!("{name}, obs {obs:?}, flow {flow}, {} threads", a.threads));
+                }
+                assert!(plain.layers[0].as_ref().unwrap().received.iter().any(|&x| x > 0.0));
+            }
+        }
+    }
 
     #[test]
     fn buckets_are_linear_then_log2() {

@@ -382,6 +382,17 @@ impl CellTracker {
         self.maps.iter().map(CellMap::compacted).collect()
     }
 
+    /// Every cache's cell -> position mirror (-1: empty).
+    pub fn positions(&self) -> Vec<Vec<i32>> {
+        self.maps.iter().map(|m| m.pos.clone()).collect()
+    }
+
+    /// The caches were compacted (`Context::compact`): every mirror becomes its
+    /// [`CellMap::compacted`].
+    pub fn compact(&mut self) {
+        self.maps.iter_mut().for_each(|m| *m = m.compacted());
+    }
+
     /// Replace the mirrors (from [`CellTracker::compacted`] of this tracker).
     pub fn set_maps(&mut self, maps: Vec<CellMap>) -> Result<(), String> {
         if maps.len() != self.maps.len() || maps.iter().zip(&self.maps).any(|(a, b)| a.window != b.window) {

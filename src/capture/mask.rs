@@ -292,6 +292,10 @@ impl EvalHook for MaskHook {
         let n = s.plan.len();
         s.plan = vec![None; n];
     }
+    fn on_compact(&mut self) {
+        // The plan names positions, which a compaction keeps.
+        lock(&self.0).cells.compact();
+    }
 }
 
 /// A mask plan from per-layer, per-head-group keep flags over cached `positions`.

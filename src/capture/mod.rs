@@ -10,6 +10,7 @@ pub mod attention;
 pub mod cells;
 pub mod intervene;
 pub mod mask;
+mod par;
 pub mod session;
 pub mod profile;
 
@@ -320,6 +321,8 @@ struct State {
     scratch: Vec<f32>,
     skipped_nodes: Vec<String>,
     reduce: Reduce,
+    /// Threads of the context the hook is on (host reductions split over them).
+    threads: usize,
     /// Devices for attention graphs and, apart (each falls back to host copies on its own),
     /// for activation graphs.
     devices: Devices,
@@ -550,6 +553,7 @@ pub fn new_capture(model: &Model, cfg: &CaptureConfig, swa_layers: &[usize], max
         head_dim,
         scratch: vec![],
         skipped_nodes: vec![],
+        threads: 1,
         reduce: cfg.reduce,
         // Attention: one shape per cache in a micro-batch (two for sliding-window models);
         // activations: one per captured node kind (the node, values, keys...).
@@ -643,6 +647,13 @@ impl CaptureHandle {
         if let Some(a) = &mut s.attention {
             a.set_observation_window(start, last);
         }
+    }
+
+    /// Per cache (global, then sliding-window when the model has one), the position each
+    /// cell holds as this capture knows it (-1: empty), checked against llama.cpp's mask at
+    /// every micro-batch.
+    pub fn cell_positions(&self) -> Vec<Vec<i32>> {
+        lock(&self.0).cells.positions()
     }
 
     /// The cell maps as they will be after the context saves its sequence now and restores
@@ -884,7 +895,7 @@ impl State {
             self.stats.act_bytes_down += t.nbytes() as u64;
         }
         let data = t.f32_data(&mut self.scratch).map_err(|e| e.to_string())?;
-        acc.add(layer, data, width, stride, queries)
+        acc.add_split(layer, data, width, stride, queries, self.threads)
     }
 }
 
@@ -912,6 +923,14 @@ impl EvalHook for CaptureHook {
         r.map_err(HookError)
     }
 
+    fn on_attach(&mut self, n_threads: usize) {
+        let mut s = lock(&self.state);
+        s.threads = n_threads;
+        if let Some(a) = &mut s.attention {
+            a.threads = n_threads;
+        }
+    }
+
     fn on_batch(&mut self, positions: &[i32]) {
         let mut s = lock(&self.state);
         let id = s.cursor.ubatch_id;
@@ -934,6 +953,10 @@ impl EvalHook for CaptureHook {
 
     fn on_clear(&mut self) {
         lock(&self.state).cells.clear();
+    }
+
+    fn on_compact(&mut self) {
+        lock(&self.state).cells.compact();
     }
 }
 

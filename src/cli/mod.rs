@@ -121,6 +121,10 @@ pub struct PruneArgs {
     /// Re-number kept positions 0..k-1 after removal (cells mode).
     #[arg(long)]
     pub close_gaps: bool,
+    /// After cells eviction (always followed by moving the kept cells together), also move
+    /// the kept cache into a context sized to it and report the memory freed.
+    #[arg(long)]
+    pub compact: bool,
     /// Context file (default: the built-in passage).
     #[arg(long)]
     pub context: Option<PathBuf>,
@@ -137,10 +141,14 @@ pub struct PruneArgs {
     pub policy_args: PolicyConfig,
     #[command(flatten)]
     pub engine: EngineConfig,
-    /// Also time the full cache, cells and mask at the same ratio (time from the end of
-    /// prefill to the first answer token) and print the ratios.
+    /// Also time the full cache, cells (compacted and not) and mask at the same budget
+    /// (time from the end of prefill to the first answer token, then greedy decode steps)
+    /// and print the ratios.
     #[arg(long)]
     pub bench: bool,
+    /// Greedy decode steps timed after the question in each --bench run.
+    #[arg(long, default_value_t = 64)]
+    pub bench_steps: usize,
 }
 
 #[derive(Args, Debug)]

@@ -203,7 +203,7 @@ impl LongPlan<'_> {
                         };
                         let mut ctx = Context::new(&model, &params, hook)?;
                         let inputs = prefill(&mut ctx, &prompt.context, setup.needs, handle.as_ref(), setup.calib.as_ref(), |_| {})?;
-                        let state = ctx.save_seq();
+                        let state = ctx.save_seq()?;
                         drop(ctx);
                         for (pi, policy) in setup.policies.iter().enumerate().take(n_policies) {
                             let choice = choose(policy.as_ref(), &inputs, &prompt.context, budget, setup.sinks, setup.seed, mode, model.profile().map_err(|e| anyhow::anyhow!(e))?).map_err(|e| anyhow::anyhow!(e))?;
@@ -216,7 +216,7 @@ impl LongPlan<'_> {
                     }
                     Mode::Mask => {
                         for (pi, policy) in setup.policies.iter().enumerate().take(n_policies) {
-                            let r = run_once(&model, &params, &swa, &setup, policy.as_ref(), &prompt, budget, mode, a.max_new)?;
+                            let r = run_once(model, &params, &swa, &setup, policy.as_ref(), &prompt, budget, mode, crate::prune::AnswerOpts { max_new: a.max_new, ..Default::default() })?;
                             record(&a.policies[pi], r.choice.kept_fraction(model.profile().map_err(|e| anyhow::anyhow!(e))?), &r.answer);
                         }
                     }

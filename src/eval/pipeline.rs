@@ -4,7 +4,7 @@
 
 use crate::capture::mask::{plan_from_keep, MaskHandle};
 use crate::capture::{new_capture, CaptureHandle};
-use crate::evict::apply::apply_cells;
+use crate::evict::apply::{apply_cells, gap_shifts, EvictError};
 use crate::evict::calibration::Calibration;
 use crate::evict::inputs::{capture_config, Inputs};
 use crate::capture::profile::ModelProfile;
@@ -17,21 +17,24 @@ use crate::session::feed;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// Remove cells (`llama_memory_seq_rm`), optionally closing the gaps.
-    /// Remove cells from the cache; `close_gaps` renumbers the kept positions.
+    /// Remove cells from the cache (`llama_memory_seq_rm`); `close_gaps` renumbers the kept
+    /// positions, `compact` moves the kept cells together so attention spans only them.
     Cells {
         /// Renumber the kept positions 0..k-1 after removal.
         close_gaps: bool,
+        /// Move the kept cells together after removal ([`Context::compact`]): without it
+        /// llama.cpp attends over every cell up to the highest in use, holes masked.
+        compact: bool,
     },
     /// Hide (layer, head, position) triples with `-inf` in `kq-<l>`.
     Mask,
 }
 
 impl Mode {
-    /// `cells` or `mask`.
+    /// `cells` (compacted after removal) or `mask`.
     pub fn parse(s: &str, close_gaps: bool) -> Result<Mode, String> {
         match s {
-            "cells" => Ok(Mode::Cells { close_gaps }),
+            "cells" => Ok(Mode::Cells { close_gaps, compact: true }),
             "mask" if close_gaps => Err("--close-gaps applies to cells mode only: drop it or use --mode cells".into()),
             "mask" => Ok(Mode::Mask),
             m => Err(format!("unknown mode {m}: use cells or mask")),
@@ -97,6 +100,32 @@ pub fn generate(ctx: &mut Context, max_new: usize) -> Result<Vec<i32>, DecodeErr
     Ok(out)
 }
 
+/// Exactly `n` greedy decode steps from the last decoded token's logits (an end-of-generation
+/// token is passed over for the best other one): the decoding speed of this cache, in
+/// seconds.
+pub fn decode_steps(ctx: &mut Context, n: usize) -> Result<f64, DecodeError> {
+    let mut batch = Batch::new(1);
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        let logits = ctx.logits(-1).expect("the last decoded token asked for logits");
+        let model = ctx.model();
+        let mut t = argmax(logits);
+        if model.is_eog(t) {
+            let mut best: Option<usize> = None;
+            for (i, &x) in logits.iter().enumerate() {
+                if best.map_or(true, |b| x > logits[b]) && !model.is_eog(i as i32) {
+                    best = Some(i);
+                }
+            }
+            t = best.unwrap_or(0) as i32;
+        }
+        batch.clear();
+        batch.push(t, ctx.pos_max() + 1, true).expect("one token fits");
+        ctx.decode(&batch)?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
 /// Index of the largest logit.
 pub fn argmax(v: &[f32]) -> i32 {
     let mut best = 0;
@@ -154,15 +183,37 @@ pub fn choose(policy: &dyn Policy, inputs: &Inputs, tokens: &[i32], budget: usiz
 }
 
 /// Apply a choice over context positions `0..n` to a context holding them.
-pub fn apply(ctx: &mut Context, choice: &Choice, mode: Mode, mask: Option<&MaskHandle>) -> anyhow::Result<()> {
+/// Apply a choice made for `mode`; returns the seconds the compaction took (0 without one).
+pub fn apply(ctx: &mut Context, choice: &Choice, mode: Mode, mask: Option<&MaskHandle>) -> anyhow::Result<f64> {
     let n = match choice {
         Choice::Cells(k) => k.len(),
         Choice::Mask(ls) => ls.iter().flatten().flatten().map(|k| k.len()).next().unwrap_or(0),
     };
     let positions: Vec<i32> = (0..n as i32).collect();
     match (choice, mode) {
-        (Choice::Cells(k), Mode::Cells { close_gaps }) => {
+        (Choice::Cells(k), Mode::Cells { close_gaps, compact: false }) => {
             apply_cells(ctx, &positions, k, close_gaps)?;
+        }
+        (Choice::Cells(k), Mode::Cells { close_gaps, compact: true }) => {
+            if close_gaps && !ctx.can_shift() {
+                return Err(EvictError::NoShift.into());
+            }
+            // Compact between removal and renumbering: a saved state must not hold a shift
+            // not yet applied to the keys.
+            // Saved before the removal (no holes: fast), then edited down to the kept cells.
+            let t0 = std::time::Instant::now();
+            let saved = ctx.save_seq()?;
+            let mut secs = t0.elapsed().as_secs_f64();
+            let kept = apply_cells(ctx, &positions, k, false)?;
+            let t1 = std::time::Instant::now();
+            ctx.compact_from(&saved, |p| kept.binary_search(&p).is_ok())?;
+            secs += t1.elapsed().as_secs_f64();
+            if close_gaps {
+                for (p0, p1, delta) in gap_shifts(&kept) {
+                    ctx.seq_add(p0, p1, delta);
+                }
+            }
+            return Ok(secs);
         }
         (Choice::Mask(ls), Mode::Mask) => {
             let m = mask.ok_or_else(|| anyhow::anyhow!("mask mode needs the mask hook on the context"))?;
@@ -170,7 +221,7 @@ pub fn apply(ctx: &mut Context, choice: &Choice, mode: Mode, mask: Option<&MaskH
         }
         _ => anyhow::bail!("choice and mode disagree"),
     }
-    Ok(())
+    Ok(0.0)
 }
 
 /// The capture a prefill needs for `needs` (None when only logits or nothing).

@@ -35,6 +35,9 @@ pub trait EvalHook: Send {
     fn wants(&mut self, node: &NodeInfo) -> bool;
     /// Data phase: the computed tensor. Copy or reduce before returning.
     fn observe(&mut self, tensor: &TensorView) -> Result<(), HookError>;
+    /// The hook was installed on a context that computes with `n_threads` threads (the
+    /// cores a hook may use while the graph waits for it).
+    fn on_attach(&mut self, _n_threads: usize) {}
     /// A batch with these positions is about to be decoded.
     fn on_batch(&mut self, _positions: &[i32]) {}
     /// The decode of the announced batch failed: nothing of it reached the cache.
@@ -45,6 +48,12 @@ pub trait EvalHook: Send {
     fn on_seq_add(&mut self, _p0: i32, _p1: i32, _delta: i32) {}
     /// The cache was cleared.
     fn on_clear(&mut self) {}
+    /// The sequence's cells were moved together in their order (`Context::compact`: the
+    /// occupied cells, less those a sliding window hides, now fill the lowest cells). Hooks
+    /// that keep no cell bookkeeping need nothing; the default treats it as a clear.
+    fn on_compact(&mut self) {
+        self.on_clear()
+    }
 }
 
 /// Several hooks on one context, in order: each sees the nodes it asks for and every
@@ -80,6 +89,9 @@ impl EvalHook for Hooks {
         }
         Ok(())
     }
+    fn on_attach(&mut self, n_threads: usize) {
+        self.hooks.iter_mut().for_each(|h| h.on_attach(n_threads));
+    }
     fn on_batch(&mut self, positions: &[i32]) {
         self.hooks.iter_mut().for_each(|h| h.on_batch(positions));
     }
@@ -94,6 +106,9 @@ impl EvalHook for Hooks {
     }
     fn on_clear(&mut self) {
         self.hooks.iter_mut().for_each(|h| h.on_clear());
+    }
+    fn on_compact(&mut self) {
+        self.hooks.iter_mut().for_each(|h| h.on_compact());
     }
 }
 

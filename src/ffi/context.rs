@@ -133,7 +133,18 @@ pub enum StateError {
     #[error("llama.cpp could not restore a cache state of {0} bytes: it was saved from another model or cache type")]
     /// llama.cpp rejected a state of this many bytes.
     Restore(usize),
+    /// Positions were shifted and no decode has applied the shift to the keys yet: a saved
+    /// state would hold the new positions with keys rotated for the old ones.
+    #[error("positions were shifted and not yet applied to the keys: decode a token before saving or compacting the cache")]
+    ShiftPending,
+    /// The restore failed after the cache was emptied for it.
+    #[error("llama.cpp could not put back the compacted cache of {0} bytes; the cache is now empty")]
+    Compact(usize),
 }
+
+/// `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY` (llama.h, a define bindgen does not carry): a
+/// hybrid memory's recurrent part only.
+const PARTIAL_ONLY: sys::llama_state_seq_flags = 1;
 
 /// A llama.cpp context bound to a model. Owns the eval hook (if any), which is freed
 /// after the context.
@@ -146,6 +157,9 @@ pub struct Context<'m> {
     /// Sequences (`n_seq_max`); ids outside `0..n_seq` abort inside llama.cpp, so every
     /// call taking one checks it first.
     n_seq: i32,
+    /// A `seq_add` is not yet applied to the keys (llama.cpp re-rotates them in the next
+    /// decode); saved states would miss it.
+    shift_pending: bool,
 }
 
 impl<'m> Context<'m> {
@@ -190,7 +204,10 @@ impl<'m> Context<'m> {
         cp.type_v = ty;
         cp.abort_callback = Some(abort_cb);
         cp.abort_callback_data = std::ptr::null_mut();
-        let mut hook_state = hook.map(|h| Box::new(HookState { hook: h, error: None }));
+        let mut hook_state = hook.map(|mut h| {
+            h.on_attach(params.n_threads.max(1) as usize);
+            Box::new(HookState { hook: h, error: None })
+        });
         if let Some(state) = hook_state.as_mut() {
             cp.cb_eval = Some(trampoline);
             cp.cb_eval_user_data = &mut **state as *mut HookState as *mut c_void;
@@ -209,7 +226,7 @@ impl<'m> Context<'m> {
             actual.n_batch = sys::llama_n_batch(ptr.as_ptr());
             actual.n_ubatch = sys::llama_n_ubatch(ptr.as_ptr());
         }
-        Ok(Context { ptr, model, hook: hook_state, params: actual, n_seq: n_seq as i32 })
+        Ok(Context { ptr, model, hook: hook_state, params: actual, n_seq: n_seq as i32, shift_pending: false })
     }
 
     /// The model.
@@ -280,7 +297,10 @@ impl<'m> Context<'m> {
             return Err(DecodeError::Hook(e));
         }
         match rc {
-            0 => Ok(()),
+            0 => {
+                self.shift_pending = false;
+                Ok(())
+            }
             1 => Err(DecodeError::NoSlot(batch.len())),
             2 if interrupted() => Err(DecodeError::Interrupted),
             code => Err(DecodeError::Failed { code, reason: last_llama_error().unwrap_or_default() }),
@@ -352,6 +372,7 @@ impl<'m> Context<'m> {
         }
         // SAFETY: valid memory handle; `seq` is one of the context's sequences (checked above).
         unsafe { sys::llama_memory_seq_add(self.mem(), seq, p0, p1, delta) };
+        self.shift_pending |= delta != 0;
     }
 
     /// Copy every cell of sequence `src` to sequence `dst` (whose cells are dropped first).
@@ -393,27 +414,115 @@ impl<'m> Context<'m> {
     }
 
     /// Sequence 0's cache (positions, keys, values) as bytes, to restore later into this or
-    /// another context of the same model and cache types.
-    pub fn save_seq(&self) -> Vec<u8> {
+    /// another context of the same model and cache types. Refused while a position shift
+    /// waits for the next decode (the keys are not rotated yet).
+    pub fn save_seq(&self) -> Result<Vec<u8>, StateError> {
+        if self.shift_pending {
+            return Err(StateError::ShiftPending);
+        }
         // SAFETY: valid context; the size call only reads.
         let size = unsafe { sys::llama_state_seq_get_size(self.ptr.as_ptr(), 0) };
         let mut buf = vec![0u8; size];
         // SAFETY: `buf` has `size` writable bytes.
         let n = unsafe { sys::llama_state_seq_get_data(self.ptr.as_ptr(), buf.as_mut_ptr(), size, 0) };
         buf.truncate(n);
-        buf
+        Ok(buf)
     }
 
     /// Replace the cache with a state from [`Context::save_seq`]. Hooks are told the cache was
     /// cleared (cell maps start over).
     pub fn restore_seq(&mut self, state: &[u8]) -> Result<(), StateError> {
         self.clear();
+        if !self.set_seq(state) {
+            return Err(StateError::Restore(state.len()));
+        }
+        Ok(())
+    }
+
+    fn set_seq(&mut self, state: &[u8]) -> bool {
         // SAFETY: valid context; `state` is a readable buffer of its length.
         let n = unsafe { sys::llama_state_seq_set_data(self.ptr.as_ptr(), state.as_ptr(), state.len(), 0) };
+        n != 0
+    }
+
+    /// The recurrent part of sequence 0's memory (a hybrid model's recurrent layers:
+    /// llama.cpp's partial state, `LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`), to put back with
+    /// [`Context::restore_recurrent`]. The attention cache is neither saved nor touched, so
+    /// a pending position shift is no obstacle.
+    pub fn save_recurrent(&self) -> Vec<u8> {
+        // SAFETY: valid context; the size call only reads.
+        let size = unsafe { sys::llama_state_seq_get_size_ext(self.ptr.as_ptr(), 0, PARTIAL_ONLY) };
+        let mut buf = vec![0u8; size];
+        // SAFETY: `buf` has `size` writable bytes.
+        let n = unsafe { sys::llama_state_seq_get_data_ext(self.ptr.as_ptr(), buf.as_mut_ptr(), size, 0, PARTIAL_ONLY) };
+        buf.truncate(n);
+        buf
+    }
+
+    /// Put back a state from [`Context::save_recurrent`]; the attention cache keeps its cells.
+    pub fn restore_recurrent(&mut self, state: &[u8]) -> Result<(), StateError> {
+        // SAFETY: valid context; `state` is a readable buffer of its length.
+        let n = unsafe { sys::llama_state_seq_set_data_ext(self.ptr.as_ptr(), state.as_ptr(), state.len(), 0, PARTIAL_ONLY) };
         if n == 0 {
             return Err(StateError::Restore(state.len()));
         }
         Ok(())
+    }
+
+    /// Move sequence 0's cells together at the bottom of the cache, in their cell order
+    /// (its state saved, the cache emptied, the state put back: llama.cpp places a restored
+    /// sequence in the lowest free cells). Attention then spans only the occupied cells;
+    /// after `cells` eviction it spanned every cell up to the highest one in use. Positions,
+    /// keys and values are unchanged. Hooks are told ([`EvalHook::on_compact`]). Returns
+    /// the bytes the state took.
+    pub fn compact(&mut self) -> Result<usize, StateError> {
+        let state = self.save_seq()?;
+        self.replace_compacted(&state)?;
+        Ok(state.len())
+    }
+
+    /// Empty the cache's metadata and restore `state` (its cells land in the lowest cells);
+    /// hooks hear `on_compact`, or `on_clear` when the restore fails and the cache is empty.
+    fn replace_compacted(&mut self, state: &[u8]) -> Result<(), StateError> {
+        // SAFETY: valid memory handle; metadata only (the restore overwrites the cells' data).
+        unsafe { sys::llama_memory_clear(self.mem(), false) };
+        let ok = self.set_seq(state);
+        if let Some(s) = self.hook.as_mut() {
+            if ok {
+                s.hook.on_compact();
+            } else {
+                s.hook.on_clear();
+            }
+        }
+        if !ok {
+            return Err(StateError::Compact(state.len()));
+        }
+        Ok(())
+    }
+
+    /// [`Context::compact`] from `saved`, the state [`Context::save_seq`] gave before cells
+    /// were removed (with no decode since), keeping the cells whose position `kept` accepts:
+    /// the positions still cached. A state saved without holes copies in one run per layer
+    /// (and value dimension), where saving the holey cache copies each run of kept cells;
+    /// llama.cpp's own path ([`Context::compact`]) is taken when the state is not a plain
+    /// cache's (a sliding-window pair, a recurrent state). Returns whether `saved` was
+    /// edited (false: llama.cpp's path ran).
+    pub fn compact_from(&mut self, saved: &[u8], kept: impl Fn(i32) -> bool) -> Result<bool, StateError> {
+        if self.shift_pending {
+            return Err(StateError::ShiftPending);
+        }
+        let Some(state) = super::state::keep_cells(saved, kept) else { return self.compact().map(|_| false) };
+        self.replace_compacted(&state)?;
+        Ok(true)
+    }
+
+    /// A new context of `params` (no hook) holding sequence 0's cache, compacted: the kept
+    /// cache moved into a context sized to it. Fails when `params.n_ctx` cannot hold it.
+    pub fn moved_into(&self, params: &ContextParams) -> Result<Context<'m>, ContextError> {
+        let state = self.save_seq().map_err(|e| ContextError::Create { n_ctx: params.n_ctx, reason: e.to_string() })?;
+        let mut ctx = Context::new(self.model, params, None)?;
+        ctx.restore_seq(&state).map_err(|e| ContextError::Create { n_ctx: params.n_ctx, reason: format!("{e} (the cache holds more cells than the new context)") })?;
+        Ok(ctx)
     }
 
     /// Empty the cache (data too).

@@ -11,6 +11,7 @@ mod context;
 mod device;
 mod model;
 mod quantize;
+mod state;
 mod tensor;
 
 pub use backend::{init_backend, last_llama_error, set_verbose};

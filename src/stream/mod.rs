@@ -409,28 +409,21 @@ impl<'m> Bounded<'m> {
         }
         let saved = self.last_logits.clone();
         let start = self.tokens.len() as i32;
-        // A recurrent state cannot drop the probe's positions (llama.cpp refuses): save the
-        // sequence before and restore it after, with the cell maps the restore implies.
-        // (A stream on a lane has no recurrent layers: `on_lane` refuses them.)
+        // A recurrent state cannot drop the probe's positions (llama.cpp refuses): save its
+        // recurrent part before and put it back after, then remove the probe's positions from
+        // the attention cache. (Only the recurrent part: a position shift from the eviction
+        // that made room is applied to the keys by the probe's decode, and a saved attention
+        // cache would lose it.) A stream on a lane has no recurrent layers: `on_lane` refuses them.
         let state = match &self.ctx {
-            Cache::Own(c) if self.recurrent => Some((c.save_seq(), self.capture.as_ref().map(|c| c.cells_for_restore()))),
+            Cache::Own(c) if self.recurrent => Some(c.save_recurrent()),
             _ => None,
         };
         let r = self.decode(tokens, true, true);
-        match state {
-            Some((bytes, layout)) => {
-                if let Cache::Own(c) = &mut self.ctx {
-                    c.restore_seq(&bytes).map_err(|e| StreamError::Policy(e.to_string()))?;
-                }
-                if let (Some(c), Some(l)) = (&self.capture, layout) {
-                    c.restore_cells(l).map_err(StreamError::Policy)?;
-                }
-            }
-            None => {
-                if !SeqEdit::seq_rm(&mut self.ctx, start, -1) {
-                    return Err(StreamError::Policy(format!("llama.cpp refused to remove the probe's positions {start}..")));
-                }
-            }
+        if let (Some(bytes), Cache::Own(c)) = (&state, &mut self.ctx) {
+            c.restore_recurrent(bytes).map_err(|e| StreamError::Policy(e.to_string()))?;
+        }
+        if !SeqEdit::seq_rm(&mut self.ctx, start, -1) {
+            return Err(StreamError::Policy(format!("llama.cpp refused to remove the probe's positions {start}..")));
         }
         self.last_logits = saved;
         if let Some(c) = &self.capture {
