@@ -9,7 +9,7 @@ use attractors::stream::setup::Bound;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let model = load_model(&ModelSource { model: args.first().map(Into::into), gpu_layers: None })?;
+    let model = load_model(&ModelSource { model: args.first().map(Into::into), ..ModelSource::default() })?;
     let policy = args.get(1).cloned().unwrap_or_else(|| "streaming".into());
     let cfg = ChatConfig { policy, bound: Bound { budget: 256, slack: None }, temp: 0.0, max_reply: 48, ..ChatConfig::default() };
     let mut chat = Conversation::new(&model, &cfg)?;

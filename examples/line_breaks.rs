@@ -29,7 +29,7 @@ impl Policy for LineBreaks {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let model = load_model(&ModelSource { model: args.first().map(Into::into), gpu_layers: None })?;
+    let model = load_model(&ModelSource { model: args.first().map(Into::into), ..ModelSource::default() })?;
     let text = match args.get(1) {
         Some(f) => std::fs::read_to_string(f)?,
         None => DEFAULT_TEXT.to_string(),

@@ -6,7 +6,7 @@ use attractors::prune::{kept_text, prune, Keep, PruneConfig};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let model = load_model(&ModelSource { model: args.first().map(Into::into), gpu_layers: None })?;
+    let model = load_model(&ModelSource { model: args.first().map(Into::into), ..ModelSource::default() })?;
     let policy = args.get(1).cloned().unwrap_or_else(|| "h2o".into());
     let keep = Keep::Tokens(args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(512));
     let cfg = PruneConfig { policy, keep, max_new: 24, ..PruneConfig::default() };

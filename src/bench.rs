@@ -74,6 +74,9 @@ fn child(a: &BenchCaptureConfig, mode: &str) -> anyhow::Result<()> {
         let mut ctx = Context::new(&model, &params, hook)?;
         let t0 = std::time::Instant::now();
         feed(&mut ctx, &toks, false, |_| {})?;
+        // Every mode ends when the backend has computed everything (an RPC or GPU backend
+        // may still be working when the last decode returns).
+        ctx.synchronize();
         let secs = t0.elapsed().as_secs_f64();
         if secs < best {
             best = secs;
@@ -105,8 +108,9 @@ pub fn run_capture(a: &BenchCaptureConfig) -> anyhow::Result<BenchReport> {
     if a.tokens < 2 {
         bail!("--tokens must be at least 2");
     }
-    // Resolve (and fetch) the model once in the parent.
-    let model = engine::load_model(&a.model)?;
+    // Resolve (and fetch) the model once in the parent, on this machine's CPU: an RPC server
+    // serves one client at a time, and the children are its clients.
+    let model = engine::load_model(&ModelSource { rpc: vec![], gpu_layers: Some(0), ..a.model.clone() })?;
     let model_path = model.path().to_path_buf();
     let exe = std::env::current_exe().context("locating the attractors binary")?;
     if !a.modes.iter().any(|m| m == "plain") || a.modes.len() < 2 {
@@ -130,6 +134,9 @@ pub fn run_capture(a: &BenchCaptureConfig) -> anyhow::Result<BenchReport> {
         }
         if let Some(g) = a.model.gpu_layers {
             cmd.args(["--gpu-layers", &g.to_string()]);
+        }
+        if !a.model.rpc.is_empty() {
+            cmd.args(["--rpc", &a.model.rpc.join(",")]);
         }
         let out = cmd.output().context("running a benchmark child")?;
         if !out.status.success() {
@@ -251,7 +258,7 @@ fn timed_child(exe: &std::path::Path, args: &[std::ffi::OsString]) -> anyhow::Re
 pub fn run_compare(a: &BenchCompareConfig) -> anyhow::Result<BenchReport> {
     let mut rep = BenchReport::default();
     let models = if a.models.is_empty() {
-        let p = engine::load_model(&ModelSource { model: None, gpu_layers: None })?.path().to_path_buf();
+        let p = engine::load_model(&ModelSource { model: None, gpu_layers: None, rpc: vec![] })?.path().to_path_buf();
         vec![p.clone(), p]
     } else {
         a.models.clone()

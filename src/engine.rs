@@ -49,12 +49,16 @@ pub struct ModelSource {
     /// Layers to offload to a GPU (default: all when a GPU is present; 0 keeps everything on the CPU).
     #[arg(long, visible_alias = "ngl")]
     pub gpu_layers: Option<i32>,
+    /// RPC servers (`attractors rpc-server`, or llama.cpp's `rpc-server`) whose devices join
+    /// the device list, HOST:PORT[,HOST:PORT...]; `--gpu-layers` places layers on them.
+    #[arg(long, value_delimiter = ',')]
+    pub rpc: Vec<String>,
 }
 
 impl ModelSource {
     /// The model at `path`, every layer where llama.cpp puts it by default.
     pub fn file(path: impl Into<PathBuf>) -> ModelSource {
-        ModelSource { model: Some(path.into()), gpu_layers: None }
+        ModelSource { model: Some(path.into()), gpu_layers: None, rpc: vec![] }
     }
 }
 
@@ -117,6 +121,9 @@ pub fn load_model(a: &ModelSource) -> anyhow::Result<Model> {
             p
         }
     };
+    for endpoint in &a.rpc {
+        crate::ffi::rpc_add_server(endpoint)?;
+    }
     let model = Model::load(&path, &ModelParams { gpu_layers: a.gpu_layers, ..Default::default() })?;
     Ok(model)
 }

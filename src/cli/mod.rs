@@ -77,6 +77,30 @@ pub enum Command {
     /// Benchmarks that print ratios measured in one run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve this machine's CPU to other machines through llama.cpp's RPC backend (their
+    /// `--rpc HOST:PORT` places layers here). Insecure by design: anyone who reaches the
+    /// port can run computations and read what is sent.
+    RpcServer(RpcServerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RpcServerArgs {
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 50052)]
+    pub port: u16,
+    /// Threads for the served backend (default: all cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Cache tensors clients send (model weights) in this folder, so a reconnect loads them
+    /// from disk instead of the network.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Allow a non-loopback --host (the RPC protocol has no authentication or encryption).
+    #[arg(long)]
+    pub allow_remote: bool,
 }
 
 #[derive(Args, Debug)]
@@ -423,7 +447,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::capture::set_default_reduce(cli.attn_reduce);
     // `chat` installs its own Ctrl-C handler (it stops a reply, not the program); `serve`
     // handles SIGTERM and Ctrl-C itself (stop accepting, end the replies in flight)
-    if !matches!(cli.command, Command::Chat(_) | Command::Serve(_)) {
+    // `rpc-server` keeps the default signals: Ctrl-C or SIGTERM ends it.
+    if !matches!(cli.command, Command::Chat(_) | Command::Serve(_) | Command::RpcServer(_)) {
         common::install_ctrlc();
     }
     match cli.command {
@@ -446,7 +471,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Stream(a)) => eval::print(crate::eval::stream::bench(&common::load_model(&a.model)?, &a.cfg)?),
         Command::Bench(BenchCommand::Compare(a)) => eval::print(crate::bench::run_compare(&a)?),
         Command::Bench(BenchCommand::Serve(a)) => eval::print(crate::serve::bench::run(&common::load_model(&a.model)?, &a.model, &a.cfg)?),
+        Command::RpcServer(a) => rpc_server(a),
     }
+}
+
+/// `attractors rpc-server`: refuse a non-loopback host without `--allow-remote`, warn with
+/// it, then serve until killed.
+fn rpc_server(a: RpcServerArgs) -> anyhow::Result<()> {
+    let loopback = a.host == "localhost" || a.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback && !a.allow_remote {
+        anyhow::bail!("--host {} is not loopback: llama.cpp's RPC server has no authentication or encryption, so anyone who reaches it can run computations and read the model; pass --allow-remote to accept that (on a trusted network only)", a.host);
+    }
+    if !loopback {
+        eprintln!("warning: serving on {}:{} without authentication or encryption: anyone who reaches this port can use this machine's CPU and read what clients send", a.host, a.port);
+    }
+    let cache = match &a.cache {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("cannot create the cache folder {}: {e}; pass a writable --cache", d.display()))?;
+            Some(d.to_str().ok_or_else(|| anyhow::anyhow!("--cache {} is not UTF-8: pick another folder", d.display()))?.to_string())
+        }
+        None => None,
+    };
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let endpoint = format!("{}:{}", a.host, a.port);
+    eprintln!("rpc-server: serving this machine's CPU at {endpoint} with {threads} threads (Ctrl-C stops)");
+    crate::ffi::rpc_serve_cpu(&endpoint, cache.as_deref(), threads)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -525,6 +525,13 @@ impl<'m> Context<'m> {
         Ok(ctx)
     }
 
+    /// Wait until every computation llama.cpp has queued is done (a remote or GPU backend
+    /// may still be computing after `decode` returned, until results are read).
+    pub fn synchronize(&mut self) {
+        // SAFETY: valid context.
+        unsafe { sys::llama_synchronize(self.ptr.as_ptr()) };
+    }
+
     /// Empty the cache (data too).
     pub fn clear(&mut self) {
         // SAFETY: valid memory handle.
