@@ -222,11 +222,6 @@ pub struct AnswerOpts {
     pub resize: bool,
 }
 
-/// Resident memory of this process (MB), 0 where `/proc` is missing.
-fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/statm").ok().and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok())).map_or(0.0, |pages| pages * 4096.0 / 1e6)
-}
-
 /// Prefill `prompt.context` on a fresh context with the capture `policy` needs, keep
 /// `budget` positions, decode the question and answer greedily (see [`AnswerOpts`]).
 #[allow(clippy::too_many_arguments)]
@@ -256,6 +251,7 @@ pub fn run_once(model: &Model, params: &ContextParams, swa: &[usize], setup: &Po
     if let (true, Choice::Cells(keep)) = (opts.resize, &choice) {
         let need = keep.iter().filter(|&&k| k).count() + prompt.question.len() + opts.max_new.max(opts.timed_steps);
         let small = ContextParams { n_ctx: (need.div_ceil(256) * 256) as u32, ..params.clone() };
+        let rss_mb = || crate::bench::rss_bytes() as f64 / 1e6;
         let (rss_before_mb, tm) = (rss_mb(), Instant::now());
         let moved = ctx.moved_into(&small)?;
         ctx = moved;

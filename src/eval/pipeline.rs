@@ -198,9 +198,9 @@ pub fn apply(ctx: &mut Context, choice: &Choice, mode: Mode, mask: Option<&MaskH
             if close_gaps && !ctx.can_shift() {
                 return Err(EvictError::NoShift.into());
             }
-            // Compact between removal and renumbering: a saved state must not hold a shift
-            // not yet applied to the keys.
-            // Saved before the removal (no holes: fast), then edited down to the kept cells.
+            // Compact between removal and renumbering (a saved state must not hold a shift not
+            // yet applied to the keys), from the state saved before the removal (no holes:
+            // fast) edited down to the kept cells.
             let t0 = std::time::Instant::now();
             let saved = ctx.save_seq()?;
             let mut secs = t0.elapsed().as_secs_f64();
