@@ -110,7 +110,7 @@ pub fn run_capture(a: &BenchCaptureConfig) -> anyhow::Result<BenchReport> {
     }
     // Resolve (and fetch) the model once in the parent, on this machine's CPU: an RPC server
     // serves one client at a time, and the children are its clients.
-    let model = engine::load_model(&ModelSource { rpc: vec![], gpu_layers: Some(0), ..a.model.clone() })?;
+    let model = engine::load_model(&ModelSource { remote: engine::Remote::default(), gpu_layers: Some(0), ..a.model.clone() })?;
     let model_path = model.path().to_path_buf();
     let exe = std::env::current_exe().context("locating the attractors binary")?;
     if !a.modes.iter().any(|m| m == "plain") || a.modes.len() < 2 {
@@ -135,9 +135,7 @@ pub fn run_capture(a: &BenchCaptureConfig) -> anyhow::Result<BenchReport> {
         if let Some(g) = a.model.gpu_layers {
             cmd.args(["--gpu-layers", &g.to_string()]);
         }
-        if !a.model.rpc.is_empty() {
-            cmd.args(["--rpc", &a.model.rpc.join(",")]);
-        }
+        cmd.args(a.model.remote.to_args());
         let out = cmd.output().context("running a benchmark child")?;
         if !out.status.success() {
             bail!("benchmark child ({mode}) failed: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -258,7 +256,7 @@ fn timed_child(exe: &std::path::Path, args: &[std::ffi::OsString]) -> anyhow::Re
 pub fn run_compare(a: &BenchCompareConfig) -> anyhow::Result<BenchReport> {
     let mut rep = BenchReport::default();
     let models = if a.models.is_empty() {
-        let p = engine::load_model(&ModelSource { model: None, gpu_layers: None, rpc: vec![] })?.path().to_path_buf();
+        let p = engine::load_model(&ModelSource::default())?.path().to_path_buf();
         vec![p.clone(), p]
     } else {
         a.models.clone()
@@ -280,6 +278,7 @@ pub fn run_compare(a: &BenchCompareConfig) -> anyhow::Result<BenchReport> {
         if let Some(g) = a.gpu_layers {
             v.extend(["--gpu-layers".into(), g.to_string().into()]);
         }
+        v.extend(a.remote.to_args().into_iter().map(Into::into));
     };
     let mut analyze_s = vec![];
     for (i, m) in models.iter().enumerate() {
@@ -353,6 +352,10 @@ pub struct BenchCompareConfig {
     /// Layers to offload to a GPU in every child (default: all when a GPU is present).
     #[arg(long, visible_alias = "ngl")]
     pub gpu_layers: Option<i32>,
+    #[command(flatten)]
+    /// RPC servers and the split of layers, for every child (one after another: an RPC
+    /// server serves one client at a time).
+    pub remote: engine::Remote,
 }
 
 

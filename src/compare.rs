@@ -42,6 +42,9 @@ pub struct CompareConfig {
     #[arg(long, visible_alias = "ngl")]
     pub gpu_layers: Option<i32>,
     #[command(flatten)]
+    /// RPC servers and the split of layers.
+    pub remote: crate::engine::Remote,
+    #[command(flatten)]
     /// The documents.
     pub set: DocSet,
     /// Documents shorter than this many tokens are skipped.
@@ -111,13 +114,13 @@ fn f(x: f64) -> String {
     }
 }
 
-fn load(path: &std::path::Path, gpu_layers: Option<i32>) -> anyhow::Result<Model> {
-    Ok(Model::load(path, &ModelParams { gpu_layers, vocab_only: false })?)
+fn load(path: &std::path::Path, gpu_layers: Option<i32>, remote: &crate::engine::Remote) -> anyhow::Result<Model> {
+    Ok(Model::load(path, &remote.params(gpu_layers))?)
 }
 
 /// Metadata and vocabulary only (the checks before any work).
 fn load_vocab(path: &std::path::Path) -> anyhow::Result<Model> {
-    Ok(Model::load(path, &ModelParams { gpu_layers: None, vocab_only: true })?)
+    Ok(Model::load(path, &ModelParams { vocab_only: true, ..ModelParams::default() })?)
 }
 
 /// Short names: the weight type when every file is a rung of one model, else the file stem;
@@ -238,7 +241,7 @@ impl ComparePlan {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             pb.set_message(name.clone());
             let tm = std::time::Instant::now();
-            let model = load(path, a.gpu_layers)?;
+            let model = load(path, a.gpu_layers, &a.remote)?;
             if let Some(c) = &setup.calib {
                 // The same nodes on this model, however each names them (`auto` or a name).
                 let role = crate::capture::profile::Role::Activation;

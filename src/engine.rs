@@ -49,16 +49,66 @@ pub struct ModelSource {
     /// Layers to offload to a GPU (default: all when a GPU is present; 0 keeps everything on the CPU).
     #[arg(long, visible_alias = "ngl")]
     pub gpu_layers: Option<i32>,
-    /// RPC servers (`attractors rpc-server`, or llama.cpp's `rpc-server`) whose devices join
-    /// the device list, HOST:PORT[,HOST:PORT...]; `--gpu-layers` places layers on them.
-    #[arg(long, value_delimiter = ',')]
-    pub rpc: Vec<String>,
+    #[command(flatten)]
+    /// RPC servers and how layers split over devices.
+    pub remote: Remote,
 }
 
 impl ModelSource {
     /// The model at `path`, every layer where llama.cpp puts it by default.
     pub fn file(path: impl Into<PathBuf>) -> ModelSource {
-        ModelSource { model: Some(path.into()), gpu_layers: None, rpc: vec![] }
+        ModelSource { model: Some(path.into()), ..ModelSource::default() }
+    }
+
+    /// How llama.cpp loads it: layers, RPC servers, split.
+    pub fn params(&self) -> ModelParams {
+        self.remote.params(self.gpu_layers)
+    }
+}
+
+/// Layers on other machines (llama.cpp's `--rpc`, `--tensor-split`), for every command
+/// that loads a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Remote {
+    /// RPC servers (`attractors rpc-server`, or llama.cpp's `rpc-server` of the same
+    /// version) whose devices join the device list, HOST:PORT[,HOST:PORT...]; `--gpu-layers`
+    /// places layers on them (they come before local GPUs).
+    #[arg(long, value_delimiter = ',')]
+    pub rpc: Vec<String>,
+    /// Share of the offloaded layers per device, in device order (RPC servers first, then
+    /// local GPUs), e.g. `3,1` (llama.cpp's `--tensor-split`; default: by free memory).
+    #[arg(long, value_delimiter = ',')]
+    pub tensor_split: Vec<f32>,
+    /// Seconds one decode may wait for the RPC servers before the run ends with an error
+    /// naming them.
+    #[arg(long, default_value_t = crate::ffi::RPC_DEFAULT_TIMEOUT.as_secs_f64())]
+    pub rpc_timeout: f64,
+}
+
+impl Default for Remote {
+    fn default() -> Self {
+        Remote { rpc: vec![], tensor_split: vec![], rpc_timeout: crate::ffi::RPC_DEFAULT_TIMEOUT.as_secs_f64() }
+    }
+}
+
+impl Remote {
+    /// The load parameters with `gpu_layers`.
+    pub fn params(&self, gpu_layers: Option<i32>) -> ModelParams {
+        let timeout = (self.rpc_timeout.is_finite() && self.rpc_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(self.rpc_timeout));
+        ModelParams { gpu_layers, rpc: self.rpc.clone(), tensor_split: self.tensor_split.clone(), rpc_timeout: timeout.or(Some(crate::ffi::RPC_DEFAULT_TIMEOUT)), ..ModelParams::default() }
+    }
+
+    /// The same flags, for a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![];
+        if !self.rpc.is_empty() {
+            v.extend(["--rpc".to_string(), self.rpc.join(",")]);
+        }
+        if !self.tensor_split.is_empty() {
+            v.extend(["--tensor-split".to_string(), self.tensor_split.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")]);
+        }
+        v.extend(["--rpc-timeout".to_string(), self.rpc_timeout.to_string()]);
+        v
     }
 }
 
@@ -121,10 +171,10 @@ pub fn load_model(a: &ModelSource) -> anyhow::Result<Model> {
             p
         }
     };
-    for endpoint in &a.rpc {
-        crate::ffi::rpc_add_server(endpoint)?;
+    if !(a.remote.rpc_timeout.is_finite() && a.remote.rpc_timeout > 0.0) {
+        anyhow::bail!("--rpc-timeout must be a positive number of seconds (got {})", a.remote.rpc_timeout);
     }
-    let model = Model::load(&path, &ModelParams { gpu_layers: a.gpu_layers, ..Default::default() })?;
+    let model = Model::load(&path, &a.params())?;
     Ok(model)
 }
 

@@ -74,6 +74,9 @@ impl Staged {
             OutputError::Unwritable { source, .. } => OutputError::Unwritable { dir: dir.to_path_buf(), source },
             e => e,
         })?;
+        if let Ok(mut u) = UNFINISHED.lock() {
+            u.push((tmp.clone(), created.then(|| dir.to_path_buf())));
+        }
         Ok(Staged { out, dest: dir.to_path_buf(), created, committed: false })
     }
 
@@ -97,6 +100,7 @@ impl Staged {
         }
         self.committed = true;
         let _ = std::fs::remove_dir_all(&tmp);
+        finished(&tmp);
         Ok(placed)
     }
 }
@@ -109,6 +113,35 @@ impl Drop for Staged {
                 // only succeeds when empty: a folder this run made and never filled
                 let _ = std::fs::remove_dir(&self.dest);
             }
+            finished(&self.out.dir);
+        }
+    }
+}
+
+/// Staging folders not yet committed or dropped, with the output folder when this run
+/// made it: what [`remove_unfinished`] removes when the process must end at once.
+static UNFINISHED: std::sync::Mutex<Vec<(PathBuf, Option<PathBuf>)>> = std::sync::Mutex::new(Vec::new());
+
+fn finished(staging: &Path) {
+    if let Ok(mut u) = UNFINISHED.lock() {
+        u.retain(|(t, _)| t != staging);
+    }
+}
+
+/// Remove every uncommitted staging folder (and the output folders this run made, when
+/// empty), for a process about to end without unwinding (a fatal llama.cpp error). Never
+/// blocks: a folder being registered at that instant is left.
+pub fn remove_unfinished() {
+    if let Ok(u) = UNFINISHED.try_lock() {
+        remove_entries(&u);
+    }
+}
+
+fn remove_entries(entries: &[(PathBuf, Option<PathBuf>)]) {
+    for (tmp, made) in entries {
+        let _ = std::fs::remove_dir_all(tmp);
+        if let Some(d) = made {
+            let _ = std::fs::remove_dir(d);
         }
     }
 }
@@ -278,6 +311,26 @@ mod tests {
         let fresh = d.path().join("new");
         drop(Staged::new(&fresh).unwrap());
         assert!(!fresh.exists());
+    }
+
+    #[test]
+    fn a_fatal_end_removes_unfinished_staging_and_the_folders_it_made() {
+        let d = tempfile::tempdir().unwrap();
+        let fresh = d.path().join("made-by-this-run");
+        let s = Staged::new(&fresh).unwrap();
+        s.out().write("a.csv", b"x").unwrap();
+        let kept = d.path().join("kept");
+        let done = Staged::new(&kept).unwrap();
+        done.out().write("b.csv", b"y").unwrap();
+        done.commit().unwrap();
+        // (the registry is the process's: other tests' staging stays untouched here)
+        let mine: Vec<_> = UNFINISHED.lock().unwrap().iter().filter(|(t, _)| t.starts_with(d.path())).cloned().collect();
+        assert_eq!(mine.len(), 1, "only the uncommitted staging is registered: {mine:?}");
+        assert_eq!(mine[0].1.as_deref(), Some(fresh.as_path()));
+        remove_entries(&mine);
+        assert!(!fresh.exists(), "the unfinished output folder is gone");
+        assert_eq!(std::fs::read(kept.join("b.csv")).unwrap(), b"y", "committed outputs stay");
+        std::mem::forget(s);
     }
 
     #[test]

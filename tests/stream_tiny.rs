@@ -14,7 +14,7 @@ fn toks(n: usize) -> Vec<i32> {
 }
 
 mod common;
-use common::tiny_model;
+use common::{compare_with_reference, stream_with_snapshots, tiny_model};
 
 /// A stream on the tiny model with `policy` (frequent list: every third token id).
 fn open<'m>(model: &'m Model, policy: &str, budget: Option<usize>, slack: usize, seed: u64) -> anyhow::Result<Bounded<'m>> {
@@ -34,45 +34,6 @@ fn check(policy: &str, budget: usize, slack: usize, n: usize, chunk: usize) {
     assert_eq!(s.stats.max_cached, budget.min(s.stats.max_cached));
     let worst = compare_with_reference(&tiny, policy, &t, &nll, &snapshot);
     eprintln!("{policy} chunk {chunk}: {} evictions, worst |dNLL| {worst:.2e}", s.stats.evictions);
-}
-
-/// Feed `t` in chunks; the NLLs, and per token the stream indices cached while it was
-/// decoded (slot = position).
-fn stream_with_snapshots(s: &mut Bounded, t: &[i32], chunk: usize, budget: usize) -> (Vec<f64>, Vec<Vec<u64>>) {
-    let mut nll = vec![];
-    let mut snapshot: Vec<Vec<u64>> = vec![];
-    for c in t.chunks(chunk) {
-        nll.extend(s.feed(c, true).unwrap());
-        assert!(s.cached() <= budget, "{}: cache {} over budget {budget}", s.policy_name(), s.cached());
-        for _ in c {
-            snapshot.push(s.cached_origin().to_vec());
-        }
-    }
-    (nll, snapshot)
-}
-
-/// Every NLL against the reference forward pass over the snapshots (1e-4); the evictions
-/// must have mattered. Returns the worst difference.
-fn compare_with_reference(tiny: &attractors::test_support::TinyModel, policy: &str, t: &[i32], nll: &[f64], snapshot: &[Vec<u64>]) -> f64 {
-    let n = t.len();
-    let pos = |i: usize, j: usize| snapshot[i].iter().position(|&o| o == j as u64);
-    let r = tiny.forward_stream(t, &pos);
-    assert!(nll[0].is_nan(), "the first token has no NLL");
-    let mut worst = 0f64;
-    for i in 1..n {
-        let logits: Vec<f32> = r.logits[i - 1].iter().map(|&x| x as f32).collect();
-        let want = nll_of(&logits, t[i]);
-        worst = worst.max((nll[i] - want).abs());
-        assert!((nll[i] - want).abs() < 1e-4, "{policy} token {i}: stream NLL {} vs reference {want}", nll[i]);
-    }
-    // and the evictions mattered: the unbounded reference differs somewhere
-    let full = tiny.forward(t);
-    let differs = (1..n).any(|i| {
-        let l: Vec<f32> = full.logits[i - 1].iter().map(|&x| x as f32).collect();
-        (nll_of(&l, t[i]) - nll[i]).abs() > 1e-3
-    });
-    assert!(differs, "{policy}: evictions changed nothing");
-    worst
 }
 
 /// Streams on lanes of one shared context, fed at once from their own threads (so their

@@ -30,7 +30,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     println!("vocabulary      {}", meta.n_vocab);
     println!("BOS / EOS       {:?} / {:?} (BOS added: {})", meta.bos, meta.eos, meta.add_bos);
     println!("chat template   {}", if meta.chat_template.is_some() { "yes" } else { "no" });
-    println!("runs on         {} ({} of {} layers offloaded to a GPU)", meta.device.backend, meta.device.gpu_layers, meta.device.layers);
+    println!("runs on         {} ({} of {} layers offloaded from the CPU)", meta.device.backend, meta.device.gpu_layers, meta.device.layers);
     let devs: Vec<String> = meta.device.devices.iter().map(|d| format!("{} [{}] {}", d.name, d.kind, d.description)).collect();
     println!("ggml devices    {}", devs.join("; "));
     println!("attention       {} of {} layers{}{}", att.len(), meta.n_layer, if profile.has_recurrent_layers() { " (the others are recurrent or attention-free)" } else { "" }, if profile.has_sinks() { "; learned sink logits in the softmax" } else { "" });

@@ -254,6 +254,11 @@ impl<'m> Context<'m> {
         self.hook.as_mut().map(|s| &mut *s.hook)
     }
 
+    /// While a call waits on RPC servers, the watchdog bounds it (see [`super::rpc`]).
+    fn watch(&self, what: &'static str) -> Option<super::rpc::Watch> {
+        self.model.uses_rpc().then(|| super::rpc::watch(what))
+    }
+
     /// Decode a batch. Checks the size and the starting position first (both abort or
     /// fail inside llama.cpp otherwise) and reports a hook failure after llama.cpp returns.
     pub fn decode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
@@ -284,6 +289,7 @@ impl<'m> Context<'m> {
             s.hook.on_batch(&positions);
         }
         clear_last_error();
+        let _watch = self.watch("decode");
         // SAFETY: valid context; the batch's buffers are valid for its declared n_tokens,
         // which we checked against n_batch; positions continue the cache.
         let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw()) };
@@ -420,6 +426,7 @@ impl<'m> Context<'m> {
         if self.shift_pending {
             return Err(StateError::ShiftPending);
         }
+        let _watch = self.watch("state copy");
         // SAFETY: valid context; the size call only reads.
         let size = unsafe { sys::llama_state_seq_get_size(self.ptr.as_ptr(), 0) };
         let mut buf = vec![0u8; size];
@@ -440,6 +447,7 @@ impl<'m> Context<'m> {
     }
 
     fn set_seq(&mut self, state: &[u8]) -> bool {
+        let _watch = self.watch("state copy");
         // SAFETY: valid context; `state` is a readable buffer of its length.
         let n = unsafe { sys::llama_state_seq_set_data(self.ptr.as_ptr(), state.as_ptr(), state.len(), 0) };
         n != 0
@@ -450,6 +458,7 @@ impl<'m> Context<'m> {
     /// [`Context::restore_recurrent`]. The attention cache is neither saved nor touched, so
     /// a pending position shift is no obstacle.
     pub fn save_recurrent(&self) -> Vec<u8> {
+        let _watch = self.watch("state copy");
         // SAFETY: valid context; the size call only reads.
         let size = unsafe { sys::llama_state_seq_get_size_ext(self.ptr.as_ptr(), 0, PARTIAL_ONLY) };
         let mut buf = vec![0u8; size];
@@ -461,6 +470,7 @@ impl<'m> Context<'m> {
 
     /// Put back a state from [`Context::save_recurrent`]; the attention cache keeps its cells.
     pub fn restore_recurrent(&mut self, state: &[u8]) -> Result<(), StateError> {
+        let _watch = self.watch("state copy");
         // SAFETY: valid context; `state` is a readable buffer of its length.
         let n = unsafe { sys::llama_state_seq_set_data_ext(self.ptr.as_ptr(), state.as_ptr(), state.len(), 0, PARTIAL_ONLY) };
         if n == 0 {

@@ -1149,16 +1149,66 @@ pub struct DeviceInfo {
     pub kind: String,
     /// Total memory (MiB).
     pub memory_total_mb: u64,
+    /// `HOST:PORT` of the RPC server serving it; absent for a local device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
-/// Every device ggml registered in this process (the CPU always; GPUs of the enabled backends).
+/// `NAME (description)` of a device, as in the model's device list.
+pub(super) fn describe(d: sys::ggml_backend_dev_t) -> String {
+    // SAFETY: a registered device; its name and description are static strings.
+    unsafe { format!("{} ({})", cstr(sys::ggml_backend_dev_name(d)), cstr(sys::ggml_backend_dev_description(d))) }
+}
+
+/// The local GPUs llama.cpp offloads to by default: every discrete GPU (one per device id),
+/// or the integrated GPUs of one backend when there is none; RPC devices are not local.
+pub(super) fn local_gpus() -> Vec<sys::ggml_backend_dev_t> {
+    let (mut gpus, mut igpus): (Vec<sys::ggml_backend_dev_t>, Vec<sys::ggml_backend_dev_t>) = (vec![], vec![]);
+    let id = |d: sys::ggml_backend_dev_t| {
+        // SAFETY: a registered device; `props` is plain data it fills, its id a static string or null.
+        unsafe {
+            let mut props: sys::ggml_backend_dev_props = std::mem::zeroed();
+            sys::ggml_backend_dev_get_props(d, &mut props);
+            (!props.device_id.is_null()).then(|| cstr(props.device_id))
+        }
+    };
+    // SAFETY: registry queries; indices below the count are valid.
+    let all: Vec<sys::ggml_backend_dev_t> = unsafe { (0..sys::ggml_backend_dev_count()).map(|i| sys::ggml_backend_dev_get(i)).collect() };
+    for d in all {
+        if super::rpc::endpoint_of(d).is_some() {
+            continue;
+        }
+        // SAFETY: a registered device.
+        let (kind, reg) = unsafe { (sys::ggml_backend_dev_type(d), sys::ggml_backend_dev_backend_reg(d)) };
+        if kind == sys::GGML_BACKEND_DEVICE_TYPE_GPU {
+            let same = id(d).is_some_and(|me| gpus.iter().any(|&g| id(g).as_ref() == Some(&me)));
+            if !same {
+                gpus.push(d);
+            }
+        } else if kind == sys::GGML_BACKEND_DEVICE_TYPE_IGPU {
+            // SAFETY: as above.
+            if igpus.last().map_or(true, |&g| unsafe { sys::ggml_backend_dev_backend_reg(g) } == reg) {
+                igpus.push(d);
+            }
+        }
+    }
+    if gpus.is_empty() {
+        igpus
+    } else {
+        gpus
+    }
+}
+
+/// Every device ggml registered in this process (the CPU always; GPUs of the enabled
+/// backends; the devices of the RPC servers in use).
 pub fn devices() -> Vec<DeviceInfo> {
     super::init_backend();
     // SAFETY: registry queries; indices below the count are valid.
     unsafe {
         (0..sys::ggml_backend_dev_count())
-            .map(|i| {
-                let d = sys::ggml_backend_dev_get(i);
+            .map(|i| sys::ggml_backend_dev_get(i))
+            .filter(|&d| super::rpc::usable(d))
+            .map(|d| {
                 let (mut free, mut total) = (0usize, 0usize);
                 sys::ggml_backend_dev_memory(d, &mut free, &mut total);
                 let kind = match sys::ggml_backend_dev_type(d) {
@@ -1172,6 +1222,7 @@ pub fn devices() -> Vec<DeviceInfo> {
                     description: cstr(sys::ggml_backend_dev_description(d)),
                     kind: kind.into(),
                     memory_total_mb: (total / (1 << 20)) as u64,
+                    endpoint: super::rpc::endpoint_of(d),
                 }
             })
             .collect()

@@ -38,6 +38,22 @@ pub enum LoadError {
     #[error("model path {0} contains a NUL byte")]
     /// The path holds a NUL byte.
     BadPath(PathBuf),
+    #[error("{0}")]
+    /// An RPC server could not be used.
+    Rpc(#[from] super::rpc::RpcError),
+    #[error("--tensor-split gives {given} proportions but the model has {devices} device(s) to split over ({names}): give at most one per device, in that order")]
+    /// More split proportions than devices.
+    TensorSplit {
+        /// Proportions given.
+        given: usize,
+        /// Devices the layers may go to.
+        devices: usize,
+        /// Their names.
+        names: String,
+    },
+    #[error("--tensor-split proportions must be finite, not negative, and not all zero (got {0:?})")]
+    /// Proportions that split nothing.
+    BadSplit(Vec<f32>),
 }
 
 /// What to do about a load failure, from llama.cpp's own reason: only a failed read points
@@ -94,6 +110,16 @@ pub struct ModelParams {
     /// Load only the metadata and vocabulary (no weights): tokenize, compare vocabularies,
     /// read hyperparameters; such a model cannot make a context.
     pub vocab_only: bool,
+    /// RPC servers (`HOST:PORT`, [`super::rpc_add_server`]) whose devices come first in the
+    /// model's device list, in this order, before the local GPUs (llama.cpp's order).
+    /// Servers added earlier in the process but not named here are not used.
+    pub rpc: Vec<String>,
+    /// Share of the offloaded layers per device, in device-list order (llama.cpp's
+    /// `tensor_split`); empty = llama.cpp's default (by free memory).
+    pub tensor_split: Vec<f32>,
+    /// How long one decode may wait for the RPC servers before the run ends with an error
+    /// naming them (process-wide; `None` keeps the current limit, 120 s by default).
+    pub rpc_timeout: Option<std::time::Duration>,
 }
 
 /// A loaded GGUF model. Read-only after loading, so it may be shared between threads.
@@ -105,6 +131,8 @@ pub struct Model {
     vocab_only: bool,
     /// `n_gpu_layers` as passed to llama.cpp (-1: all).
     gpu_layers: i32,
+    /// Some layers may run on an RPC server: decodes are watched (see [`super::rpc`]).
+    rpc: bool,
     /// What the graph holds per layer, discovered on first use.
     profile: std::sync::OnceLock<Result<crate::capture::profile::ModelProfile, String>>,
 }
@@ -189,17 +217,52 @@ impl Model {
         if let Some(n) = params.gpu_layers {
             mp.n_gpu_layers = n;
         }
-        // An empty, NULL-terminated device list: llama.cpp copies it while loading.
-        let mut no_devices: [sys::ggml_backend_dev_t; 1] = [std::ptr::null_mut()];
-        if params.gpu_layers == Some(0) {
-            mp.devices = no_devices.as_mut_ptr();
+        for endpoint in &params.rpc {
+            super::rpc::add_server(endpoint)?;
+        }
+        if let Some(t) = params.rpc_timeout {
+            super::rpc::set_timeout(t);
+        }
+        // The devices, NULL-terminated (llama.cpp copies the list while loading): none for
+        // `Some(0)`; llama.cpp's default unless RPC servers were added in this process, then
+        // the named servers' devices and the local GPUs, so that no other server is used.
+        let mut list: Option<Vec<sys::ggml_backend_dev_t>> = if params.gpu_layers == Some(0) {
+            Some(vec![])
+        } else if super::rpc::any_added() || !params.tensor_split.is_empty() {
+            let mut l = super::rpc::devices_of(&params.rpc);
+            l.extend(super::device::local_gpus());
+            Some(l)
+        } else {
+            None
+        };
+        let rpc = params.gpu_layers != Some(0) && !params.rpc.is_empty();
+        // `tensor_split` is read while loading: an array of llama_max_devices() floats.
+        // SAFETY: a constant query.
+        let max = unsafe { sys::llama_max_devices() };
+        let mut split = vec![0f32; max.max(1)];
+        if !params.tensor_split.is_empty() {
+            let t = &params.tensor_split;
+            if t.iter().any(|x| !x.is_finite() || *x < 0.0) || t.iter().all(|&x| x == 0.0) {
+                return Err(LoadError::BadSplit(t.clone()));
+            }
+            let devs = list.as_deref().unwrap_or(&[]);
+            if t.len() > devs.len() || t.len() > max {
+                let names = devs.iter().map(|&d| super::device::describe(d)).collect::<Vec<_>>().join(", ");
+                return Err(LoadError::TensorSplit { given: t.len(), devices: devs.len(), names: if names.is_empty() { "CPU only".into() } else { names } });
+            }
+            split[..t.len()].copy_from_slice(t);
+            mp.tensor_split = split.as_ptr();
+        }
+        if let Some(l) = list.as_mut() {
+            l.push(std::ptr::null_mut());
+            mp.devices = l.as_mut_ptr();
         }
         mp.vocab_only = params.vocab_only;
         // SAFETY: `c_path` is a valid NUL-terminated string for the call; `mp` is initialised
-        // and its device list (`no_devices`, when set) outlives the call.
+        // and its device list (`list`) and split (`split`) outlive the call.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
         match NonNull::new(raw) {
-            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only, gpu_layers: mp.n_gpu_layers, profile: Default::default() }),
+            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only, gpu_layers: mp.n_gpu_layers, rpc, profile: Default::default() }),
             None => Err(LoadError::Llama {
                 path: path.to_path_buf(),
                 reason: last_llama_error().unwrap_or_else(|| "unknown error".into()),
@@ -433,12 +496,17 @@ impl Model {
         }
     }
 
+    /// Whether some layers may run on RPC servers ([`ModelParams::rpc`]).
+    pub fn uses_rpc(&self) -> bool {
+        self.rpc
+    }
+
     /// The GPU (if any) and the number of layers offloaded, as llama.cpp decides from
     /// `n_gpu_layers` (-1: all) and the devices present.
     pub fn run_device(&self) -> RunDevice {
         let devices = super::device::devices();
         let layers = self.n_layer() + 1;
-        let gpu = devices.iter().find(|d| d.kind == "gpu" || d.kind == "igpu");
+        let gpu = devices.iter().find(|d| (d.kind == "gpu" || d.kind == "igpu") && (self.rpc || d.endpoint.is_none()));
         let gpu_layers = match gpu {
             None => 0,
             Some(_) if self.gpu_layers < 0 => layers,

@@ -223,6 +223,9 @@ pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow:
     if a.clients == 0 || a.turns == 0 || a.max_tokens == 0 || a.parallel == 0 {
         bail!("--clients, --turns, --max-tokens and --parallel must be at least 1");
     }
+    if !source.remote.rpc.is_empty() {
+        bail!("bench serve runs a chat in this process and then a server child on the same model, and an RPC server serves one client at a time: run `attractors serve --rpc ...` and measure it with your clients instead");
+    }
     let mut rep = BenchReport::default();
     // 1. one chat stream, as `attractors chat` runs it (all cores)
     let cfg = ChatConfig {

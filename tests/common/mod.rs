@@ -191,3 +191,42 @@ pub fn post(url: &str, body: &str, extra: &[&str]) -> (u16, String, String) {
     a.extend_from_slice(extra);
     curl(&a)
 }
+
+/// Feed `t` in chunks; the NLLs, and per token the stream indices cached while it was
+/// decoded (slot = position).
+pub fn stream_with_snapshots(s: &mut attractors::stream::Bounded, t: &[i32], chunk: usize, budget: usize) -> (Vec<f64>, Vec<Vec<u64>>) {
+    let mut nll = vec![];
+    let mut snapshot: Vec<Vec<u64>> = vec![];
+    for c in t.chunks(chunk) {
+        nll.extend(s.feed(c, true).unwrap());
+        assert!(s.cached() <= budget, "{}: cache {} over budget {budget}", s.policy_name(), s.cached());
+        for _ in c {
+            snapshot.push(s.cached_origin().to_vec());
+        }
+    }
+    (nll, snapshot)
+}
+
+/// Every NLL against the reference forward pass over the snapshots (1e-4); the evictions
+/// must have mattered. Returns the worst difference.
+pub fn compare_with_reference(tiny: &attractors::test_support::TinyModel, policy: &str, t: &[i32], nll: &[f64], snapshot: &[Vec<u64>]) -> f64 {
+    let n = t.len();
+    let pos = |i: usize, j: usize| snapshot[i].iter().position(|&o| o == j as u64);
+    let r = tiny.forward_stream(t, &pos);
+    assert!(nll[0].is_nan(), "the first token has no NLL");
+    let mut worst = 0f64;
+    for i in 1..n {
+        let logits: Vec<f32> = r.logits[i - 1].iter().map(|&x| x as f32).collect();
+        let want = attractors::session::nll_of(&logits, t[i]);
+        worst = worst.max((nll[i] - want).abs());
+        assert!((nll[i] - want).abs() < 1e-4, "{policy} token {i}: stream NLL {} vs reference {want}", nll[i]);
+    }
+    // and the evictions mattered: the unbounded reference differs somewhere
+    let full = tiny.forward(t);
+    let differs = (1..n).any(|i| {
+        let l: Vec<f32> = full.logits[i - 1].iter().map(|&x| x as f32).collect();
+        (attractors::session::nll_of(&l, t[i]) - nll[i]).abs() > 1e-3
+    });
+    assert!(differs, "{policy}: evictions changed nothing");
+    worst
+}
