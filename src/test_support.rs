@@ -4,6 +4,7 @@
 //! (fused QKV and fused gate/up projections, NeoX RoPE). [`zoo`](crate::test_support::zoo) writes random-weight
 //! models of many more architectures, for property tests.
 
+pub mod grad;
 pub mod zoo;
 
 use std::io::Write;
@@ -92,6 +93,16 @@ impl Mat {
     }
     fn apply(&self, x: &[f64]) -> Vec<f64> {
         (0..self.rows).map(|o| self.w[o * self.cols..(o + 1) * self.cols].iter().zip(x).map(|(&w, &x)| w as f64 * x).sum()).collect()
+    }
+    /// `W^T y` (the backward of [`Mat::apply`]).
+    fn apply_t(&self, y: &[f64]) -> Vec<f64> {
+        let mut x = vec![0.0; self.cols];
+        for (o, &yo) in y.iter().enumerate().take(self.rows) {
+            for (xi, &w) in x.iter_mut().zip(&self.w[o * self.cols..(o + 1) * self.cols]) {
+                *xi += w as f64 * yo;
+            }
+        }
+        x
     }
 }
 
@@ -255,13 +266,13 @@ impl TinyModel {
     /// Forward pass where `edit(layer, pos, x)` may change the normalised attention input
     /// `attn_norm` before Q, K and V are computed from it (interventions).
     pub fn forward_edited(&self, tokens: &[i32], visible: &dyn Fn(usize, usize) -> bool, edit: &dyn Fn(usize, usize, &mut Vec<f64>)) -> Reference {
-        self.forward_general(tokens, &|_, _, i, j| visible(i, j), edit, None)
+        self.forward_general(tokens, &|_, _, i, j| visible(i, j), edit, None, None)
     }
 
     /// Forward pass where query `i` of head `h` in layer `l` sees key `j < i` only when
     /// `visible(l, h, i, j)` (`mask` mode eviction, per layer and head).
     pub fn forward_heads(&self, tokens: &[i32], visible: &dyn Fn(usize, usize, usize, usize) -> bool) -> Reference {
-        self.forward_general(tokens, visible, &|_, _, _| {}, None)
+        self.forward_general(tokens, visible, &|_, _, _| {}, None, None)
     }
 
     /// A bounded stream: token `i` was decoded at position `pos(i, i)` and saw key `j < i`
@@ -269,10 +280,10 @@ impl TinyModel {
     /// shifted key is the rotation at its new position), hidden when `None`.
     pub fn forward_stream(&self, tokens: &[i32], pos: &dyn Fn(usize, usize) -> Option<usize>) -> Reference {
         let p = |i: usize, j: usize| pos(i, j).unwrap_or(0);
-        self.forward_general(tokens, &|_, _, i, j| pos(i, j).is_some(), &|_, _, _| {}, Some(&p))
+        self.forward_general(tokens, &|_, _, i, j| pos(i, j).is_some(), &|_, _, _| {}, Some(&p), None)
     }
 
-    fn forward_general(&self, tokens: &[i32], visible: &dyn Fn(usize, usize, usize, usize) -> bool, edit: &dyn Fn(usize, usize, &mut Vec<f64>), pos: Option<&dyn Fn(usize, usize) -> usize>) -> Reference {
+    pub(crate) fn forward_general(&self, tokens: &[i32], visible: &dyn Fn(usize, usize, usize, usize) -> bool, edit: &dyn Fn(usize, usize, &mut Vec<f64>), pos: Option<&dyn Fn(usize, usize) -> usize>, bump: Option<(usize, usize, usize, usize, f64)>) -> Reference {
         let c = &self.cfg;
         let (e, nh, nkv) = (c.n_embd, c.n_head, c.n_head_kv);
         let hd = e / nh;
@@ -346,7 +357,12 @@ impl TinyModel {
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                     for j in 0..=i {
-                        let a = (s[j] - m).exp() / z;
+                        let mut a = (s[j] - m).exp() / z;
+                        if let Some((bl, bh, bi, bj, delta)) = bump {
+                            if (bl, bh, bi, bj) == (li, hh, i, j) {
+                                a += delta;
+                            }
+                        }
                         attn[hh][i][j] = a;
                         for d in 0..hd {
                             out[i][hh * hd + d] += a * v[j][g * hd + d];

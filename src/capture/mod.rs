@@ -13,6 +13,7 @@ pub mod mask;
 mod par;
 pub mod session;
 pub mod profile;
+pub mod saliency;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

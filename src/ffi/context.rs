@@ -206,7 +206,7 @@ impl<'m> Context<'m> {
         cp.abort_callback_data = std::ptr::null_mut();
         let mut hook_state = hook.map(|mut h| {
             h.on_attach(params.n_threads.max(1) as usize);
-            Box::new(HookState { hook: h, error: None })
+            Box::new(HookState { hook: h, error: None, loss_rows: None, loss_back: None })
         });
         if let Some(state) = hook_state.as_mut() {
             cp.cb_eval = Some(trampoline);
@@ -540,6 +540,16 @@ impl<'m> Context<'m> {
     pub fn synchronize(&mut self) {
         // SAFETY: valid context.
         unsafe { sys::llama_synchronize(self.ptr.as_ptr()) };
+    }
+
+    /// The llama.cpp context, for the other wrappers of this module.
+    pub(super) fn raw(&self) -> *mut sys::llama_context {
+        self.ptr.as_ptr()
+    }
+
+    /// The hook's state (the gradient pass sets its loss rows).
+    pub(super) fn hook_state(&mut self) -> Option<&mut HookState> {
+        self.hook.as_deref_mut()
     }
 
     /// Empty the cache (data too).

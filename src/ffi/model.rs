@@ -120,6 +120,9 @@ pub struct ModelParams {
     /// How long one decode may wait for the RPC servers before the run ends with an error
     /// naming them (process-wide; `None` keeps the current limit, 120 s by default).
     pub rpc_timeout: Option<std::time::Duration>,
+    /// Read the weights into memory instead of mapping the file read-only: what a
+    /// [`super::GradContext`] needs (llama.cpp's training path writes its parameters).
+    pub writable: bool,
 }
 
 /// A loaded GGUF model. Read-only after loading, so it may be shared between threads.
@@ -133,6 +136,11 @@ pub struct Model {
     gpu_layers: i32,
     /// Some layers may run on an RPC server: decodes are watched (see [`super::rpc`]).
     rpc: bool,
+    /// Loaded into writable memory ([`ModelParams::writable`]).
+    writable: bool,
+    /// A gradient context was made on it (llama.cpp's training setup marks parameters and
+    /// changes the trained context length): at most one, for the model's life.
+    pub(super) trained: std::sync::atomic::AtomicBool,
     /// What the graph holds per layer, discovered on first use.
     profile: std::sync::OnceLock<Result<crate::capture::profile::ModelProfile, String>>,
 }
@@ -258,11 +266,14 @@ impl Model {
             mp.devices = l.as_mut_ptr();
         }
         mp.vocab_only = params.vocab_only;
+        if params.writable {
+            mp.load_mode = sys::LLAMA_LOAD_MODE_NONE;
+        }
         // SAFETY: `c_path` is a valid NUL-terminated string for the call; `mp` is initialised
         // and its device list (`list`) and split (`split`) outlive the call.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
         match NonNull::new(raw) {
-            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only, gpu_layers: mp.n_gpu_layers, rpc, profile: Default::default() }),
+            Some(ptr) => Ok(Model { ptr, path: path.to_path_buf(), vocab_only: params.vocab_only, gpu_layers: mp.n_gpu_layers, rpc, writable: params.writable, trained: Default::default(), profile: Default::default() }),
             None => Err(LoadError::Llama {
                 path: path.to_path_buf(),
                 reason: last_llama_error().unwrap_or_else(|| "unknown error".into()),
@@ -292,6 +303,11 @@ impl Model {
     /// The GGUF file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Loaded into writable memory (`ModelParams::writable`).
+    pub fn is_writable(&self) -> bool {
+        self.writable
     }
 
     /// Loaded without weights (`ModelParams::vocab_only`).
