@@ -21,7 +21,7 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 
 use crate::analysis::attractors::SINK_EPS;
-use crate::analysis::claims::{correlation_claim, layer_profile_claim, low_semantic_claim, Claim};
+use crate::analysis::claims::{correlation_claim, flow_claim, layer_profile_claim, low_semantic_claim, Claim};
 use crate::analysis::corpus::{best_of, BestDim, CorpusAcc};
 use crate::analysis::massive::ratio_flags;
 use crate::analysis::tokens::{layer_bands, low_semantic_share, TokenCounts};
@@ -77,6 +77,24 @@ pub struct AnalyzeConfig {
     /// Prediction positions for the information flow: the last N tokens of each document.
     #[arg(long, default_value_t = 128)]
     pub pred_tokens: usize,
+    /// Information flow from the exact saliency of Eq. 1 as well (`exact`: one backward pass
+    /// per document through llama.cpp's training path, on the CPU; documents of a multiple
+    /// of 256 tokens), next to the gradient-free flow.
+    #[arg(long, value_enum, default_value_t = SaliencyMode::None)]
+    pub saliency: SaliencyMode,
+    /// The loss of the exact saliency: the last N tokens of each document.
+    #[arg(long, default_value_t = 128)]
+    pub loss_tokens: usize,
+}
+
+/// Which information flow `analyze` computes besides the gradient-free one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaliencyMode {
+    /// Only the gradient-free value-norm flow.
+    None,
+    /// The exact saliency of Eq. 1 too (a backward pass per document).
+    Exact,
 }
 
 impl Default for AnalyzeConfig {
@@ -94,6 +112,8 @@ impl Default for AnalyzeConfig {
             values_node: "auto".into(),
             hidden_node: "l_out".into(),
             pred_tokens: 128,
+            saliency: SaliencyMode::None,
+            loss_tokens: 128,
         }
     }
 }
@@ -125,11 +145,35 @@ pub struct Analysis<'m> {
     transfers: TransferStats,
     all_outputs: bool,
     rule: crate::analysis::attractors::AttractorRule,
+    /// The exact saliency's gradient passes: seconds, documents of another length skipped.
+    pub saliency_seconds: f64,
+    exact_skipped: usize,
+    saliency: SaliencyMode,
+    loss_tokens: usize,
+}
+
+/// Spearman correlation over layers of flow `k` (0 `S_wa` .. 3 `S_wp`) between the exact
+/// saliency and the gradient-free flow, and the number of layers with both.
+pub fn flow_agreement(acc: &CorpusAcc, k: usize) -> (f64, usize) {
+    let pairs: Vec<(f32, f32)> = acc.flow_exact.iter().zip(&acc.flow).map(|(e, g)| (e[k].get() as f32, g[k].get() as f32)).filter(|(a, b)| a.is_finite() && b.is_finite()).collect();
+    if pairs.len() < 3 {
+        return (f64::NAN, pairs.len());
+    }
+    let (x, y): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+    (crate::analysis::stats::spearman(&x, &y), x.len())
 }
 
 /// Token text for figures: spaces shown as `_` (as the paper writes "_the").
 fn fig_token(s: &str) -> String {
     s.replace(' ', "_")
+}
+
+fn num2(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "n/a".into()
+    }
 }
 
 fn f(x: f64) -> String {
@@ -147,6 +191,7 @@ const DEFINITIONS: &[(&str, &str)] = &[
     ("attractor_tokens", "share of a layer's (or band's) attractor occurrences that each token string accounts for; bands are thirds of the layers"),
     ("distance_profile", "mean head-mean attention weight per key at distances in the bucket, over queries that are attractors (in that layer) and the others; layer 'all' is the mean over layers"),
     ("information_flow", "GRADIENT-FREE value-norm flow I(i,j) = mean_h A[l,h,i,j] ||v[l,g(h),j]||, not the saliency of Eq. 1; S_wa: mean over (attractor a, j<a); S_ww: mean over all other (i, j<i); S_ap: mean over (p, attractor a<p); S_wp: mean over (p, non-attractor w<p); p = the last prediction_tokens positions of each document"),
+    ("information_flow_exact", "with --saliency exact: EXACT saliency I(i,j) = |mean_h A[l,h,i,j] dL/dA[l,h,i,j]| (Eq. 1), L = mean NLL of each document's last loss_tokens tokens, dL/dA from one backward pass; S_wa, S_ww, S_ap, S_wp over the same pairs as information_flow (whose values sit beside them as free_*); flow_agreement.csv: Spearman over layers between the two"),
     ("activation_correlation", "Spearman rho (average ranks for ties) per dimension between x[l,j,d] and R[l,j] over the tokens of each document; documents combined by Fisher z weighted by n-3 (one document: t-test p); the dimension with the largest |rho| among p < 0.05. keys: per KV head on keys before RoPE against the mean received attention of that head's query heads. q1..q4: mean R of the tokens in each quartile of x[l,j,d*] (lowest first), averaged over documents"),
     ("sinks", "first_token_share = mean_h mean_{i>=1} A[l,h,i,0]; sink_rate = fraction of heads with alpha[l,h,0] > 0.3 (per head: fraction of documents); alpha0 = sum_i A[l,h,i,0] / T"),
     ("hidden_norm", "L2 norm of the hidden-state node at each position, mean over documents (every layer: all positions are outputs, so the last layer is computed for each)"),
@@ -192,7 +237,12 @@ impl Report {
         let base = low_semantic_share(all_tokens);
         let top_shallow: Vec<String> = band_tokens[0].1.top(5).into_iter().map(|(tk, _, _)| format!("{:?}", tk)).collect();
         let abs_rho: Vec<f64> = best.iter().map(|b| b.as_ref().map(|b| b.rho.abs()).unwrap_or(f64::NAN)).collect();
-        let claims = vec![layer_profile_claim(&frac), low_semantic_claim(ls[0], ls[1], ls[2], base, &top_shallow), correlation_claim(&abs_rho)];
+        let mut claims = vec![layer_profile_claim(&frac), low_semantic_claim(ls[0], ls[1], ls[2], base, &top_shallow), correlation_claim(&abs_rho)];
+        if acc.exact_docs > 0 {
+            let flows = |m: &[[crate::analysis::similarity::Mean; 4]]| m.iter().map(|f| [f[0].get(), f[1].get(), f[2].get(), f[3].get()]).collect::<Vec<_>>();
+            claims.push(flow_claim(&flows(&acc.flow_exact), "exact saliency, Eq. 1"));
+            claims.push(flow_claim(&flows(&acc.flow), "gradient-free value-norm flow"));
+        }
         Report { layers: acc.layers(), frac, best, key_best, claims, band_tokens, figures: vec![] }
     }
 
@@ -328,6 +378,41 @@ impl Report {
         let names = ["S_wa (context -> attractors)", "S_ww (other pairs)", "S_ap (attractors -> prediction)", "S_wp (others -> prediction)"];
         let series = (0..4).map(|k| Series { name: names[k].into(), points: lx(&|l| acc.flow[l][k].get()) }).collect();
         self.fig(out, "information_flow", "Information flow per layer, GRADIENT-FREE value-norm flow (stands in for Fig. 3's saliency)", Figure::Lines { title: "Information flow (gradient-free: A x ||v||)".into(), x_label: "layer".into(), y_label: "mean flow per pair".into(), series, log_x: false, log_y: true })?;
+        if acc.exact_docs > 0 {
+            let mut t = String::from("layer,S_wa,S_ww,S_ap,S_wp,docs,free_S_wa,free_S_ww,free_S_ap,free_S_wp,method\n");
+            for &l in &layers {
+                let (e, g) = (&acc.flow_exact[l], &acc.flow[l]);
+                let _ = writeln!(t, "{l},{},{},{},{},{},{},{},{},{},exact saliency |mean_h A*dL/dA| (Eq. 1); free_*: gradient-free mean_h A*||v||", f(e[0].get()), f(e[1].get()), f(e[2].get()), f(e[3].get()), e[0].n.max(e[1].n), f(g[0].get()), f(g[1].get()), f(g[2].get()), f(g[3].get()));
+            }
+            out.write("information_flow_exact.csv", t.as_bytes())?;
+            let mut t = String::from("flow,spearman_over_layers,layers\n");
+            for (k, name) in ["S_wa", "S_ww", "S_ap", "S_wp"].iter().enumerate() {
+                let (rho, n) = flow_agreement(acc, k);
+                let _ = writeln!(t, "{name},{},{n}", f(rho));
+            }
+            out.write("flow_agreement.csv", t.as_bytes())?;
+            let series = (0..4).map(|k| Series { name: names[k].into(), points: lx(&|l| acc.flow_exact[l][k].get()) }).collect();
+            self.fig(
+                out,
+                "information_flow_exact",
+                "Information flow per layer, the exact saliency of Eq. 1 (Fig. 3)",
+                Figure::Lines { title: "Information flow (exact saliency |mean_h A dL/dA|)".into(), x_label: "layer".into(), y_label: "mean saliency per pair".into(), series, log_x: false, log_y: true },
+            )?;
+            // Both flows on one scale: what the claim reads, into attractors and out of them.
+            let ratio = |m: &[[crate::analysis::similarity::Mean; 4]], a: usize, b: usize| lx(&|l| m[l][a].get() / m[l][b].get());
+            let series = vec![
+                Series { name: "S_wa / S_ww exact".into(), points: ratio(&acc.flow_exact, 0, 1) },
+                Series { name: "S_ap / S_wp exact".into(), points: ratio(&acc.flow_exact, 2, 3) },
+                Series { name: "S_wa / S_ww gradient-free".into(), points: ratio(&acc.flow, 0, 1) },
+                Series { name: "S_ap / S_wp gradient-free".into(), points: ratio(&acc.flow, 2, 3) },
+            ];
+            self.fig(
+                out,
+                "information_flow_ratios",
+                "Flow into attractors (S_wa / S_ww) and out of them to the prediction (S_ap / S_wp), exact saliency and gradient-free flow",
+                Figure::Lines { title: "Attractor flow over other pairs: exact and gradient-free".into(), x_label: "layer".into(), y_label: "ratio".into(), series, log_x: false, log_y: true },
+            )?;
+        }
 
         // Fig. 8, 13, 14
         let mut t = String::from("kind,layer,kv_head,dim,rho,p,n_tokens,docs,q1,q2,q3,q4\n");
@@ -447,7 +532,18 @@ impl Report {
         let _ = writeln!(s, "- Corpus: {} ({} document(s) of up to {} tokens; {} shorter piece(s) skipped; min {} tokens)", cut.files.join(", "), acc.n_docs, cut.max_tokens, cut.skipped_short, cut.min_tokens);
         let _ = writeln!(s, "- Tokens analysed: {} (mean {:.0} per document)", acc.n_tokens, acc.n_tokens as f64 / docs.len().max(1) as f64);
         let _ = writeln!(s, "- Attractor rule: {}", acc.rule.describe());
-        let _ = writeln!(s, "- Information flow: **gradient-free** value-norm flow `mean_h A[l,h,i,j] * ||v[l,g(h),j]||`, not the gradient saliency of Eq. 1.");
+        if acc.exact_docs > 0 {
+            let rho: Vec<String> = ["S_wa", "S_ww", "S_ap", "S_wp"].iter().enumerate().map(|(k, n)| format!("{n} {}", num2(flow_agreement(acc, k).0))).collect();
+            let _ = writeln!(
+                s,
+                "- Information flow: the **exact saliency** of Eq. 1, `|mean_h A * dL/dA|`, over {} document(s) (L: mean loss of each document's last tokens, {:.3} on average; one backward pass each), next to the **gradient-free** value-norm flow `mean_h A * ||v||`. Agreement over layers (Spearman): {}.",
+                acc.exact_docs,
+                acc.exact_loss.get(),
+                rho.join(", ")
+            );
+        } else {
+            let _ = writeln!(s, "- Information flow: **gradient-free** value-norm flow `mean_h A[l,h,i,j] * ||v[l,g(h),j]||`, not the gradient saliency of Eq. 1 (`--saliency exact` adds it).");
+        }
         let _ = writeln!(s, "- Every table is a CSV in this folder; `meta.json` holds every parameter and definition.\n");
         let _ = writeln!(s, "## The paper's claims in this run\n");
         let _ = writeln!(s, "| claim | verdict | what this run found | rule |\n| --- | --- | --- | --- |");
@@ -619,6 +715,14 @@ pub fn plan<'m, 'a>(model: &'m Model, a: &'a AnalyzeConfig) -> anyhow::Result<Pl
     if a.docs == 0 {
         bail!("--docs must be at least 1");
     }
+    if a.saliency == SaliencyMode::Exact {
+        if t % 256 != 0 {
+            bail!("--saliency exact needs --max-tokens a multiple of 256 (llama.cpp's training path works on whole contexts of 256 cells), not {t}: e.g. --max-tokens {}", (t / 256).max(1) * 256);
+        }
+        if a.loss_tokens == 0 || a.loss_tokens >= t {
+            bail!("--loss-tokens {} must be at least 1 and below the document length {t}", a.loss_tokens);
+        }
+    }
     let min = a.min_tokens.min(t).max(2);
     let files = files_or_default(&a.corpus)?;
     let (docs, cut) = cut_corpus(model, &files, t, min, a.truncate, a.docs)?;
@@ -664,6 +768,17 @@ impl<'m> Plan<'m, '_> {
         eprintln!("analyze: {} documents of up to {t} tokens from {} file(s); flash attention off (needed to see attention weights)", docs.len(), files.len());
         let t0 = std::time::Instant::now();
         let mut prefill_secs = 0.0;
+        // The exact saliency: a second copy of the model, in writable memory, on the CPU
+        // (llama.cpp's training path writes its parameters and changes the model).
+        let grad_model = match a.saliency {
+            SaliencyMode::Exact => Some(Model::load(model.path(), &crate::ffi::ModelParams { gpu_layers: Some(0), writable: true, ..Default::default() })?),
+            SaliencyMode::None => None,
+        };
+        let mut exact = match &grad_model {
+            Some(m) => Some(crate::capture::saliency::ExactSaliency::new(m, t, params.n_threads, a.loss_tokens, false)?),
+            None => None,
+        };
+        let (mut saliency_secs, mut exact_skipped) = (0.0, 0usize);
         for d in &docs {
             ctx.clear();
             handle.reset();
@@ -677,6 +792,17 @@ impl<'m> Plan<'m, '_> {
                     skipped_nodes.push(n.clone());
                 }
             }
+            if let Some(ex) = exact.as_mut() {
+                if d.tokens.len() == t {
+                    let tg = std::time::Instant::now();
+                    let (loss, sal) = ex.run(&d.tokens, d.tokens.len().saturating_sub(pred)).with_context(|| format!("gradient pass of the document from {} at token {}", d.source, d.first_token))?;
+                    acc.add_exact_flow(&acc.flags(&s), &sal, loss);
+                    saliency_secs += tg.elapsed().as_secs_f64();
+                    eprintln!("analyze: gradient pass {} of {} documents in {:.1} s (loss of the last {} tokens {loss:.3})", acc.exact_docs, docs.len(), tg.elapsed().as_secs_f64(), a.loss_tokens);
+                } else {
+                    exact_skipped += 1;
+                }
+            }
             let strings: Vec<String> = d.tokens.iter().map(|&tk| model.token_str(tk)).collect();
             all_tokens.add(&vec![true; strings.len()], &strings);
             acc.add_document(&s, &strings).map_err(|e| anyhow::anyhow!(e))?;
@@ -686,7 +812,11 @@ impl<'m> Plan<'m, '_> {
     let actual = ctx.params().clone();
     drop(ctx);
     let transfers = handle.transfers();
-    Ok(Analysis { model, acc, tokens: all_tokens, docs, cut, skipped_nodes, seconds: secs, prefill_seconds: prefill_secs, context: actual, params, capture: cfg, include_self: a.rule.include_self, pred, swa, transfers, all_outputs, rule })
+    drop(exact);
+    if a.saliency == SaliencyMode::Exact && acc.exact_docs == 0 {
+        bail!("--saliency exact: no document has exactly {t} tokens ({exact_skipped} shorter): add text, or lower --max-tokens to a multiple of 256 they reach");
+    }
+    Ok(Analysis { model, acc, tokens: all_tokens, docs, cut, skipped_nodes, seconds: secs, prefill_seconds: prefill_secs, context: actual, params, capture: cfg, include_self: a.rule.include_self, pred, swa, transfers, all_outputs, rule, saliency_seconds: saliency_secs, exact_skipped, saliency: a.saliency, loss_tokens: a.loss_tokens })
     }
 }
 
@@ -729,7 +859,16 @@ impl Analysis<'_> {
             "definitions": DEFINITIONS,
             "claims": claims,
             "skipped_nodes": skipped_nodes,
-            "timing_seconds": {"total": secs, "prefill_with_capture": prefill_secs},
+            "saliency": {
+                "mode": self.saliency,
+                "loss_tokens": (self.saliency == SaliencyMode::Exact).then_some(self.loss_tokens),
+                "documents": acc.exact_docs,
+                "documents_of_another_length_skipped": self.exact_skipped,
+                "mean_loss": (acc.exact_docs > 0).then(|| acc.exact_loss.get()),
+                "definition": "I_l(i,j) = |mean_h A[l,h,i,j] dL/dA[l,h,i,j]|, L = mean NLL of the document's last loss_tokens tokens; dL/dA from one backward pass through llama.cpp's training path (llama_opt_epoch, f32 norm weights as parameters, SGD step of 1.4e-45 that leaves the weights as they are) on the CPU; S_* as for the gradient-free flow",
+                "spearman_exact_vs_gradient_free": (acc.exact_docs > 0).then(|| (0..4).map(|k| flow_agreement(acc, k).0).collect::<Vec<_>>()),
+            },
+            "timing_seconds": {"total": secs, "prefill_with_capture": prefill_secs, "saliency_gradient_passes": self.saliency_seconds},
         });
         out.write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
         Ok(())

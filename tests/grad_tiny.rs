@@ -131,3 +131,65 @@ fn gradient_passes_refuse_what_they_cannot_do() {
     let e = ExactSaliency::new(&mapped, N, 2, N, false).err().unwrap();
     assert!(e.to_string().contains("fewer than the document"), "{e}");
 }
+
+/// `analyze --saliency exact` and `capture --saliency exact` on the tiny model: the exact
+/// flows per layer next to the gradient-free ones, their agreement, the figure, the claim
+/// and the metadata; lengths llama.cpp cannot train on are one-line errors that write
+/// nothing.
+#[test]
+fn analyze_and_capture_write_the_exact_flows() {
+    let _one = common::one_at_a_time();
+    let d = tempfile::tempdir().unwrap();
+    let (tiny, _) = writable(d.path());
+    let model = d.path().join("tiny.gguf");
+    let text = d.path().join("corpus.txt");
+    std::fs::write(&text, "the cat sat on the mat and the dog sat on the log. ".repeat(60)).unwrap();
+    let out = d.path().join("an");
+    let o = common::bin().arg("analyze").arg("--model").arg(&model).arg("--corpus").arg(&text).args(["--docs", "2", "--max-tokens", "256", "--saliency", "exact", "--loss-tokens", "64", "--pred-tokens", "32", "--out"]).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = common::read_csv(&out.join("information_flow_exact.csv"));
+    assert_eq!(rows.len(), tiny.cfg.n_layer);
+    // (S_wa and S_ap need attractors in the layer: empty where there are none)
+    let val = |r: &std::collections::HashMap<String, String>, k: &str| r[k].parse::<f64>().unwrap_or(f64::NAN);
+    for r in &rows {
+        for k in ["S_ww", "S_wp", "free_S_ww", "free_S_wp"] {
+            assert!(val(r, k) > 0.0, "{k} in {r:?}");
+        }
+        assert_eq!(common::num(r, "docs"), 2.0);
+    }
+    assert!(rows.iter().any(|r| val(r, "S_wa") > 0.0 && val(r, "S_ap") > 0.0), "no layer with attractors: {rows:?}");
+    assert_eq!(common::read_csv(&out.join("flow_agreement.csv")).len(), 4);
+    for stem in ["information_flow_exact", "information_flow_ratios"] {
+        assert!(out.join(format!("{stem}.png")).exists() && out.join(format!("{stem}.svg")).exists(), "{stem}");
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("(exact saliency, Eq. 1)") && report.contains("**exact saliency** of Eq. 1"), "{report}");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["saliency"]["documents"], 2);
+    assert_eq!(meta["saliency"]["loss_tokens"], 64);
+    assert!(meta["timing_seconds"]["saliency_gradient_passes"].as_f64().unwrap() > 0.0);
+
+    let cap = d.path().join("cap");
+    let o = common::bin().arg("capture").arg("--model").arg(&model).arg("--text").arg(&text).args(["--max-tokens", "256", "--saliency", "exact", "--out"]).arg(&cap).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = common::read_csv(&cap.join("saliency.csv"));
+    assert_eq!(rows.len(), tiny.cfg.n_layer);
+    assert!(rows.iter().all(|r| val(r, "S_ww") > 0.0 && val(r, "loss") > 0.0), "{rows:?}");
+
+    for (cmd, tokens, needle) in [("capture", "200", "multiple of 256"), ("analyze", "300", "multiple of 256")] {
+        let dir = d.path().join(format!("bad-{cmd}"));
+        let mut c = common::bin();
+        c.arg(cmd).arg("--model").arg(&model).args(["--max-tokens", tokens, "--saliency", "exact", "--out"]).arg(&dir);
+        if cmd == "capture" {
+            c.arg("--text").arg(&text);
+        } else {
+            c.arg("--corpus").arg(&text);
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+        assert!(!o.status.success() && lines.len() == 1 && lines[0].contains(needle), "{cmd}: {err}");
+        let left: Vec<_> = std::fs::read_dir(&dir).map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "{cmd} left {left:?}");
+    }
+}

@@ -147,6 +147,42 @@ pub fn correlation_claim(best_abs_rho: &[f64]) -> Claim {
     Claim { claim: "attention correlates with a single activation dimension more strongly in shallow layers".into(), rule, finding, verdict }
 }
 
+/// Fig. 3 / Sec. 2.2: in shallow layers information flows from the context into the
+/// attractors (`S_wa` above `S_ww`), in deep layers from the attractors into the prediction
+/// positions (`S_ap` above `S_wp`). `flows[l] = [S_wa, S_ww, S_ap, S_wp]`; `method` names
+/// the flow (exact saliency or the gradient-free stand-in).
+pub fn flow_claim(flows: &[[f64; 4]], method: &str) -> Claim {
+    let n = flows.len();
+    let claim = format!("information flows into attractors in shallow layers and from attractors into the prediction in deep layers ({method})");
+    let rule = "shallow third: S_wa > S_ww in at least half of its layers; deep third: S_ap > S_wp in at least half of its layers; replicated when both hold, partly when one does".to_string();
+    let [(_, shallow), _, (_, deep)] = layer_bands(n);
+    let count = |r: std::ops::Range<usize>, a: usize, b: usize| {
+        let valid: Vec<&[f64; 4]> = flows[r].iter().filter(|f| f[a].is_finite() && f[b].is_finite()).collect();
+        (valid.iter().filter(|f| f[a] > f[b]).count(), valid.len())
+    };
+    let ratio = |r: std::ops::Range<usize>, a: usize, b: usize| mean(flows[r].iter().map(|f| (f[a] / f[b]).ln())).exp();
+    let ((wa, nw), (ap, na)) = (count(shallow.clone(), 0, 1), count(deep.clone(), 2, 3));
+    if n < 3 || nw == 0 || na == 0 {
+        return Claim { claim, rule, finding: "too few layers with flows".into(), verdict: Verdict::Undetermined };
+    }
+    let finding = format!(
+        "shallow layers {}-{}: S_wa > S_ww in {wa} of {nw} (geometric mean S_wa/S_ww {}); deep layers {}-{}: S_ap > S_wp in {ap} of {na} (S_ap/S_wp {})",
+        shallow.start,
+        shallow.end - 1,
+        num(ratio(shallow.clone(), 0, 1), 2),
+        deep.start,
+        deep.end - 1,
+        num(ratio(deep.clone(), 2, 3), 2)
+    );
+    let (into, out) = (2 * wa >= nw, 2 * ap >= na);
+    let verdict = match (into, out) {
+        (true, true) => Verdict::Replicated,
+        (false, false) => Verdict::NotReplicated,
+        _ => Verdict::Partly,
+    };
+    Claim { claim, rule, finding, verdict }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +214,23 @@ mod tests {
         assert!(!c.finding.contains("NaN") && c.finding.contains("n/a"), "{}", c.finding);
         let c = low_semantic_claim(0.6, 0.4, f64::NAN, 0.3, &[]);
         assert!(!c.finding.contains("NaN") && c.finding.contains("deep n/a"), "{}", c.finding);
+    }
+
+    #[test]
+    fn flow_claim_reads_the_shallow_and_deep_thirds() {
+        // 6 layers: shallow 0-1, deep 4-5
+        let into = [1.0, 0.5, 0.1, 0.2];
+        let out = [0.5, 1.0, 0.3, 0.1];
+        let flat = [1.0, 1.0, 1.0, 1.0];
+        let both = [into, into, flat, flat, out, out];
+        assert_eq!(flow_claim(&both, "exact").verdict, Verdict::Replicated);
+        let shallow_only = [into, into, flat, flat, into, into];
+        assert_eq!(flow_claim(&shallow_only, "exact").verdict, Verdict::Partly);
+        let neither = [out, out, flat, flat, into, into];
+        let c = flow_claim(&neither, "exact");
+        assert_eq!(c.verdict, Verdict::NotReplicated);
+        assert!(c.finding.contains("S_wa > S_ww in 0 of 2"), "{}", c.finding);
+        let nan = [[f64::NAN; 4]; 6];
+        assert_eq!(flow_claim(&nan, "exact").verdict, Verdict::Undetermined);
     }
 }

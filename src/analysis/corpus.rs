@@ -90,6 +90,13 @@ pub struct CorpusAcc {
     pub flow: Vec<[Mean; 4]>,
     /// Information flow was captured.
     pub flow_on: bool,
+    /// Per layer: the four flows from the exact saliency of Eq. 1 (documents with a
+    /// gradient pass only).
+    pub flow_exact: Vec<[Mean; 4]>,
+    /// Documents with a gradient pass.
+    pub exact_docs: usize,
+    /// Their loss (mean NLL of each document's last tokens).
+    pub exact_loss: Mean,
     /// `[l][d]`: correlation of activation dimension d with received attention.
     pub corr: Vec<Vec<DimCorr>>,
     /// `[l][g][d]` on keys, target: mean received of the group's query heads.
@@ -126,6 +133,9 @@ impl CorpusAcc {
             distance: vec![Default::default(); n_layer],
             flow: vec![[Mean::default(); 4]; n_layer],
             flow_on: false,
+            flow_exact: vec![[Mean::default(); 4]; n_layer],
+            exact_docs: 0,
+            exact_loss: Mean::default(),
             corr: vec![vec![]; n_layer],
             key_corr: vec![vec![]; n_layer],
             first_share: vec![Mean::default(); n_layer],
@@ -141,6 +151,23 @@ impl CorpusAcc {
     pub fn flags(&self, s: &CaptureSummary) -> Vec<Vec<bool>> {
         let Some(att) = &s.attention else { return vec![vec![]; self.n_layer] };
         (0..self.n_layer).map(|l| att.received.get(l).map(|r| if r.is_empty() { vec![] } else { attractor_flags(r, self.rule) }).unwrap_or_default()).collect()
+    }
+
+    /// Add one document's exact saliency (its gradient pass), with the attractor flags of
+    /// its capture ([`CorpusAcc::flags`]).
+    pub fn add_exact_flow(&mut self, flags: &[Vec<bool>], s: &crate::capture::saliency::SaliencySummary, loss: f64) {
+        self.exact_docs += 1;
+        self.exact_loss.add(loss);
+        for (l, ls) in s.layers.iter().enumerate() {
+            let (Some(ls), Some(fl)) = (ls, flags.get(l)) else { continue };
+            if fl.is_empty() {
+                continue;
+            }
+            let f = flow_scores(&ls.row_sum, s.pred_start, &ls.pred, fl);
+            for (k, v) in [f.s_wa, f.s_ww, f.s_ap, f.s_wp].into_iter().enumerate() {
+                self.flow_exact[l][k].add(v);
+            }
+        }
     }
 
     /// Add one document: its capture summary and its token strings.

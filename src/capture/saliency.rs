@@ -228,3 +228,59 @@ impl<'m> ExactSaliency<'m> {
         Ok((loss, s))
     }
 }
+
+/// The exact flows of one text (`capture --saliency exact`).
+#[derive(Debug, Clone)]
+pub struct TextFlows {
+    /// Mean NLL of the last `loss_tokens` tokens.
+    pub loss: f64,
+    /// Tokens in the loss.
+    pub loss_tokens: usize,
+    /// First prediction position.
+    pub pred_start: usize,
+    /// Per layer (`None`: no attention, or no attractor flags).
+    pub layers: Vec<Option<crate::analysis::flow::FlowScores>>,
+    /// Seconds of the gradient pass (the model copy's load and setup included).
+    pub seconds: f64,
+}
+
+impl TextFlows {
+    /// `saliency.csv`: one row per layer.
+    pub fn csv(&self) -> String {
+        let f = |x: f64| if x.is_finite() { format!("{x:.6e}") } else { String::new() };
+        let mut t = String::from("layer,S_wa,S_ww,S_ap,S_wp,loss,loss_tokens,pred_start\n");
+        for (l, s) in self.layers.iter().enumerate() {
+            if let Some(s) = s {
+                t.push_str(&format!("{l},{},{},{},{},{},{},{}\n", f(s.s_wa), f(s.s_ww), f(s.s_ap), f(s.s_wp), f(self.loss), self.loss_tokens, self.pred_start));
+            }
+        }
+        t
+    }
+}
+
+/// The exact saliency of one text on `model`: a writable copy of its file on the CPU, one
+/// gradient pass over `tokens` (a multiple of 256) with the loss of the last `loss_tokens`
+/// tokens, the four flows per layer with the attractor `flags` of a capture of the same
+/// text, prediction positions the last `pred_tokens`.
+pub fn text_flows(model: &Model, tokens: &[i32], flags: &[Vec<bool>], loss_tokens: usize, pred_tokens: usize, n_threads: i32) -> anyhow::Result<TextFlows> {
+    let n = tokens.len();
+    if n == 0 || n % 256 != 0 {
+        anyhow::bail!("--saliency exact needs a text of a multiple of 256 tokens (llama.cpp's training path works on whole contexts of 256 cells), not {n}: pass --max-tokens {}", (n / 256).max(1) * 256);
+    }
+    let t0 = std::time::Instant::now();
+    let copy = Model::load(model.path(), &crate::ffi::ModelParams { gpu_layers: Some(0), writable: true, ..Default::default() })?;
+    let mut ex = ExactSaliency::new(&copy, n, n_threads, loss_tokens, false)?;
+    let pred_start = n - pred_tokens.clamp(1, n - 1);
+    let (loss, s) = ex.run(tokens, pred_start)?;
+    let layers = s
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(l, ls)| {
+            let fl = flags.get(l).filter(|f| !f.is_empty())?;
+            let ls = ls.as_ref()?;
+            Some(crate::analysis::flow::flow_scores(&ls.row_sum, pred_start, &ls.pred, fl))
+        })
+        .collect();
+    Ok(TextFlows { loss, loss_tokens, pred_start, layers, seconds: t0.elapsed().as_secs_f64() })
+}

@@ -13,6 +13,14 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
     common::require_attention(&model)?;
     let (label, toks) = common::load_tokens(&model, &a.text)?;
     let rule = a.rule.rule();
+    let exact = a.saliency == crate::analyze::SaliencyMode::Exact;
+    if exact && (toks.len() % 256 != 0 || a.loss_tokens == 0 || a.loss_tokens >= toks.len()) {
+        anyhow::bail!(
+            "--saliency exact needs a text of a multiple of 256 tokens (got {}; pass --max-tokens {}) and --loss-tokens between 1 and that length",
+            toks.len(),
+            (toks.len() / 256).max(1) * 256
+        );
+    }
     let out = OutDir::prepare(&a.out)?;
     let cfg = CaptureConfig {
         attention: true,
@@ -30,6 +38,14 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
     let (sum, swa, actual, secs) = (&run.summary, &run.swa, &run.context, run.seconds);
 
     let tables = Tables::build(&model, &toks, sum, rule);
+    let saliency = if exact {
+        let flags: Vec<Vec<bool>> = sum.attention.as_ref().map(|att| att.received.iter().map(|r| if r.is_empty() { vec![] } else { crate::analysis::attractors::attractor_flags(r, rule) }).collect()).unwrap_or_default();
+        eprintln!("capture: exact saliency, one backward pass on the CPU");
+        let fl = crate::capture::saliency::text_flows(&model, &toks, &flags, a.loss_tokens, a.pred_tokens, actual.n_threads)?;
+        Some(fl)
+    } else {
+        None
+    };
     out.write("received.csv", tables.received.as_bytes())?;
     out.write("layers.csv", tables.layers.as_bytes())?;
     out.write("distance.csv", tables.distance.as_bytes())?;
@@ -38,6 +54,9 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
     }
     if a.per_head {
         out.write("received_heads.csv", tables.heads.as_bytes())?;
+    }
+    if let Some(fl) = &saliency {
+        out.write("saliency.csv", fl.csv().as_bytes())?;
     }
     let meta = json!({
         "tool": "attractors capture",
@@ -72,6 +91,10 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
             "token": "token text with \\n, \\r, \\t and \\\\ escaped",
         },
         "skipped_nodes": sum.skipped_nodes,
+        "saliency": saliency.as_ref().map(|s| json!({
+            "definition": "saliency.csv: I_l(i,j) = |mean_h A[l,h,i,j] dL/dA[l,h,i,j]| (Eq. 1), L = mean NLL of the last loss_tokens tokens, one backward pass through llama.cpp's training path on the CPU; S_wa: mean over (attractor a, j<a); S_ww: other pairs j<i; S_ap: (prediction p, attractor a<p); S_wp: (p, other w<p); prediction positions from pred_start",
+            "loss": s.loss, "loss_tokens": s.loss_tokens, "pred_start": s.pred_start, "seconds": s.seconds,
+        })),
     });
     out.write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
     eprintln!("captured {} tokens x {} layers in {secs:.2}s; wrote {}", toks.len(), model.n_layer(), a.out.display());

@@ -334,6 +334,16 @@ pub struct CaptureArgs {
     /// Also write per-head received attention and alpha (received_heads.csv).
     #[arg(long)]
     pub per_head: bool,
+    /// `exact`: also the exact saliency of Eq. 1 per layer (saliency.csv), from one backward
+    /// pass on the CPU (a text of a multiple of 256 tokens).
+    #[arg(long, value_enum, default_value_t = crate::analyze::SaliencyMode::None)]
+    pub saliency: crate::analyze::SaliencyMode,
+    /// The loss of the exact saliency: the text's last N tokens.
+    #[arg(long, default_value_t = 128)]
+    pub loss_tokens: usize,
+    /// Prediction positions of the flows: the text's last N tokens.
+    #[arg(long, default_value_t = 128)]
+    pub pred_tokens: usize,
 }
 
 #[derive(Args, Debug)]

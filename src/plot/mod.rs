@@ -194,6 +194,17 @@ impl Figure {
     }
 }
 
+/// A log axis's tick: `3e-5`, or plain between 0.01 and 10,000 (`0.5`, `20`), without the
+/// float noise of ticks computed as powers (`9.999999e-5`).
+fn log_fmt(v: &f64) -> String {
+    if *v >= 0.01 && *v < 1e4 {
+        let s = format!("{:.2}", v);
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{v:.0e}")
+    }
+}
+
 fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, xl: &str, yl: &str, series: &[Series], log_x: bool, log_y: bool) -> Result<(), String> {
     let (x0, x1) = finite_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)), log_x);
     let (y0, y1) = finite_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)), log_y);
@@ -210,6 +221,9 @@ fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, xl
             mesh.x_desc(xl).y_desc(yl).label_style(("sans-serif", 14));
             if int_x {
                 mesh.x_labels(n_x).x_label_formatter(&x_fmt);
+            }
+            if log_y {
+                mesh.y_label_formatter(&log_fmt);
             }
             mesh.draw().map_err(err)?;
             for (k, s) in series.iter().enumerate() {
@@ -344,4 +358,15 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, xl:
 /// True when `p` starts with the PNG signature (used by tests and the report).
 pub fn is_png(p: &Path) -> bool {
     std::fs::read(p).map(|b| b.starts_with(b"\x89PNG\r\n\x1a\n")).unwrap_or(false)
+}
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_ticks_read_cleanly() {
+        assert_eq!(super::log_fmt(&9.999999999e-5), "1e-4");
+        assert_eq!(super::log_fmt(&2.0e-7), "2e-7");
+        assert_eq!(super::log_fmt(&0.5), "0.5");
+        assert_eq!(super::log_fmt(&20.000000001), "20");
+        assert_eq!(super::log_fmt(&1e6), "1e6");
+    }
 }
