@@ -130,6 +130,16 @@ fn gradient_passes_refuse_what_they_cannot_do() {
     assert!(matches!(e, GradError::NotWritable) && e.to_string().contains("writable"), "{e}");
     let e = ExactSaliency::new(&mapped, N, 2, N, false).err().unwrap();
     assert!(e.to_string().contains("fewer than the document"), "{e}");
+    // Ops without a backward pass in the pinned ggml (Gemma's GELU-gated feed-forward) are
+    // refused before ggml would abort the process; the tiny llama has none.
+    assert!(attractors::ffi::backward_gaps(&mapped).unwrap().is_empty());
+    let gemma = d.path().join("gemma2.gguf");
+    attractors::test_support::zoo::write("gemma2", &gemma, 3).unwrap();
+    let g = Model::load(&gemma, &ModelParams { gpu_layers: Some(0), writable: true, ..ModelParams::default() }).unwrap();
+    // (gemma2 also soft-caps its logits with tanh, which has none either)
+    assert_eq!(attractors::ffi::backward_gaps(&g).unwrap(), vec!["TANH".to_string(), "GEGLU".to_string()]);
+    let e = GradContext::new(&g, N, 2, hook()).err().unwrap();
+    assert!(matches!(e, GradError::Unsupported { .. }) && e.to_string().contains("no backward pass for TANH, GEGLU (used by this gemma2 model)"), "{e}");
 }
 
 /// `analyze --saliency exact` and `capture --saliency exact` on the tiny model: the exact

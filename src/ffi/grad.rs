@@ -61,9 +61,62 @@ pub enum GradError {
     /// The hook failed during the pass.
     #[error("{0}")]
     Hook(HookError),
+    /// The model's graph uses an op without a backward pass in the pinned ggml.
+    #[error("the pinned llama.cpp has no backward pass for {ops} (used by this {arch} model), so it cannot compute dL/dA here: drop --saliency exact (the gradient-free flow still runs)")]
+    Unsupported {
+        /// The ops (`ggml_op_desc`).
+        ops: String,
+        /// `general.architecture`.
+        arch: String,
+    },
     /// llama.cpp ran no pass (its log says why).
     #[error("llama.cpp's training pass did not run: {0}")]
     Failed(String),
+}
+
+/// The ops (`ggml_op_desc`) with a backward pass in the pinned ggml (`ggml_compute_backward`
+/// in `ggml.c`): ggml aborts the process on any other one on a gradient path.
+const BACKWARD_OPS: &[&str] = &[
+    "NONE", "DUP", "ADD", "ADD1", "ACC", "SUB", "MUL", "DIV", "SQR", "SQRT", "LOG", "SIN", "COS", "SUM", "SUM_ROWS", "MEAN", "REPEAT", "REPEAT_BACK", "RMS_NORM", "MUL_MAT", "SCALE",
+    "SET", "CPY", "CONT", "RESHAPE", "VIEW", "PERMUTE", "TRANSPOSE", "GET_ROWS", "DIAG_MASK_INF", "DIAG_MASK_ZERO", "SOFT_MAX", "ROPE", "IM2COL", "POOL_2D", "WIN_PART", "WIN_UNPART",
+    "CROSS_ENTROPY_LOSS", "ABS", "SGN", "NEG", "STEP", "RELU", "SILU", "EXP", "EXPM1", "SOFTPLUS", "SWIGLU",
+];
+
+/// Ops of a decode graph that no training graph holds (the cache's writes).
+const CACHE_OPS: &[&str] = &["SET_ROWS"];
+
+/// Records every op of a graph.
+struct OpScan(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl EvalHook for OpScan {
+    fn wants(&mut self, node: &super::NodeInfo) -> bool {
+        let d = node.tensor.op_desc();
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.iter().any(|s| s == d) {
+            seen.push(d.to_string());
+        }
+        false
+    }
+
+    fn observe(&mut self, _t: &super::TensorView) -> Result<(), HookError> {
+        Ok(())
+    }
+}
+
+/// The ops of `model`'s graph (one decode of two tokens) without a backward pass in the
+/// pinned ggml: a gradient pass through them would abort the process.
+pub fn backward_gaps(model: &Model) -> Result<Vec<String>, GradError> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let params = ContextParams { n_ctx: 256, n_batch: 2, n_ubatch: 2, n_threads: 1, flash_attn: FlashAttn::Off, kv_type: KvType::F32 };
+    let mut ctx = Context::new(model, &params, Some(Box::new(OpScan(seen.clone()))))?;
+    let mut b = Batch::new(2);
+    for i in 0..2 {
+        b.push(0, i, i == 1).map_err(|e| GradError::Input(e.to_string()))?;
+    }
+    ctx.decode(&b)?;
+    drop(ctx);
+    let ops = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(ops.into_iter().filter(|o| !BACKWARD_OPS.contains(&o.as_str()) && !CACHE_OPS.contains(&o.as_str())).collect())
 }
 
 /// A context that computes one backward pass per document (see the module notes).
@@ -111,6 +164,10 @@ impl<'m> GradContext<'m> {
         }
         if n_tokens == 0 || n_tokens % 256 != 0 {
             return Err(GradError::Length(n_tokens));
+        }
+        let gaps = backward_gaps(model)?;
+        if !gaps.is_empty() {
+            return Err(GradError::Unsupported { ops: gaps.join(", "), arch: model.meta_str("general.architecture").unwrap_or_default() });
         }
         if model.trained.swap(true, Ordering::SeqCst) {
             return Err(GradError::Again);

@@ -69,6 +69,18 @@ impl<'a> TensorView<'a> {
         unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("")
     }
 
+    /// The op as `ggml_op_desc` names it: the unary or gated-linear function for `UNARY` and
+    /// `GLU` nodes (`SILU`, `SWIGLU`, `GEGLU`), else the op name.
+    pub fn op_desc(&self) -> &'static str {
+        // SAFETY: a live tensor; ggml_op_desc returns a static string for any node.
+        let p = unsafe { sys::ggml_op_desc(self.ptr.as_ptr()) };
+        if p.is_null() {
+            return "";
+        }
+        // SAFETY: static NUL-terminated string.
+        unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("")
+    }
+
     /// The op is a softmax.
     pub fn is_softmax(&self) -> bool {
         self.t().op == sys::GGML_OP_SOFT_MAX
