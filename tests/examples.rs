@@ -1,7 +1,8 @@
 //! The examples in `examples/`, each run as a user would (its own binary, a model path on
 //! the command line) on the tiny seeded model, checked against what the test works out
 //! independently: the f64 reference's attention for `top_attractors`, the line breaks of
-//! the text for the custom policy of `line_breaks`.
+//! the text for the custom policy of `line_breaks`, the reference's backward pass for
+//! `exact_saliency`.
 
 mod common;
 
@@ -126,4 +127,29 @@ fn bounded_chat_answers_every_line_inside_its_budget() {
         assert!(cache <= 256, "{s}");
     }
     assert!(!stats.last().unwrap().ends_with("evictions 0]"), "eight turns of ~60 tokens overflow 256 cells: {err}");
+}
+
+#[test]
+fn exact_saliency_prints_the_references_strongest_source_per_layer() {
+    let _one = common::one_at_a_time();
+    let d = tempfile::tempdir().unwrap();
+    let (m, p) = tiny(d.path());
+    let text = d.path().join("t.txt");
+    std::fs::write(&text, LINES.repeat(4)).unwrap();
+    let out = ok(example("exact_saliency").arg(&p).arg(&text).env("ATTRACTORS_HOME", d.path()).output().unwrap());
+    let model = attractors::ffi::Model::load(&p, &common::on_cpu()).unwrap();
+    let n = 256;
+    let toks: Vec<i32> = model.tokenize(&LINES.repeat(4), true, false).unwrap()[..n].to_vec();
+    // the reference: loss of the last 64 tokens, saliency summed over the last 32 queries
+    let targets: Vec<Option<i32>> = (0..n).map(|i| (i + 1 >= n - 64 && i + 1 < n).then(|| toks[i + 1])).collect();
+    let r = m.attention_grads(&toks, &targets);
+    let lines: Vec<&str> = out.lines().collect();
+    let loss: f64 = lines[0].strip_prefix("loss ").unwrap().parse().unwrap();
+    assert!((loss - r.loss).abs() < 1e-3, "loss {loss} vs reference {}", r.loss);
+    assert_eq!(lines.len(), 1 + m.cfg.n_layer, "{out}");
+    for l in 0..m.cfg.n_layer {
+        let into = |j: usize| (n - 32..n).filter(|&p| j <= p).map(|p| ((0..m.cfg.n_head).map(|h| r.attn[l][h][p][j] * r.grad[l][h][p][j]).sum::<f64>() / m.cfg.n_head as f64).abs()).sum::<f64>();
+        let top = (0..n).max_by(|&a, &b| into(a).total_cmp(&into(b)).then(b.cmp(&a))).unwrap();
+        assert!(lines[1 + l].starts_with(&format!("layer {l}: {top}:")), "layer {l}: the reference's strongest source is {top}: {}", lines[1 + l]);
+    }
 }
