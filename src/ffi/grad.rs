@@ -25,6 +25,8 @@
 //!   without installing it, so one whole context of tokens is decoded after the setup.
 //! - `llama_opt_init` marks the model's tensors and sets its trained context length to the
 //!   context's: one gradient context per model, for the model's life.
+//! - ggml aborts the process on an op without a backward pass (Gemma's `GEGLU`, soft-cap
+//!   `TANH`): [`backward_gaps`] scans the model's graph first and the context is refused.
 
 use std::ops::Range;
 use std::ptr::NonNull;
