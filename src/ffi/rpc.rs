@@ -284,7 +284,19 @@ extern "C" fn on_abort(message: *const c_char) {
 fn rpc_failure(message: &str) -> String {
     let detail = message.find(".cpp:").and_then(|i| message[i..].find(": ").map(|k| &message[i + k + 2..])).unwrap_or(message).trim();
     let all = servers();
-    let dead: Vec<String> = all.iter().filter(|e| connect(e, Duration::from_secs(2)).is_none()).cloned().collect();
+    // A killed server's connections can close a moment before its listening socket: look
+    // three times, 200 ms apart.
+    let mut dead: Vec<String> = vec![];
+    for round in 0..3 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for e in &all {
+            if !dead.contains(e) && connect(e, Duration::from_secs(2)).is_none() {
+                dead.push(e.clone());
+            }
+        }
+    }
     if dead.is_empty() {
         format!("an RPC server in use ({}) failed mid-run ({detail}): check that it runs this same version, restart it and run again; no partial output is left", all.join(", "))
     } else {
