@@ -9,7 +9,7 @@ use attractors::capture::{new_capture, CaptureConfig, Reduce};
 use attractors::evict::apply::apply_cells;
 use attractors::evict::select::keep_cells;
 use attractors::evict::{by_name, Observation};
-use attractors::ffi::{Batch, Context, Hooks, ModelParams};
+use attractors::ffi::{Context, Hooks, ModelParams};
 use attractors::session::feed;
 
 const N: usize = 60;
@@ -36,16 +36,6 @@ fn choice() -> Vec<bool> {
     keep
 }
 
-fn decode_rest(ctx: &mut Context, t: &[i32]) -> Vec<Vec<f32>> {
-    let start = ctx.pos_max() + 1;
-    let mut b = Batch::new(64);
-    for (k, &tok) in t.iter().enumerate() {
-        b.push(tok, start + k as i32, true).unwrap();
-    }
-    ctx.decode(&b).unwrap();
-    (0..t.len()).map(|k| ctx.logits(k as i32).unwrap().to_vec()).collect()
-}
-
 #[test]
 fn cells_without_gap_closing_equal_reference_with_hidden_keys() {
     let (_d, tiny, model) = tiny_model();
@@ -58,7 +48,7 @@ fn cells_without_gap_closing_equal_reference_with_hidden_keys() {
     let kept = apply_cells(&mut ctx, &positions, &keep, false).unwrap();
     assert_eq!(kept.len(), N / 2);
     assert_eq!(ctx.pos_max(), N as i32 - 1);
-    let got = decode_rest(&mut ctx, &t[N..]);
+    let got = common::decode_rest(&mut ctx, &t[N..]);
     let r = tiny.forward_masked(&t, &|i, j| i < N || j >= N || keep[j]);
     let plain = tiny.forward(&t);
     let mut moved = 0.0f64;
@@ -88,7 +78,7 @@ fn gap_closing_keeps_positions_and_cell_map_consistent() {
     // The capture's cell map follows the shift: decoding continues without losing sync, and
     // the new queries' attention rows cover exactly the kept keys plus themselves.
     handle.reset();
-    let got = decode_rest(&mut ctx, &t[N..]);
+    let got = common::decode_rest(&mut ctx, &t[N..]);
     assert!(got.iter().flatten().all(|x| x.is_finite()));
     assert_eq!(ctx.pos_max(), (N / 2 + M) as i32 - 1);
     let s = handle.summary();
@@ -131,7 +121,7 @@ fn compacted_cache_gives_the_same_logits_and_the_capture_follows() {
         }
         let before = handle.cell_positions()[0].clone();
         handle.reset();
-        let logits = decode_rest(&mut ctx, &t[N..]);
+        let logits = common::decode_rest(&mut ctx, &t[N..]);
         let after = handle.cell_positions()[0].clone();
         let received = handle.summary().attention.unwrap().received;
         (logits, before, after, received, ctx.n_ctx())
@@ -180,13 +170,13 @@ fn compaction_waits_for_a_pending_shift_and_cells_mode_orders_them() {
     apply_cells(&mut ctx, &positions, &keep, true).unwrap();
     assert!(matches!(ctx.compact(), Err(attractors::ffi::StateError::ShiftPending)));
     assert!(ctx.save_seq().is_err());
-    let shifted = decode_rest(&mut ctx, &t[N..]);
+    let shifted = common::decode_rest(&mut ctx, &t[N..]);
     assert!(ctx.compact().is_ok(), "the decode applied the shift");
     let mut both = Context::new(&model, &params(), None).unwrap();
     feed(&mut both, &t[..N], false, |_| {}).unwrap();
     apply(&mut both, &Choice::Cells(keep.clone()), Mode::Cells { close_gaps: true, compact: true }, None).unwrap();
     assert_eq!(both.pos_max(), (N / 2) as i32 - 1);
-    let got = decode_rest(&mut both, &t[N..]);
+    let got = common::decode_rest(&mut both, &t[N..]);
     for k in 0..M {
         for (v, (&g, &w)) in got[k].iter().zip(&shifted[k]).enumerate() {
             assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "logit [{k},{v}]: compacted then shifted {g} vs shifted {w}");
@@ -224,13 +214,13 @@ fn mask_one_choice(reduce: Reduce) {
     let positions: Vec<i32> = (0..N as i32).collect();
     let per_layer = vec![Some(vec![keep.clone()]); tiny.cfg.n_layer];
     handle.set_plan(plan_from_keep(&per_layer, &positions)).unwrap();
-    let got = decode_rest(&mut ctx, &t[N..]);
+    let got = common::decode_rest(&mut ctx, &t[N..]);
     assert!(handle.written() > 0);
     check_mask_path(&handle, reduce);
     let mut cells_ctx = Context::new(&model, &params(), None).unwrap();
     feed(&mut cells_ctx, &t[..N], false, |_| {}).unwrap();
     apply_cells(&mut cells_ctx, &positions, &keep, false).unwrap();
-    let by_cells = decode_rest(&mut cells_ctx, &t[N..]);
+    let by_cells = common::decode_rest(&mut cells_ctx, &t[N..]);
     let r = tiny.forward_masked(&t, &|i, j| i < N || j >= N || keep[j]);
     for k in 0..M {
         for (v, &g) in got[k].iter().enumerate() {
@@ -266,7 +256,7 @@ fn mask_per_layer_and_head(reduce: Reduce) {
     let positions: Vec<i32> = (0..N as i32).collect();
     handle.set_plan(plan_from_keep(&keep, &positions)).unwrap();
     cap_handle.reset();
-    let got = decode_rest(&mut ctx, &t[N..]);
+    let got = common::decode_rest(&mut ctx, &t[N..]);
     let visible = |l: usize, h: usize, i: usize, j: usize| {
         i < N
             || j >= N
@@ -330,7 +320,7 @@ fn device_mask_equals_host_mask_on_the_default_device() {
         feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
         handle.set_plan(plan_from_keep(&keep, &positions)).unwrap();
         cap_handle.reset();
-        let logits = decode_rest(&mut ctx, &t[N..]);
+        let logits = common::decode_rest(&mut ctx, &t[N..]);
         check_mask_path(&handle, reduce);
         let tr = cap_handle.transfers();
         if reduce == Reduce::Device {
@@ -432,7 +422,7 @@ fn restored_cache_equals_a_fresh_prefill() {
         if evict {
             apply_cells(&mut ctx, &positions, &keep, false).unwrap();
         }
-        decode_rest(&mut ctx, &t[N..])
+        common::decode_rest(&mut ctx, &t[N..])
     };
     let mut answer = Context::new(&model, &params(), None).unwrap();
     for evict in [true, false, true] {
@@ -441,7 +431,7 @@ fn restored_cache_equals_a_fresh_prefill() {
         if evict {
             apply_cells(&mut answer, &positions, &keep, false).unwrap();
         }
-        let got = decode_rest(&mut answer, &t[N..]);
+        let got = common::decode_rest(&mut answer, &t[N..]);
         let want = fresh(evict);
         let dev = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(dev <= 1e-5, "evict {evict}: restored logits differ from a fresh prefill by {dev}");

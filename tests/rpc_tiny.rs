@@ -16,7 +16,7 @@ use attractors::capture::mask::{new_mask_with, plan_from_keep};
 use attractors::capture::{new_capture, CaptureConfig, Reduce};
 use attractors::evict::apply::apply_cells;
 use attractors::evict::by_name;
-use attractors::ffi::{Batch, Context, Hooks, Model, ModelParams};
+use attractors::ffi::{Context, Hooks, Model, ModelParams};
 use attractors::session::feed;
 use attractors::stream::{BoundConfig, Bounded, PolicyInputs};
 use attractors::test_support::{TinyConfig, TinyModel};
@@ -119,16 +119,6 @@ fn capture_with_every_layer_remote_equals_the_reference() {
 const N: usize = 60;
 const M: usize = 6;
 
-fn decode_rest(ctx: &mut Context, t: &[i32]) -> Vec<Vec<f32>> {
-    let start = ctx.pos_max() + 1;
-    let mut b = Batch::new(64);
-    for (k, &tok) in t.iter().enumerate() {
-        b.push(tok, start + k as i32, true).unwrap();
-    }
-    ctx.decode(&b).unwrap();
-    (0..t.len()).map(|k| ctx.logits(k as i32).unwrap().to_vec()).collect()
-}
-
 /// `mask` (a different choice per layer and KV head, written by a device graph on the
 /// server) and `cells` (removal, then compaction: the state goes through the server) with
 /// every layer remote give the logits they give on this machine's CPU.
@@ -151,7 +141,7 @@ fn mask_and_cells_eviction_over_rpc_equal_their_local_results() {
         let mut ctx = Context::new(model, &common::tiny_params(), Some(Box::new(Hooks::new(vec![Box::new(mask)])))).unwrap();
         feed(&mut ctx, &t[..N], false, |_| {}).unwrap();
         handle.set_plan(plan_from_keep(&plan, &positions)).unwrap();
-        let logits = decode_rest(&mut ctx, &t[N..]);
+        let logits = common::decode_rest(&mut ctx, &t[N..]);
         (logits, handle.transfers().0)
     };
     let (want, _) = masked(&local, Reduce::Host);
@@ -172,7 +162,7 @@ fn mask_and_cells_eviction_over_rpc_equal_their_local_results() {
         let saved = ctx.save_seq().unwrap();
         apply_cells(&mut ctx, &positions, &keep_b, false).unwrap();
         assert!(ctx.compact_from(&saved, |p| keep_b[p as usize]).unwrap() || ctx.compact().is_ok());
-        decode_rest(&mut ctx, &t[N..])
+        common::decode_rest(&mut ctx, &t[N..])
     };
     let (want, got) = (cells(&local), cells(&far));
     let r = tiny.forward_masked(&t, &|i, j| i < N || j >= N || keep_b[j]);

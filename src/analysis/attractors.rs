@@ -67,6 +67,11 @@ pub fn attractor_flags(received: &[f64], rule: AttractorRule) -> Vec<bool> {
     received.iter().map(|&r| total > 0.0 && r / total >= thr).collect()
 }
 
+/// Attractor flags of every layer (empty for a layer with nothing received: not captured).
+pub fn layer_flags(received: &[Vec<f64>], rule: AttractorRule) -> Vec<Vec<bool>> {
+    received.iter().map(|r| attractor_flags(r, rule)).collect()
+}
+
 /// Fraction of positions that are attractors.
 pub fn attractor_fraction(received: &[f64], rule: AttractorRule) -> f64 {
     let f = attractor_flags(received, rule);

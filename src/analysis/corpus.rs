@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::attractors::{attractor_flags, sink_rate, AttractorRule};
+use super::attractors::{layer_flags, sink_rate, AttractorRule};
 use super::correlation::correlate_dims;
 use super::distance::{add_profile, DistanceGroup};
 use super::flow::{flow_scores, FlowScores};
@@ -150,7 +150,9 @@ impl CorpusAcc {
     /// Attractor flags of every layer of one document (empty for layers not captured).
     pub fn flags(&self, s: &CaptureSummary) -> Vec<Vec<bool>> {
         let Some(att) = &s.attention else { return vec![vec![]; self.n_layer] };
-        (0..self.n_layer).map(|l| att.received.get(l).map(|r| if r.is_empty() { vec![] } else { attractor_flags(r, self.rule) }).unwrap_or_default()).collect()
+        let mut flags = layer_flags(&att.received, self.rule);
+        flags.resize(self.n_layer, vec![]);
+        flags
     }
 
     /// Add one document's exact saliency (its gradient pass), with the attractor flags of

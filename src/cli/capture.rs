@@ -39,7 +39,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<()> {
 
     let tables = Tables::build(&model, &toks, sum, rule);
     let saliency = if exact {
-        let flags: Vec<Vec<bool>> = sum.attention.as_ref().map(|att| att.received.iter().map(|r| if r.is_empty() { vec![] } else { crate::analysis::attractors::attractor_flags(r, rule) }).collect()).unwrap_or_default();
+        let flags = sum.attention.as_ref().map(|att| crate::analysis::attractors::layer_flags(&att.received, rule)).unwrap_or_default();
         eprintln!("capture: exact saliency, one backward pass on the CPU");
         let fl = crate::capture::saliency::text_flows(&model, &toks, &flags, a.loss_tokens, a.pred_tokens, actual.n_threads)?;
         Some(fl)

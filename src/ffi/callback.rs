@@ -116,38 +116,6 @@ impl EvalHook for Hooks {
 pub(crate) struct HookState {
     pub hook: Box<dyn EvalHook>,
     pub error: Option<HookError>,
-    /// During a gradient pass ([`super::GradContext`]): the label rows that count in the
-    /// loss. The others are zeroed when the cross-entropy node is asked for, before it runs
-    /// (so the loss leaves them out), and the rows of its backward (`dL/dlogits`, which for
-    /// a zero label row would still be the row's softmax) are zeroed once computed.
-    pub loss_rows: Option<std::ops::Range<usize>>,
-    /// The node now computing is the loss's backward, to be edited: and whether the hook
-    /// asked for it too.
-    pub loss_back: Option<bool>,
-}
-
-/// Zero the one-hot label rows of a cross-entropy node outside `rows`: those rows then add
-/// nothing to the loss or its gradient. Asked before the node runs, so the labels (a graph
-/// input, set before the graph started) are read by the loss and its backward edited.
-fn keep_label_rows(loss: &TensorView, rows: std::ops::Range<usize>) -> Result<(), super::tensor::ViewError> {
-    match loss.src(1) {
-        Some(labels) => keep_rows(&labels, rows),
-        None => Ok(()),
-    }
-}
-
-/// Zero the rows (`ne[1]` index) of a contiguous f32 tensor outside `rows`.
-fn keep_rows(t: &TensorView, rows: std::ops::Range<usize>) -> Result<(), super::tensor::ViewError> {
-    let width = t.ne()[0];
-    let mut scratch = vec![];
-    t.edit_f32(&mut scratch, |d| {
-        for (r, row) in d.chunks_mut(width.max(1)).enumerate() {
-            if !rows.contains(&r) {
-                row.fill(0.0);
-            }
-        }
-    })?;
-    Ok(())
 }
 
 /// The message a panic carried (its `&str` or `String` payload).
@@ -176,11 +144,6 @@ pub(crate) unsafe extern "C" fn trampoline(t: *mut sys::ggml_tensor, ask: bool, 
         // SAFETY: the scheduler guarantees the tensor is live during this call.
         let view = unsafe { TensorView::new(t) };
         if ask {
-            if let Some(rows) = state.loss_rows.clone() {
-                if view.op_name() == "CROSS_ENTROPY_LOSS" {
-                    keep_label_rows(&view, rows).map_err(|e| HookError(format!("restricting the loss to its rows: {e}")))?;
-                }
-            }
             // SAFETY: plain field read of a live tensor.
             let flags = unsafe { t.as_ref().flags };
             let info = NodeInfo {
@@ -190,20 +153,8 @@ pub(crate) unsafe extern "C" fn trampoline(t: *mut sys::ggml_tensor, ask: bool, 
                 computed: flags & sys::GGML_TENSOR_FLAG_COMPUTE as i32 != 0,
                 tensor: &view,
             };
-            let wanted = state.hook.wants(&info);
-            if state.loss_rows.is_some() && view.op_name() == "CROSS_ENTROPY_LOSS_BACK" {
-                state.loss_back = Some(wanted);
-                return Ok(true);
-            }
-            Ok(wanted)
+            Ok(state.hook.wants(&info))
         } else {
-            if let Some(wanted) = state.loss_back.take() {
-                let rows = state.loss_rows.clone().unwrap_or(0..0);
-                keep_rows(&view, rows).map_err(|e| HookError(format!("restricting the loss gradient to its rows: {e}")))?;
-                if !wanted {
-                    return Ok(true);
-                }
-            }
             state.hook.observe(&view).map(|_| true)
         }
     }));

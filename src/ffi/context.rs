@@ -206,7 +206,7 @@ impl<'m> Context<'m> {
         cp.abort_callback_data = std::ptr::null_mut();
         let mut hook_state = hook.map(|mut h| {
             h.on_attach(params.n_threads.max(1) as usize);
-            Box::new(HookState { hook: h, error: None, loss_rows: None, loss_back: None })
+            Box::new(HookState { hook: h, error: None })
         });
         if let Some(state) = hook_state.as_mut() {
             cp.cb_eval = Some(trampoline);
@@ -547,9 +547,9 @@ impl<'m> Context<'m> {
         self.ptr.as_ptr()
     }
 
-    /// The hook's state (the gradient pass sets its loss rows).
-    pub(super) fn hook_state(&mut self) -> Option<&mut HookState> {
-        self.hook.as_deref_mut()
+    /// The hook's failure during a call that is not a decode (the gradient pass), taken.
+    pub(super) fn take_hook_error(&mut self) -> Option<HookError> {
+        self.hook.as_mut().and_then(|s| s.error.take())
     }
 
     /// Empty the cache (data too).

@@ -16,8 +16,8 @@
 //!   weights all the same, so the model is loaded writable (`ModelParams::writable`).
 //! - The loss of a document covers only the label rows asked for: the other one-hot rows
 //!   are zeroed when the cross-entropy node is asked for, and the same rows of its backward
-//!   (`dL/dlogits`, the row's softmax for a zero label row) once it is computed (see
-//!   `callback`). llama.cpp's loss and gradients are means over all rows: the loss is
+//!   (`dL/dlogits`, the row's softmax for a zero label row) once it is computed, by a hook
+//!   of its own ahead of the caller's (`LossRows`). llama.cpp's loss and gradients are means over all rows: the loss is
 //!   rescaled here to the mean over the kept rows, and a hook reading gradients multiplies
 //!   them by `n_tokens / kept rows` ([`GradContext::grad_scale`]).
 //! - llama.cpp installs the eval callback when it builds a decode graph, and
@@ -34,10 +34,80 @@ use std::sync::atomic::Ordering;
 
 use llama_cpp_sys_2 as sys;
 
-use super::callback::{EvalHook, HookError};
+use std::sync::{Arc, Mutex};
+
+use super::callback::{EvalHook, HookError, Hooks, NodeInfo};
+use super::tensor::{TensorView, ViewError};
 use super::context::{Context, ContextError, ContextParams, DecodeError, FlashAttn, KvType};
 use super::model::Model;
 use super::Batch;
+
+/// Zero the one-hot label rows of a cross-entropy node outside `rows`: those rows then add
+/// nothing to the loss or its gradient. Asked before the node runs, so the labels (a graph
+/// input, set before the graph started) are read by the loss and its backward edited.
+fn keep_label_rows(loss: &TensorView, rows: std::ops::Range<usize>) -> Result<(), ViewError> {
+    match loss.src(1) {
+        Some(labels) => keep_rows(&labels, rows),
+        None => Ok(()),
+    }
+}
+
+/// Zero the rows (`ne[1]` index) of a contiguous f32 tensor outside `rows`.
+fn keep_rows(t: &TensorView, rows: std::ops::Range<usize>) -> Result<(), ViewError> {
+    let width = t.ne()[0];
+    let mut scratch = vec![];
+    t.edit_f32(&mut scratch, |d| {
+        for (r, row) in d.chunks_mut(width.max(1)).enumerate() {
+            if !rows.contains(&r) {
+                row.fill(0.0);
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// The loss rows of the pass now running, shared with its [`LossRows`] hook.
+#[derive(Default)]
+struct LossState {
+    /// The label rows that count in the loss (`None`: no pass runs).
+    rows: Option<Range<usize>>,
+    /// The loss's backward was asked for and not yet edited.
+    back_pending: bool,
+    /// An edit that failed in the ask phase (which cannot fail a pass).
+    error: Option<String>,
+}
+
+/// Keeps the loss of a pass to its rows, ahead of the caller's hook: zeroes the other label
+/// rows when the cross-entropy node is asked for (before it runs, so the loss leaves them
+/// out), and the same rows of its backward (`dL/dlogits`, which for a zero label row is the
+/// row's softmax) once that is computed.
+struct LossRows(Arc<Mutex<LossState>>);
+
+impl EvalHook for LossRows {
+    fn wants(&mut self, node: &NodeInfo) -> bool {
+        let (label, back) = (node.op == "CROSS_ENTROPY_LOSS", node.op == "CROSS_ENTROPY_LOSS_BACK");
+        if !label && !back {
+            return false;
+        }
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rows) = s.rows.clone() else { return false };
+        if label {
+            if let Err(e) = keep_label_rows(node.tensor, rows) {
+                s.error.get_or_insert(format!("restricting the loss to its rows: {e}"));
+            }
+            return false;
+        }
+        s.back_pending = true;
+        true
+    }
+
+    fn observe(&mut self, t: &TensorView) -> Result<(), HookError> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.back_pending = false;
+        let rows = s.rows.clone().unwrap_or(0..0);
+        keep_rows(t, rows).map_err(|e| HookError(format!("restricting the loss gradient to its rows: {e}")))
+    }
+}
 
 /// Why a gradient pass could not run.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +198,7 @@ pub struct GradContext<'m> {
     train: NonNull<sys::ggml_opt_result>,
     eval: NonNull<sys::ggml_opt_result>,
     n: usize,
+    loss: Arc<Mutex<LossState>>,
 }
 
 /// The parameters marked for training: the f32 normalisation weights.
@@ -159,7 +230,8 @@ unsafe extern "C" fn frozen(_ud: *mut std::ffi::c_void) -> sys::ggml_opt_optimiz
 
 impl<'m> GradContext<'m> {
     /// A gradient context for documents of `n_tokens` tokens on `model` (loaded writable),
-    /// computing with `n_threads` threads; `hook` observes every pass.
+    /// computing with `n_threads` threads; `hook` observes every pass (read what it gathered
+    /// through a handle of its own, as [`crate::capture::saliency::SaliencyHandle`]).
     pub fn new(model: &'m Model, n_tokens: usize, n_threads: i32, hook: Box<dyn EvalHook>) -> Result<GradContext<'m>, GradError> {
         if !model.is_writable() {
             return Err(GradError::NotWritable);
@@ -176,7 +248,9 @@ impl<'m> GradContext<'m> {
         }
         let n = n_tokens as u32;
         let params = ContextParams { n_ctx: n, n_batch: n, n_ubatch: n, n_threads, flash_attn: FlashAttn::Off, kv_type: KvType::F32 };
-        let mut ctx = Context::new(model, &params, Some(hook))?;
+        let loss: Arc<Mutex<LossState>> = Arc::default();
+        let hooks = Hooks::new(vec![Box::new(LossRows(loss.clone())), hook]);
+        let mut ctx = Context::new(model, &params, Some(Box::new(hooks)))?;
         if ctx.n_ctx() != n_tokens || ctx.params().n_ubatch != n {
             return Err(GradError::Length(n_tokens));
         }
@@ -204,7 +278,7 @@ impl<'m> GradContext<'m> {
         // SAFETY: allocations of empty result records.
         let (train, eval) = unsafe { (sys::ggml_opt_result_init(), sys::ggml_opt_result_init()) };
         match (NonNull::new(dataset), NonNull::new(train), NonNull::new(eval)) {
-            (Some(dataset), Some(train), Some(eval)) => Ok(GradContext { ctx, dataset, train, eval, n: n_tokens }),
+            (Some(dataset), Some(train), Some(eval)) => Ok(GradContext { ctx, dataset, train, eval, n: n_tokens, loss }),
             _ => Err(GradError::Failed("could not allocate the dataset".into())),
         }
     }
@@ -237,19 +311,20 @@ impl<'m> GradContext<'m> {
             sys::ggml_opt_result_reset(self.train.as_ptr());
             sys::ggml_opt_result_reset(self.eval.as_ptr());
         }
-        let Some(state) = self.ctx.hook_state() else { return Err(GradError::Failed("no hook".into())) };
-        state.error = None;
-        state.loss_rows = Some(loss_rows.clone());
+        self.ctx.take_hook_error();
+        *self.loss.lock().unwrap_or_else(|e| e.into_inner()) = LossState { rows: Some(loss_rows.clone()), ..LossState::default() };
         // SAFETY: a context prepared by llama_opt_init; dataset and results are live; all of
         // the one datapoint is trained on (split 1), with no progress callbacks.
         unsafe { sys::llama_opt_epoch(self.ctx.raw(), self.dataset.as_ptr(), self.train.as_ptr(), self.eval.as_ptr(), 1, None, None) };
-        let state = self.ctx.hook_state().expect("the hook is still installed");
-        state.loss_rows = None;
-        if state.loss_back.take().is_some() {
-            return Err(GradError::Failed("the loss's backward node was asked for but never computed".into()));
-        }
-        if let Some(e) = state.error.take() {
+        let edits = std::mem::take(&mut *self.loss.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(e) = self.ctx.take_hook_error() {
             return Err(GradError::Hook(e));
+        }
+        if let Some(e) = edits.error {
+            return Err(GradError::Failed(e));
+        }
+        if edits.back_pending {
+            return Err(GradError::Failed("the loss's backward node was asked for but never computed".into()));
         }
         let (mut ndata, mut loss, mut unc) = (0i64, f64::NAN, f64::NAN);
         // SAFETY: reads of a live result record.
@@ -268,11 +343,6 @@ impl<'m> GradContext<'m> {
     /// `rows` (it divides by every row of the context).
     pub fn grad_scale(&self, rows: &Range<usize>) -> f64 {
         self.n as f64 / rows.len().max(1) as f64
-    }
-
-    /// The hook, to read what it gathered.
-    pub fn hook_mut(&mut self) -> Option<&mut (dyn EvalHook + 'static)> {
-        self.ctx.hook_mut()
     }
 }
 

@@ -230,3 +230,15 @@ pub fn compare_with_reference(tiny: &attractors::test_support::TinyModel, policy
     assert!(differs, "{policy}: evictions changed nothing");
     worst
 }
+
+/// Decode `t` after the cache's last position in one batch (at most 64 tokens); the logits
+/// of every token.
+pub fn decode_rest(ctx: &mut attractors::ffi::Context, t: &[i32]) -> Vec<Vec<f32>> {
+    let start = ctx.pos_max() + 1;
+    let mut b = attractors::ffi::Batch::new(64);
+    for (k, &tok) in t.iter().enumerate() {
+        b.push(tok, start + k as i32, true).unwrap();
+    }
+    ctx.decode(&b).unwrap();
+    (0..t.len()).map(|k| ctx.logits(k as i32).unwrap().to_vec()).collect()
+}
