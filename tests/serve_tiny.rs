@@ -376,11 +376,12 @@ fn bench_serve_prints_its_ratios() {
     let o = common::bin().args(["bench", "serve", "--policy", "h2o", "--budget", "64", "--clients", "2", "--turns", "3", "--max-tokens", "8", "--soak", "12", "-m"]).arg(&m).output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for k in ["serve_tokens_per_s_over_chat", "ttft_p50_ms", "ttft_p95_ms", "rss_late_over_early"] {
+    for k in ["serve_tokens_per_s_over_chat", "ttft_p50_ms", "ttft_p95_ms", "rss_late_over_early", "ceiling_batch", "ceiling_contexts"] {
         let v: f64 = out.lines().find_map(|l| l.strip_prefix(&format!("{k} "))).unwrap_or_else(|| panic!("no {k}: {out}")).parse().unwrap();
         assert!(v.is_finite() && v > 0.0, "{k} {v}");
     }
     let p50: f64 = out.lines().find_map(|l| l.strip_prefix("ttft_p50_ms ")).unwrap().parse().unwrap();
     let p95: f64 = out.lines().find_map(|l| l.strip_prefix("ttft_p95_ms ")).unwrap().parse().unwrap();
     assert!(p50 <= p95);
+    assert!(out.contains("the faster of runs at") && out.contains("2 contexts of"), "both chat runs and the contexts' ceiling are reported: {out}");
 }

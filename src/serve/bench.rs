@@ -1,7 +1,8 @@
 //! `attractors bench serve`: clients chatting with a server on loopback against one `chat`
-//! stream in the same run (aggregate generated tokens per second, time to first token), and
-//! a soak of many requests for the server's memory late against early. The server is a
-//! child process of the `attractors` binary, so its memory is its own.
+//! stream in the same run (the faster of two runs, before and after the clients): aggregate
+//! generated tokens per second, time to first token, the ceilings the hardware allows, and a
+//! soak of many requests for the server's memory late against early. The server is a child
+//! process of the `attractors` binary, so its memory is its own.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -175,20 +176,38 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// What batching can give at most here: tokens/s of `n` sequences decoded one token each in
-/// one `llama_decode` (one context of `n` sequences, as `serve`'s shared context) over one
-/// sequence's, after a prompt of half the budget each; no sampling, prefill or HTTP.
-fn batch_ceiling(model: &Model, n: usize, budget: usize) -> anyhow::Result<f64> {
+/// What the hardware gives at most to `n` conversations, each way `serve` can run them, as
+/// ratios to one sequence decoded on all cores (as `chat` does), measured in the same run
+/// after a prompt of half the budget each: raw `llama_decode` of one token per sequence, no
+/// sampling, prompts, evictions or HTTP; each rate the best of three rounds.
+struct Ceilings {
+    /// Tokens/s of one sequence on all cores, the ratios' base.
+    one: f64,
+    /// `n` sequences in one batch of one context on all cores (`--lanes`).
+    batch: f64,
+    /// `min(n, parallel)` contexts of `cores / parallel` threads each, one sequence each,
+    /// decoding at once (contexts of their own, `--lanes 0`).
+    contexts: f64,
+    /// Those contexts.
+    n_contexts: usize,
+    /// Threads of each.
+    threads: i32,
+}
+
+fn ceilings(model: &Model, n: usize, parallel: usize, budget: usize) -> anyhow::Result<Ceilings> {
     let text = QUESTIONS.join(" ").repeat(64);
     let toks = model.tokenize(&text, false, false)?;
     if toks.len() < 128 {
-        bail!("the model makes only {} tokens of the benchmark's text: it cannot measure the batch ceiling", toks.len());
+        bail!("the model makes only {} tokens of the benchmark's text: it cannot measure the ceiling", toks.len());
     }
-    let params = crate::stream::setup::stream_params(model, &EngineConfig::default(), budget)?;
-    let rate = |k: usize| -> anyhow::Result<f64> {
+    let steps = 48;
+    // a context of `k` sequences and `threads` threads, primed with a prompt per sequence;
+    // `go` then decodes `steps` tokens, one per sequence each time
+    let primed = |threads: Option<i32>, k: usize| -> anyhow::Result<(crate::ffi::Context<'_>, usize)> {
+        let params = crate::stream::setup::stream_params(model, &EngineConfig { threads, ..EngineConfig::default() }, budget)?;
         let mut ctx = crate::ffi::Context::with_sequences(model, &params, k as u32)?;
         let mut b = crate::ffi::Batch::new(ctx.n_batch());
-        let prompt = (budget / 2).min(ctx.n_batch()).min(toks.len() - 64).max(1);
+        let prompt = (budget / 2).min(ctx.n_batch()).min(toks.len() - steps - 16).max(1);
         for s in 0..k {
             b.clear();
             for p in 0..prompt {
@@ -196,8 +215,10 @@ fn batch_ceiling(model: &Model, n: usize, budget: usize) -> anyhow::Result<f64> 
             }
             ctx.decode(&b)?;
         }
-        let steps = 48;
-        let t0 = Instant::now();
+        Ok((ctx, prompt))
+    };
+    let go = |ctx: &mut crate::ffi::Context<'_>, prompt: usize, k: usize| -> anyhow::Result<()> {
+        let mut b = crate::ffi::Batch::new(ctx.n_batch());
         for r in 0..steps {
             b.clear();
             for s in 0..k {
@@ -205,10 +226,48 @@ fn batch_ceiling(model: &Model, n: usize, budget: usize) -> anyhow::Result<f64> 
             }
             ctx.decode(&b)?;
         }
+        Ok(())
+    };
+    let rate = |k: usize| -> anyhow::Result<f64> {
+        let (mut ctx, prompt) = primed(None, k)?;
+        let t0 = Instant::now();
+        go(&mut ctx, prompt, k)?;
         Ok((k * steps) as f64 / t0.elapsed().as_secs_f64())
     };
-    let one = rate(1)?;
-    Ok(rate(n)? / one)
+    // contexts of their own, as serve makes them, all decoding from the same moment
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(2);
+    let (m, threads) = (n.min(parallel).max(1), (cores / parallel.max(1)).max(1) as i32);
+    let contexts = || -> anyhow::Result<f64> {
+        let start = std::sync::Barrier::new(m + 1);
+        let wall = std::thread::scope(|sc| -> anyhow::Result<f64> {
+            let hs: Vec<_> = (0..m)
+                .map(|_| {
+                    sc.spawn(|| -> anyhow::Result<()> {
+                        let primed = primed(Some(threads), 1);
+                        start.wait();
+                        let (mut ctx, prompt) = primed?;
+                        go(&mut ctx, prompt, 1)
+                    })
+                })
+                .collect();
+            start.wait();
+            let t0 = Instant::now();
+            for h in hs {
+                h.join().map_err(|_| anyhow::anyhow!("a ceiling thread panicked"))??;
+            }
+            Ok(t0.elapsed().as_secs_f64())
+        })?;
+        Ok((m * steps) as f64 / wall)
+    };
+    // each rate the best of three rounds, the three ways interleaved, so that a moment of
+    // load from elsewhere on the machine does not decide a ratio
+    let (mut one, mut batch, mut own) = (0f64, 0f64, 0f64);
+    for _ in 0..3 {
+        one = one.max(rate(1)?);
+        batch = batch.max(rate(n)?);
+        own = own.max(contexts()?);
+    }
+    Ok(Ceilings { one, batch: batch / one, contexts: own / one, n_contexts: m, threads })
 }
 
 /// One value of the server's `/metrics`.
@@ -217,8 +276,8 @@ fn metric(url: &str, name: &str) -> anyhow::Result<f64> {
     text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())).with_context(|| format!("no {name} in /metrics"))
 }
 
-/// Run the benchmark: one `chat` stream in this process, then `clients` clients against a
-/// server child, then the soak.
+/// Run the benchmark: one `chat` stream in this process, the ceilings, then `clients` clients
+/// against a server child, the `chat` stream again, then the soak.
 pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow::Result<BenchReport> {
     if a.clients == 0 || a.turns == 0 || a.max_tokens == 0 || a.parallel == 0 {
         bail!("--clients, --turns, --max-tokens and --parallel must be at least 1");
@@ -238,18 +297,23 @@ pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow:
         policy_cfg: a.policy_args.clone(),
         engine: EngineConfig::default(),
     };
-    eprintln!("bench serve: one chat stream, {} turns", a.turns);
-    let mut chat = Conversation::new(model, &cfg)?;
-    let (mut chat_tokens, t0) = (0usize, Instant::now());
-    for t in 0..a.turns {
-        chat_tokens += chat.turn(QUESTIONS[t % QUESTIONS.len()], |_| Ok(()))?.tokens;
-    }
-    let chat_s = t0.elapsed().as_secs_f64();
-    drop(chat);
-    let chat_rate = chat_tokens as f64 / chat_s;
-    // what one batch of the clients' sequences gives at most (measured whatever --lanes is)
+    // (tokens, seconds) of the whole conversation; run before the clients and again after
+    // them, and the faster run is the baseline, so that a moment of load from elsewhere on
+    // the machine cannot flatter the ratio
+    let chat_stream = |round: usize| -> anyhow::Result<(usize, f64)> {
+        eprintln!("bench serve: one chat stream, {} turns (run {round} of 2)", a.turns);
+        let mut chat = Conversation::new(model, &cfg)?;
+        let (mut tokens, t0) = (0usize, Instant::now());
+        for t in 0..a.turns {
+            tokens += chat.turn(QUESTIONS[t % QUESTIONS.len()], |_| Ok(()))?.tokens;
+        }
+        Ok((tokens, t0.elapsed().as_secs_f64()))
+    };
+    let mut chat_runs = vec![chat_stream(1)?];
+    // what the hardware gives the clients' sequences at most, either way (measured whatever
+    // --lanes is)
     let lanes = a.clients.min(a.parallel);
-    let ceiling = if lanes > 1 { Some(batch_ceiling(model, lanes, a.budget)?) } else { None };
+    let ceiling = if lanes > 1 { Some(ceilings(model, lanes, a.parallel, a.budget)?) } else { None };
 
     // 2. clients against the server
     let server = ServerChild::start(model.path(), source.gpu_layers, a)?;
@@ -280,6 +344,9 @@ pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow:
     }
     let serve_s = t0.elapsed().as_secs_f64();
     let serve_rate = serve_tokens as f64 / serve_s;
+    chat_runs.push(chat_stream(2)?);
+    let (chat_tokens, chat_s) = chat_runs.iter().copied().max_by(|x, y| (x.0 as f64 / x.1).total_cmp(&(y.0 as f64 / y.1))).unwrap_or((0, f64::NAN));
+    let chat_rate = chat_tokens as f64 / chat_s;
     let (decodes, batches) = (metric(&server.url, "attractors_shared_decodes_total")?, metric(&server.url, "attractors_shared_batches_total")?);
     let shared_decode_s = metric(&server.url, "attractors_shared_decode_seconds_total")?;
 
@@ -331,7 +398,8 @@ pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow:
         a.parallel,
         a.lanes
     ));
-    rep.line(format!("  one chat stream: {chat_tokens} tokens in {chat_s:.1} s = {chat_rate:.1} tokens/s"));
+    let runs: Vec<String> = chat_runs.iter().map(|(n, s)| format!("{:.1}", *n as f64 / s)).collect();
+    rep.line(format!("  one chat stream (the faster of runs at {} tokens/s): {chat_tokens} tokens in {chat_s:.1} s = {chat_rate:.1} tokens/s", runs.join(" and ")));
     rep.line(format!("  {} clients: {serve_tokens} tokens in {serve_s:.1} s = {serve_rate:.1} tokens/s in all", a.clients));
     if a.lanes > 0 {
         rep.line(format!(
@@ -342,12 +410,19 @@ pub fn run(model: &Model, source: &ModelSource, a: &BenchServeConfig) -> anyhow:
         ));
     }
     rep.line(format!("  soak: {done} requests; server memory after {early_at}: {:.1} MiB, after {done}: {:.1} MiB", rss_early as f64 / 1048576.0, rss_late as f64 / 1048576.0));
-    if let Some(c) = ceiling {
-        rep.line(format!("  the ceiling: {lanes} sequences decoded in one batch give {c:.2}x one sequence's tokens/s (raw llama_decode, same run)"));
+    if let Some(c) = &ceiling {
+        rep.line(format!(
+            "  the ceiling (raw llama_decode of one token per sequence, no sampling, prompts or HTTP, same run): one sequence on all cores {:.1} tokens/s; {lanes} sequences in one batch (--lanes) {:.2}x that; {} contexts of {} thread(s) at once (--lanes 0) {:.2}x",
+            c.one, c.batch, c.n_contexts, c.threads, c.contexts
+        ));
     }
     rep.line(format!("serve_tokens_per_s_over_chat {:.3}", serve_rate / chat_rate));
     rep.line(format!("ttft_p50_ms {:.1}", percentile(&mut ttfts.clone(), 0.5) * 1e3));
     rep.line(format!("ttft_p95_ms {:.1}", percentile(&mut ttfts, 0.95) * 1e3));
     rep.line(format!("rss_late_over_early {:.4}", rss_late as f64 / rss_early.max(1) as f64));
+    if let Some(c) = &ceiling {
+        rep.line(format!("ceiling_batch {:.3}", c.batch));
+        rep.line(format!("ceiling_contexts {:.3}", c.contexts));
+    }
     Ok(rep)
 }

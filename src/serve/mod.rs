@@ -56,8 +56,11 @@ pub struct ServeConfig {
     pub parallel: usize,
     /// Conversations whose caches are sequences of one shared llama.cpp context, decoded
     /// together in one batch (0, the default: every conversation gets a context of its own,
-    /// which measured faster on a 2-core CPU). Those whose policy reads a capture or whose
-    /// budget exceeds --budget get a context of their own anyway.
+    /// which measured faster for SmolLM2 Q4_1 on a 2-core CPU). Lanes pay where a batch
+    /// costs little more than one sequence: weights whose CPU kernels share work across a
+    /// batch (Gemma-3-270M Q4_K_M: 1.49x to 1.52x one chat stream with --lanes 4 on 2
+    /// cores), or a GPU; `bench serve` prints both ceilings. Those whose policy reads a
+    /// capture or whose budget exceeds --budget get a context of their own anyway.
     #[arg(long, default_value_t = 0)]
     pub lanes: usize,
     /// Requests waiting for a worker; more are answered 503 with Retry-After.
