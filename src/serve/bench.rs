@@ -235,8 +235,7 @@ fn ceilings(model: &Model, n: usize, parallel: usize, budget: usize) -> anyhow::
         Ok((k * steps) as f64 / t0.elapsed().as_secs_f64())
     };
     // contexts of their own, as serve makes them, all decoding from the same moment
-    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(2);
-    let (m, threads) = (n.min(parallel).max(1), (cores / parallel.max(1)).max(1) as i32);
+    let (m, threads) = (n.min(parallel).max(1), super::own_context_threads(parallel));
     let contexts = || -> anyhow::Result<f64> {
         let start = std::sync::Barrier::new(m + 1);
         let wall = std::thread::scope(|sc| -> anyhow::Result<f64> {

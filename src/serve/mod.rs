@@ -167,6 +167,12 @@ pub(crate) struct Shared {
     shutting_down: AtomicBool,
 }
 
+/// Threads of a conversation's own context when --threads is not given: a context's
+/// default (all cores) shared out over the `parallel` workers.
+pub(crate) fn own_context_threads(parallel: usize) -> i32 {
+    (crate::ffi::ContextParams::default().n_threads / parallel.max(1) as i32).max(1)
+}
+
 /// Run the server until SIGTERM or Ctrl-C: bind, call `ready` with the bound address, answer
 /// requests; on the signal stop accepting, end the replies in flight (each stream gets its
 /// final chunk) and return.
@@ -177,11 +183,10 @@ pub fn serve(model: &'static Model, cfg: &ServeConfig, ready: impl FnOnce(Socket
         bail!("--budget {} is larger than the model's trained context of {}: lower --budget", cfg.budget, model.n_ctx_train());
     }
     let mut cfg = cfg.clone();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let mut lane_engine = cfg.engine.clone();
     if cfg.engine.threads.is_none() {
-        cfg.engine.threads = Some((cores / cfg.parallel).max(1) as i32);
-        lane_engine.threads = Some(cores as i32);
+        cfg.engine.threads = Some(own_context_threads(cfg.parallel));
+        lane_engine.threads = Some(crate::ffi::ContextParams::default().n_threads);
     }
     let lanes = match cfg.lanes {
         0 => None,
